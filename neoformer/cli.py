@@ -1,0 +1,65 @@
+"""`neoformer <command>`: thin argument parsing; each command lives with the code it drives.
+
+A command module exposes ``add_parser(subparsers)`` which registers its sub-parser and sets
+``func`` (called with the parsed args, returns an exit code). Errors a user can fix
+(ConfigError, ValueError, FileNotFoundError) are printed as one line, never a stack trace.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module that defines add_parser(); imported only when needed (fast --help)
+COMMANDS = {
+    "info": "neoformer.planner",
+    "train": "neoformer.train.cli",
+    "eval": "neoformer.train.cli",
+    "generate": "neoformer.generate.cli",
+    "tokenizer": "neoformer.tokenizer_cli",
+    "checkpoint": "neoformer.train.checkpoint_cli",
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    registered = set()
+    for name, module_name in COMMANDS.items():
+        if module_name in registered:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("neoformer"):
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+        registered.add(module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Model configuration: one validated, serialisable dataclass for every architecture.
+
+Every option is a plain value (str / int / float / bool / None / list), so a config round-trips
+through JSON and YAML. Invalid combinations are rejected when the config is *built*, with one
+line that names the field, e.g. ``n_heads (12) must be divisible by n_kv_heads (5)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+KINDS = ("decoder", "encoder", "encoder_decoder")
+NORMS = ("rmsnorm", "layernorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "glu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("glu", "swiglu", "geglu")
+POSITIONS = ("rope", "sinusoidal", "learned", "alibi", "relative", "none")
+ROPE_SCALINGS = (None, "linear", "ntk")
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "eager")
+INITS = ("normal", "xavier")
+
+
+class ConfigError(ValueError):
+    """A config value or combination is invalid. The message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model. See docs/config.md for the paper behind each option."""
+
+    name: str = "custom"
+    kind: str = "decoder"  # decoder | encoder (MLM) | encoder_decoder (seq2seq)
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4  # decoder layers (encoder layers for kind=encoder)
+    n_encoder_layers: int = 0  # only for kind=encoder_decoder
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = d_model // n_heads
+    ffn_hidden: int | None = None  # None = 4 * d_model
+    activation: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    bias: bool = False  # bias on attention / FFN linears and LayerNorm
+    fused_qkv: bool = False  # one Linear for Q, K and V (NeoBERT)
+    tie_embeddings: bool = True
+    max_seq_len: int = 1024
+    pad_token_id: int | None = None
+
+    # positions
+    position: str = "rope"
+    rope_base: float = 10000.0
+    rope_scaling: str | None = None  # None | linear | ntk
+    rope_scaling_factor: float = 1.0
+    learned_pos_offset: int = 0  # NeoBERT: 1, position 0 is reserved for padding
+    relative_buckets: int = 32  # T5 relative bias
+    relative_max_distance: int = 128
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+
+    # attention
+    attn_backend: str = "auto"  # auto = flash (CUDA, installed) -> sdpa -> eager
+    sliding_window: int | None = None  # tokens each query sees (itself included); None = global
+    sliding_window_pattern: str | None = None  # e.g. "LLLG": L = local, G = global, repeated over layers
+
+    # regularisation and init
+    attn_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    init: str = "normal"  # normal(init_std) | xavier (Nima)
+    init_std: float = 0.02
+    scaled_residual_init: bool = False  # residual output projections std / sqrt(2 * n_layers) (GPT-2, Lumi)
+
+    # nGPT normalized transformer (Loshchilov et al. 2024)
+    ngpt: bool = False
+
+    # NeoFormer-X memory layer
+    rmc: bool = False  # Recursive Memory Core
+    rmc_mem_size: int = 32
+    nsb: bool = False  # Neural-Symbolic Bridge
+    nsb_rules: int = 32
+    nsb_rule_dim: int = 32
+
+    # Mixture of experts (replaces the dense FFN in every layer when moe_experts > 0)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_aux_weight: float = 0.01
+
+    gradient_checkpointing: bool = False
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden or 4 * self.d_model
+
+    @property
+    def gated_ffn(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def causal(self) -> bool:
+        return self.kind != "encoder"
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """Sliding window of one layer (None = global attention)."""
+        if self.sliding_window is None:
+            return None
+        pattern = self.sliding_window_pattern
+        if not pattern:
+            return self.sliding_window
+        return self.sliding_window if pattern[layer_idx % len(pattern)] == "L" else None
+
+    # ---- validation -----------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name: str, allowed) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = ", ".join(str(a) for a in allowed)
+                raise ConfigError(f"{name} ({value!r}) must be one of: {shown}")
+
+        def positive(*names: str) -> None:
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"{name} ({value!r}) must be a positive integer")
+
+        def probability(*names: str) -> None:
+            for name in names:
+                value = getattr(self, name)
+                if not 0.0 <= value < 1.0:
+                    raise ConfigError(f"{name} ({value}) must be in [0, 1)")
+
+        choice("kind", KINDS)
+        choice("norm", NORMS)
+        choice("norm_position", NORM_POSITIONS)
+        choice("activation", ACTIVATIONS)
+        choice("position", POSITIONS)
+        choice("rope_scaling", ROPE_SCALINGS)
+        choice("attn_backend", ATTN_BACKENDS)
+        choice("init", INITS)
+        positive("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        for name in ("n_kv_heads", "head_dim", "ffn_hidden", "sliding_window"):
+            if getattr(self, name) is not None:
+                positive(name)
+        probability("attn_dropout", "hidden_dropout", "embed_dropout")
+
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
+        if self.position == "rope" and self.dim_head % 2:
+            raise ConfigError(f"head_dim ({self.dim_head}) must be even for rope")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"d_model ({self.d_model}) must be even for sinusoidal positions")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ConfigError(f"rope_scaling ({self.rope_scaling!r}) needs position='rope', not {self.position!r}")
+        if self.rope_scaling is not None and self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"rope_scaling_factor ({self.rope_scaling_factor}) must be >= 1")
+        if self.rope_base <= 0:
+            raise ConfigError(f"rope_base ({self.rope_base}) must be positive")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps ({self.norm_eps}) must be positive")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std ({self.init_std}) must be positive")
+        if self.learned_pos_offset < 0:
+            raise ConfigError(f"learned_pos_offset ({self.learned_pos_offset}) must be >= 0")
+        if self.learned_pos_offset and self.position != "learned":
+            raise ConfigError(f"learned_pos_offset ({self.learned_pos_offset}) needs position='learned'")
+        if self.position == "relative":
+            positive("relative_buckets", "relative_max_distance")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
+
+        if self.kind == "encoder_decoder":
+            positive("n_encoder_layers")
+        elif self.n_encoder_layers:
+            raise ConfigError(f"n_encoder_layers ({self.n_encoder_layers}) is only for kind='encoder_decoder'")
+
+        if self.sliding_window_pattern is not None:
+            if self.sliding_window is None:
+                raise ConfigError("sliding_window_pattern needs sliding_window (the local window size)")
+            if not self.sliding_window_pattern or set(self.sliding_window_pattern) - {"L", "G"}:
+                raise ConfigError(
+                    f"sliding_window_pattern ({self.sliding_window_pattern!r}) must be letters L (local) and G (global)")
+
+        if self.moe_experts < 0:
+            raise ConfigError(f"moe_experts ({self.moe_experts}) must be >= 0 (0 = dense FFN)")
+        if self.moe_experts:
+            positive("moe_top_k")
+            if self.moe_top_k > self.moe_experts:
+                raise ConfigError(f"moe_top_k ({self.moe_top_k}) must be <= moe_experts ({self.moe_experts})")
+            if self.moe_aux_weight < 0:
+                raise ConfigError(f"moe_aux_weight ({self.moe_aux_weight}) must be >= 0")
+
+        if self.rmc or self.nsb:
+            if self.kind != "decoder":
+                raise ConfigError(f"rmc/nsb (the NeoFormer-X memory layer) need kind='decoder', not {self.kind!r}")
+            if self.rmc:
+                positive("rmc_mem_size")
+            if self.nsb:
+                positive("nsb_rules", "nsb_rule_dim")
+
+        if self.ngpt:
+            if self.norm_position != "pre":
+                raise ConfigError("ngpt=True replaces norms with normalisation; set norm_position='pre'")
+            if self.moe_experts:
+                raise ConfigError("ngpt=True is not supported with moe_experts > 0")
+            if self.bias:
+                raise ConfigError("ngpt=True needs bias=False (normalized weights have no bias)")
+        if self.kind == "encoder_decoder" and self.position == "learned" and self.learned_pos_offset:
+            raise ConfigError("learned_pos_offset is only for encoder/decoder-only models")
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown model config field {key!r}{hint}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        return cls.from_dict(data.get("model", data))
+
+
+def coerce_value(text: str) -> Any:
+    """Parse a command-line override value: ints, floats, bools, null, lists, else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+__all__ = ["ModelConfig", "ConfigError", "coerce_value", "field"]

@@ -1,0 +1,216 @@
+"""Attention: one module for self- and cross-attention, MHA/GQA/MQA, with three backends.
+
+Masks are described once per forward by an ``AttnContext`` (positions of queries and keys,
+causality, padding, packed-document segments, additive position bias). Each backend turns the
+context into what it needs: flash-attn takes causal/window/varlen metadata directly, SDPA and
+the eager reference take a boolean mask built from positions (cached per window size, so all
+layers of a forward share it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norms import unit_norm
+from .positions import apply_rope
+
+_FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass
+class PackedInfo:
+    """Metadata of documents packed into one row, prepared once per forward (flash varlen layout)."""
+
+    cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 cumulative lengths starting at 0
+    max_seqlen: int
+    positions: torch.Tensor  # (1, T) position inside each document
+    segments: torch.Tensor  # (1, T) document index of each token
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int) -> "PackedInfo":
+        cu = cu_seqlens.to(torch.int32)
+        if cu.ndim != 1 or cu[0] != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}; got {cu.tolist()}")
+        lengths = (cu[1:] - cu[:-1]).long()
+        segments = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
+        starts = torch.repeat_interleave(cu[:-1].long(), lengths)
+        positions = torch.arange(total, device=cu.device) - starts
+        return cls(cu, int(lengths.max()), positions[None], segments[None])
+
+
+@dataclass
+class AttnContext:
+    """Everything the layers of one forward need to mask and bias attention."""
+
+    q_pos: torch.Tensor  # (B|1, Lq) absolute position of each query
+    k_pos: torch.Tensor  # (B|1, Lk) absolute position of each key (cache included)
+    causal: bool
+    key_keep: torch.Tensor | None = None  # (B, Lk) True = real token, False = padding
+    segments: torch.Tensor | None = None  # (1, T) packed document ids (queries = keys)
+    packed: PackedInfo | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of the queries (B|1, 1, Lq, Dh)
+    bias: torch.Tensor | None = None  # (B|1, H, Lq, Lk) additive ALiBi / relative bias
+    alibi_slopes: list[float] | None = None  # flash-attn applies ALiBi itself
+    _masks: dict = field(default_factory=dict)
+
+    def needs_mask(self, window: int | None) -> bool:
+        return bool(window) or self.key_keep is not None or self.segments is not None or (
+            self.causal and self.q_pos.shape[-1] > 1)
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """(B|1, 1, Lq, Lk) bool, True = may attend; None when everything may attend."""
+        if not self.needs_mask(window):
+            return None
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    def _build_mask(self, window: int | None) -> torch.Tensor:
+        distance = self.q_pos[:, :, None] - self.k_pos[:, None, :]  # (B, Lq, Lk) query - key
+        allowed = torch.ones_like(distance, dtype=torch.bool)
+        if self.causal:
+            allowed &= distance >= 0
+        if window:
+            allowed &= (distance < window) if self.causal else (distance.abs() < window)
+        if self.key_keep is not None:
+            allowed = allowed & self.key_keep[:, None, :]
+        if self.segments is not None:
+            allowed = allowed & (self.segments[:, :, None] == self.segments[:, None, :])
+        # a query with nothing to attend to (a padding row) would give NaN; let it see everything,
+        # its output is ignored anyway
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        return allowed[:, None]
+
+
+# ---- backends -------------------------------------------------------------------------------
+def eager_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):
+    """Reference: explicit softmax(QK^T * scale + bias + mask) V in fp32."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, Lk, Dh)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if ctx.bias is not None:
+        scores = scores + ctx.bias.float()
+    mask = ctx.mask(window)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):
+    mask = ctx.mask(window)
+    same_length = q.shape[2] == k.shape[2]
+    # the fused causal kernel is only right when queries and keys are the same positions
+    is_causal = ctx.causal and mask is not None and same_length and not window and ctx.key_keep is None \
+        and ctx.segments is None and ctx.bias is None
+    if is_causal:
+        mask = None
+    if ctx.bias is not None:
+        bias = ctx.bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
+        scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_usable(q: torch.Tensor, ctx: AttnContext) -> bool:
+    """flash-attn 2 handles causal, windows, ALiBi and packed varlen; padding masks and the T5
+    bias need the mask-based backends."""
+    return (_FLASH_INSTALLED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and ctx.key_keep is None and (ctx.bias is None or ctx.alibi_slopes is not None))
+
+
+def flash_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):  # pragma: no cover - CUDA only
+    import flash_attn
+
+    left = window - 1 if window else -1
+    kwargs = dict(dropout_p=dropout_p if training else 0.0, softmax_scale=scale, causal=ctx.causal,
+                  window_size=(left, 0 if ctx.causal else left))
+    if ctx.alibi_slopes is not None:
+        kwargs["alibi_slopes"] = torch.tensor(ctx.alibi_slopes, device=q.device, dtype=torch.float32)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh)
+    if ctx.packed is not None:
+        cu, max_len = ctx.packed.cu_seqlens, ctx.packed.max_seqlen
+        out = flash_attn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, **kwargs)[None]
+    else:
+        out = flash_attn.flash_attn_func(q, k, v, **kwargs)
+    return out.transpose(1, 2)
+
+
+BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention}
+
+
+def pick_backend(name: str, q: torch.Tensor, ctx: AttnContext):
+    """Fallback chain flash -> sdpa -> eager; an explicit 'eager' or 'sdpa' is always honoured."""
+    if name in ("auto", "flash") and flash_usable(q, ctx):
+        return flash_attention
+    if name == "eager":
+        return eager_attention
+    return sdpa_attention
+
+
+# ---- the module ------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention with grouped K/V heads. Self-attention when ``memory`` is None."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cross: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        self.layer_idx, self.cross = layer_idx, cross
+        self.window = None if cross else cfg.layer_window(layer_idx)
+        self.backend = cfg.attn_backend
+        self.dropout_p = cfg.attn_dropout
+        self.fused = cfg.fused_qkv and not cross
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.fused:
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
+            self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+            self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.ngpt = cfg.ngpt
+        if cfg.ngpt:  # learned per-dimension scale of the normalized q and k (nGPT s_qk)
+            self.qk_scale = nn.Parameter(torch.ones(self.head_dim))
+        self.scale = math.sqrt(self.head_dim) if cfg.ngpt else 1.0 / math.sqrt(self.head_dim)
+
+    def project(self, x: torch.Tensor, memory: torch.Tensor | None):
+        """x (B, L, D) -> q (B, H, L, Dh), k, v (B, Hkv, Lk, Dh)."""
+        B, L, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.fused:
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            source = x if memory is None else memory
+            q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
+        Lk = k.shape[1]
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, past=None, memory: torch.Tensor | None = None,
+                kv_cache=None):
+        """x (B, L, D) -> (out (B, L, D), (K, V) for the cache, each (B, Hkv, L_total, Dh))."""
+        q, k, v = self.project(x, memory)
+        if ctx.rope is not None and not self.cross:
+            cos, sin = ctx.rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.ngpt:
+            q, k = unit_norm(q) * self.qk_scale, unit_norm(k) * self.qk_scale
+        if past is not None:  # seed API: tuple cache, new keys appended along the length axis
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        if kv_cache is not None:  # preallocated cache (generation engine) returns the full K, V
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        attend = BACKENDS[self.backend] if self.backend in ("eager", "sdpa") else pick_backend(self.backend, q, ctx)
+        out = attend(q, k, v, ctx, self.window, self.scale, self.dropout_p, self.training)  # (B, H, L, Dh)
+        B, _, L, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), (k, v)

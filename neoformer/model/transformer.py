@@ -1,0 +1,338 @@
+"""The three model kinds: decoder-only LM, encoder (MLM) and encoder-decoder (seq2seq).
+
+They share embeddings, block stacks and the per-forward attention context; only the wiring
+differs. Shapes: B batch, L new tokens, P cached tokens, D d_model, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .attention import AttnContext, PackedInfo
+from .block import Block
+from .memory import MemoryState, NeuralSymbolicBridge, RecursiveMemoryCore
+from .norms import make_norm, unit_norm
+from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
+
+IGNORE_INDEX = -100
+
+
+class Past(tuple):
+    """Seed API cache: a tuple with one (K, V) per block, each (B, H_kv, P, Dh).
+    ``memory_state`` carries the RMC running summary of the cached prefix."""
+
+    memory_state: MemoryState | None = None
+
+    @classmethod
+    def of(cls, kvs, memory_state: MemoryState | None = None) -> "Past":
+        past = cls(kvs)
+        past.memory_state = memory_state
+        return past
+
+
+@dataclass
+class StackOutput:
+    hidden: torch.Tensor  # (B, L, D) after the final norm
+    past: Past | None
+    delta: torch.Tensor | None  # RMC write (B, mem, D)
+    aux_loss: torch.Tensor | None  # MoE load balancing
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus an absolute position encoding when the config asks for one."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        if cfg.position == "learned":
+            self.positions = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        self.drop = nn.Dropout(cfg.embed_dropout)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """ids (B, L), positions (B|1, L), keep (B, L) or None -> (B, L, D)."""
+        h = self.tokens(ids) * self.scale
+        if self.cfg.position == "learned":
+            offset = self.cfg.learned_pos_offset
+            pos = positions + offset
+            if offset and keep is not None:  # NeoBERT: padding tokens take the reserved position 0
+                pos = torch.where(keep, pos, torch.zeros_like(pos))
+            h = h + self.positions(pos)
+        elif self.cfg.position == "sinusoidal":
+            h = h + sinusoidal_encoding(positions, self.cfg.d_model, h.dtype)
+        if self.cfg.ngpt:
+            h = unit_norm(h)
+        return self.drop(h)
+
+
+class BlockStack(nn.Module):
+    """n blocks plus the position machinery they share (RoPE tables, ALiBi/T5 bias)."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, causal: bool, cross_attention: bool = False,
+                 first_layer: int = 0):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        self.blocks = nn.ModuleList(Block(cfg, first_layer + i, cross_attention) for i in range(n_layers))
+        self.bias = make_bias_module(cfg, bidirectional=not causal)
+        self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_base, cfg.rope_scaling, cfg.rope_scaling_factor) \
+            if cfg.position == "rope" else None
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+
+    def context(self, q_pos, k_pos, key_keep, packed: PackedInfo | None, dtype) -> AttnContext:
+        ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, causal=self.causal, key_keep=key_keep, packed=packed,
+                          segments=packed.segments if packed is not None else None)
+        if self.rope is not None:
+            ctx.rope = self.rope(q_pos, dtype)
+        if self.bias is not None:
+            ctx.bias = self.bias(q_pos, k_pos, dtype)
+            ctx.alibi_slopes = getattr(self.bias, "slopes", None)
+        return ctx
+
+    def forward(self, h, ctx: AttnContext, past=None, memory=None, memory_ctx=None, kv_cache=None,
+                use_cache: bool = False):
+        """h (B, L, D) -> (normed h, list of (K, V) or None, summed aux loss or None)."""
+        kvs, aux_total = [], None
+        for i, block in enumerate(self.blocks):
+            layer_past = past[i] if past is not None else None
+            if self.cfg.gradient_checkpointing and self.training:
+                h, kv, aux = checkpoint(block, h, ctx, layer_past, memory, memory_ctx, kv_cache, use_reentrant=False)
+            else:
+                h, kv, aux = block(h, ctx, layer_past, memory, memory_ctx, kv_cache)
+            if use_cache:
+                kvs.append(kv)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(h), (kvs if use_cache else None), aux_total
+
+
+def _positions(L: int, past_len: int, device, attention_mask=None, positions=None):
+    """Query positions (B|1, L), key positions (B|1, P+L) and key padding (B, P+L) or None."""
+    if attention_mask is not None:  # HF convention: covers cached and new tokens; left padding allowed
+        keep = attention_mask.bool()
+        all_pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        q_pos = all_pos[:, -L:] if positions is None else positions
+        return q_pos, all_pos, keep
+    if positions is None:
+        k_pos = torch.arange(past_len + L, device=device)[None]
+        return k_pos[:, past_len:], k_pos, None
+    # explicit positions (e.g. after cache trimming): cached keys sit right before the first query
+    start = positions[:, :1] - past_len
+    return positions, start + torch.arange(past_len + L, device=device)[None], None
+
+
+class NeoFormerModel(nn.Module):
+    """Shared pieces: config, weight init, parameter count, nGPT weight normalisation."""
+
+    config: ModelConfig
+
+    def init_weights(self) -> None:
+        cfg = self.config
+        n_layers = cfg.n_layers + cfg.n_encoder_layers
+        residual_std = cfg.init_std / math.sqrt(2 * n_layers) if cfg.scaled_residual_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                residual = name.endswith(("o_proj", "down", "fuse_out"))
+                if cfg.init == "xavier":
+                    nn.init.xavier_uniform_(module.weight, gain=residual_std / cfg.init_std if residual else 1.0)
+                else:
+                    nn.init.normal_(module.weight, 0.0, residual_std if residual else cfg.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, cfg.init_std)
+        if cfg.ngpt:
+            self.normalize_weights_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """nGPT: keep every matrix unit-norm along the embedding dimension. Call after each optimizer step."""
+        if not self.config.ngpt:
+            return
+        d = self.config.d_model
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = module.weight
+                dim = 1 if w.shape[-1] == d else 0  # rows read from D, or columns write to D
+                w.copy_(unit_norm(w, dim=dim))
+
+    def _check_length(self, total: int) -> None:
+        if self.config.position == "learned" and total > self.config.max_seq_len:
+            raise ValueError(f"sequence length {total} exceeds max_seq_len ({self.config.max_seq_len}) of this "
+                             "learned-position model; shorten the input or trim the cache")
+
+    def _tie_or_make_head(self, embeddings: Embeddings) -> nn.Linear:
+        head = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
+        if self.config.tie_embeddings:
+            head.weight = embeddings.tokens.weight
+        if self.config.ngpt:  # nGPT s_z: learned per-token logit scale
+            self.logit_scale = nn.Parameter(torch.ones(self.config.vocab_size))
+        return head
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        return logits * self.logit_scale if self.config.ngpt else logits
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _with_aux(cfg: ModelConfig, ce: torch.Tensor, aux: torch.Tensor | None):
+    """Total loss = cross-entropy + moe_aux_weight * load-balancing loss; stats for logging."""
+    loss = ce if aux is None else ce + cfg.moe_aux_weight * aux
+    return loss, {"ce": ce.detach(), "aux": None if aux is None else aux.detach(), "delta": None}
+
+
+class DecoderLM(NeoFormerModel):
+    """Decoder-only causal LM (GPT, Llama, Lumi, Nexus, NeoFormer-X with RMC + NSB)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.rmc = RecursiveMemoryCore(cfg) if cfg.rmc else None
+        self.nsb = NeuralSymbolicBridge(cfg) if cfg.nsb else None
+        self.decoder = BlockStack(cfg, cfg.n_layers, causal=True)
+        self.lm_head = self._tie_or_make_head(self.embed)
+        self.init_weights()
+
+    def forward_hidden(self, input_ids, past=None, update=False, *, attention_mask=None, positions=None,
+                       cu_seqlens=None, use_cache=None, kv_cache=None) -> StackOutput:
+        B, L = input_ids.shape
+        use_cache = (not self.training) if use_cache is None else use_cache
+        past_len = past[0][0].shape[2] if past else 0
+        packed = None
+        if cu_seqlens is not None:
+            if B != 1 or past:
+                raise ValueError("packed input (cu_seqlens) takes one row of concatenated documents and no cache")
+            packed = PackedInfo.from_cu_seqlens(cu_seqlens, L)
+            q_pos = k_pos = packed.positions
+            key_keep = None
+        else:
+            q_pos, k_pos, key_keep = _positions(L, past_len, input_ids.device, attention_mask, positions)
+        if kv_cache is not None:  # generation engine: the cache knows where cached keys sit
+            k_pos, key_keep = kv_cache.prepare(q_pos, key_keep)
+        self._check_length(int(k_pos.shape[-1]) if packed is None else packed.max_seqlen)
+        new_keep = key_keep[:, -L:] if key_keep is not None else None
+
+        h = self.embed(input_ids, q_pos, new_keep)  # (B, L, D)
+        delta, memory_state = None, getattr(past, "memory_state", None)
+        if self.rmc is not None:
+            h, memory_state, delta = self.rmc(h, memory_state, new_keep, update)
+        if self.nsb is not None:
+            h = self.nsb(h)
+        ctx = self.decoder.context(q_pos, k_pos, key_keep, packed, h.dtype)
+        h, kvs, aux = self.decoder(h, ctx, past, kv_cache=kv_cache, use_cache=use_cache)
+        new_past = Past.of(kvs, memory_state) if use_cache else None
+        return StackOutput(h, new_past, delta, aux)
+
+    def forward(self, input_ids, past=None, update=False, **kwargs):
+        """Seed API: (B, L) token ids -> (logits (B, L, V), new_past, delta)."""
+        out = self.forward_hidden(input_ids, past, update, **kwargs)
+        return self.logits(out.hidden), out.past, out.delta
+
+    def loss(self, input_ids, targets, update=False, **kwargs):
+        """Next-token cross-entropy (+ MoE balancing). Returns (loss, stats with ce, aux, delta)."""
+        out = self.forward_hidden(input_ids, None, update, use_cache=False, **kwargs)
+        loss, stats = _with_aux(self.config, cross_entropy(self.logits(out.hidden), targets), out.aux_loss)
+        stats["delta"] = out.delta
+        return loss, stats
+
+
+class EncoderMLM(NeoFormerModel):
+    """Bidirectional encoder with a masked-LM head (BERT, NeoBERT)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.encoder = BlockStack(cfg, cfg.n_layers, causal=False)
+        self.lm_head = self._tie_or_make_head(self.embed)
+        self.init_weights()
+
+    def encode(self, input_ids, attention_mask=None, cu_seqlens=None) -> torch.Tensor:
+        """(B, L) -> hidden (B, L, D). attention_mask (B, L): 1 = token, 0 = padding."""
+        B, L = input_ids.shape
+        packed = None
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError("packed input (cu_seqlens) takes one row of concatenated documents")
+            packed = PackedInfo.from_cu_seqlens(cu_seqlens, L)
+            q_pos, keep = packed.positions, None
+        else:
+            q_pos, _, keep = _positions(L, 0, input_ids.device, attention_mask)
+        self._check_length(L if packed is None else packed.max_seqlen)
+        h = self.embed(input_ids, q_pos, keep)
+        ctx = self.encoder.context(q_pos, q_pos, keep, packed, h.dtype)
+        h, _, aux = self.encoder(h, ctx)
+        self.last_aux_loss = aux
+        return h
+
+    def forward(self, input_ids, attention_mask=None, cu_seqlens=None) -> torch.Tensor:
+        return self.logits(self.encode(input_ids, attention_mask, cu_seqlens))
+
+    def loss(self, input_ids, labels, attention_mask=None, cu_seqlens=None):
+        """Masked-LM cross-entropy over positions whose label is not -100."""
+        ce = cross_entropy(self(input_ids, attention_mask, cu_seqlens), labels)
+        return _with_aux(self.config, ce, self.last_aux_loss)
+
+
+class EncoderDecoderLM(NeoFormerModel):
+    """Encoder-decoder Transformer (Vaswani et al. 2017) with shared, tied embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.encoder = BlockStack(cfg, cfg.n_encoder_layers, causal=False)
+        self.decoder = BlockStack(cfg, cfg.n_layers, causal=True, cross_attention=True,
+                                  first_layer=cfg.n_encoder_layers)
+        self.lm_head = self._tie_or_make_head(self.embed)
+        self.init_weights()
+
+    def encode(self, src_ids, src_mask=None) -> torch.Tensor:
+        """(B, S) -> memory (B, S, D)."""
+        B, S = src_ids.shape
+        self._check_length(S)
+        q_pos, _, keep = _positions(S, 0, src_ids.device, src_mask)
+        h = self.embed(src_ids, q_pos, keep)
+        h, _, aux = self.encoder(h, self.encoder.context(q_pos, q_pos, keep, None, h.dtype))
+        self.encoder_aux_loss = aux
+        return h
+
+    def decode(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None):
+        """(B, L) target ids + memory (B, S, D) -> (logits (B, L, V), new_past)."""
+        B, L = tgt_ids.shape
+        use_cache = (not self.training) if use_cache is None else use_cache
+        past_len = past[0][0].shape[2] if past else 0
+        q_pos, k_pos, _ = _positions(L, past_len, tgt_ids.device, None, positions)
+        self._check_length(int(k_pos.shape[-1]))
+        h = self.embed(tgt_ids, q_pos, None)
+        ctx = self.decoder.context(q_pos, k_pos, None, None, h.dtype)
+        src_keep = src_mask.bool() if src_mask is not None else None
+        zeros = torch.zeros(1, 1, dtype=torch.long, device=h.device)
+        memory_ctx = AttnContext(q_pos=zeros, k_pos=zeros, causal=False, key_keep=src_keep)
+        h, kvs, aux = self.decoder(h, ctx, past, memory=memory, memory_ctx=memory_ctx, use_cache=use_cache)
+        self.last_aux_loss = aux
+        return self.logits(h), (Past.of(kvs) if use_cache else None)
+
+    def forward(self, src_ids, tgt_ids, src_mask=None, past=None, **kwargs):
+        return self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask, past, **kwargs)
+
+    def loss(self, src_ids, tgt_in, tgt_out, src_mask=None):
+        logits, _ = self(src_ids, tgt_in, src_mask, use_cache=False)
+        aux = [a for a in (self.encoder_aux_loss, self.last_aux_loss) if a is not None]
+        return _with_aux(self.config, cross_entropy(logits, tgt_out), sum(aux) if aux else None)
+
+
+MODEL_KINDS = {"decoder": DecoderLM, "encoder": EncoderMLM, "encoder_decoder": EncoderDecoderLM}

@@ -1,0 +1,95 @@
+"""Named presets for the five seed systems. Each is a few lines derived from a family base.
+
+``PRESET_CLAIMS`` keeps the parameter counts the seed documents state, so ``neoformer info``
+can show them next to the true count (several are wrong, e.g. Nexus and Lumi).
+"""
+from __future__ import annotations
+
+import difflib
+
+from .config import ConfigError, ModelConfig
+
+# NeoFormer-X (seed 000): decoder, GQA, RoPE, RMC + NSB, tied embeddings, cl100k_base vocabulary
+_NEOFORMER_X = ModelConfig(
+    name="neoformer-x", vocab_size=100277, norm="layernorm", activation="swiglu", position="rope",
+    tie_embeddings=True, max_seq_len=2048, rmc=True, rmc_mem_size=32, nsb=True, nsb_rules=32, nsb_rule_dim=32)
+# Nima (seed 001): GPT-style decoder, sinusoidal positions, pre-norm LayerNorm, Xavier init
+_NIMA = ModelConfig(
+    name="nima", vocab_size=50257, norm="layernorm", activation="relu", position="sinusoidal", bias=True,
+    init="xavier", tie_embeddings=True, max_seq_len=1024)
+# NeoBERT (seed 002): encoder, fused QKV, RoPE, RMSNorm, SwiGLU
+_NEOBERT = ModelConfig(
+    name="neobert", kind="encoder", vocab_size=30522, norm="rmsnorm", activation="swiglu", position="rope",
+    fused_qkv=True, tie_embeddings=True, max_seq_len=4096, pad_token_id=0)
+# Lumi (seed 003): Llama-style, no bias, untied, SentencePiece 32K, dropout 0.1, scaled residual init
+_LUMI = ModelConfig(
+    name="lumi", vocab_size=32768, norm="rmsnorm", activation="swiglu", position="rope", bias=False,
+    tie_embeddings=False, attn_dropout=0.1, hidden_dropout=0.1, embed_dropout=0.1, scaled_residual_init=True,
+    max_seq_len=1024)
+# Nexus Core (seed 004): Llama-style decoder with GQA, untied output layer
+_NEXUS = ModelConfig(
+    name="nexus", vocab_size=32000, norm="rmsnorm", activation="swiglu", position="rope", bias=False,
+    tie_embeddings=False, max_seq_len=2048)
+
+
+def _p(base: ModelConfig, name: str, **changes) -> ModelConfig:
+    return base.replace(name=name, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "neoformer-x-125m": _p(_NEOFORMER_X, "neoformer-x-125m", d_model=768, n_heads=12, n_kv_heads=3, n_layers=12),
+    "neoformer-x-350m": _p(_NEOFORMER_X, "neoformer-x-350m", d_model=1024, n_heads=16, n_kv_heads=4, n_layers=24),
+    "neoformer-x-760m": _p(_NEOFORMER_X, "neoformer-x-760m", d_model=1536, n_heads=16, n_kv_heads=4, n_layers=32),
+    # trained by `make demo` on 2 CPU cores in a few minutes (vocabulary set by the tokenizer)
+    "neoformer-x-demo": _p(_NEOFORMER_X, "neoformer-x-demo", vocab_size=4096, d_model=192, n_heads=6,
+                           n_kv_heads=2, n_layers=4, ffn_hidden=512, max_seq_len=256, rmc_mem_size=16,
+                           nsb_rules=16, nsb_rule_dim=32),
+    "nima-tiny": _p(_NIMA, "nima-tiny", d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024),
+    "nima-small": _p(_NIMA, "nima-small", d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072),
+    "nima-medium": _p(_NIMA, "nima-medium", d_model=1024, n_layers=24, n_heads=16, ffn_hidden=4096),
+    "nima-transformer": _p(_NIMA, "nima-transformer", kind="encoder_decoder", d_model=512, n_encoder_layers=6,
+                           n_layers=6, n_heads=8, ffn_hidden=2048, activation="relu", embed_scale=True,
+                           hidden_dropout=0.1, attn_dropout=0.1, max_seq_len=512),
+    "neobert-base": _p(_NEOBERT, "neobert-base", d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072),
+    "neobert-tiny": _p(_NEOBERT, "neobert-tiny", d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024,
+                       max_seq_len=512),
+    "lumi-tiny": _p(_LUMI, "lumi-tiny", n_layers=6, d_model=256, n_heads=4, ffn_hidden=1024),
+    "lumi-small": _p(_LUMI, "lumi-small", n_layers=12, d_model=512, n_heads=8, ffn_hidden=2048),
+    "lumi-base": _p(_LUMI, "lumi-base", n_layers=24, d_model=768, n_heads=12, ffn_hidden=3072, max_seq_len=2048),
+    # the seed says "GQA" for Nexus without a K/V head count; 8 K/V heads is the Llama-3 choice
+    "nexus-base": _p(_NEXUS, "nexus-base", n_layers=96, d_model=8192, n_heads=128, n_kv_heads=8, ffn_hidden=32768,
+                     vocab_size=128000, max_seq_len=128000),
+    "nexus-standard": _p(_NEXUS, "nexus-standard", n_layers=32, d_model=2048, n_heads=32, ffn_hidden=8192,
+                         vocab_size=50000, max_seq_len=8192),
+    "nexus-nano": _p(_NEXUS, "nexus-nano", n_layers=12, d_model=768, n_heads=12, ffn_hidden=3072,
+                     vocab_size=32000, max_seq_len=2048),
+}
+
+# tiny debug preset of every family, for tests and smoke runs
+_DEBUG = dict(d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, vocab_size=128, max_seq_len=64)
+PRESETS.update({
+    "neoformer-x-debug": _p(_NEOFORMER_X, "neoformer-x-debug", n_kv_heads=2, rmc_mem_size=8, nsb_rules=8,
+                            nsb_rule_dim=16, **_DEBUG),
+    "nima-debug": _p(_NIMA, "nima-debug", **_DEBUG),
+    "nima-transformer-debug": _p(PRESETS["nima-transformer"], "nima-transformer-debug", n_encoder_layers=2,
+                                 hidden_dropout=0.0, attn_dropout=0.0, **_DEBUG),
+    "neobert-debug": _p(_NEOBERT, "neobert-debug", **_DEBUG),
+    "lumi-debug": _p(_LUMI, "lumi-debug", attn_dropout=0.0, hidden_dropout=0.0, embed_dropout=0.0, **_DEBUG),
+    "nexus-debug": _p(_NEXUS, "nexus-debug", n_kv_heads=2, **_DEBUG),
+})
+
+# parameter counts as the seed documents state them (shown beside the truth by `neoformer info`)
+PRESET_CLAIMS: dict[str, float] = {
+    "neoformer-x-125m": 125e6, "neoformer-x-350m": 350e6, "neoformer-x-760m": 760e6,
+    "nima-tiny": 10e6, "nima-small": 125e6, "nima-medium": 350e6,
+    "lumi-tiny": 6e6, "lumi-small": 42e6, "lumi-base": 124e6,
+    "nexus-base": 405e9, "nexus-standard": 13e9, "nexus-nano": 1.5e9,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; run `neoformer info --list` to see all presets")
+    return PRESETS[name]
