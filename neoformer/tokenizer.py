@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -41,6 +43,14 @@ def _as_int_list(ids: Iterable[int]) -> list[int]:
     if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
         ids = ids.tolist()
     return [int(i) for i in ids]
+
+
+def _optional_import(module: str):
+    """Import an optional dependency (sentencepiece, tiktoken) or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TokenizerError(f"this tokenizer needs {module}: pip install 'neoformer[{module}]'") from None
 
 
 def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -84,9 +94,9 @@ class Tokenizer(ABC):
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens (EOS, PAD, BOS, MASK) are dropped."""
-        special = self.special_ids
-        return self._decode_ids([i for i in _as_int_list(ids) if i not in special])
+        """Text of ``ids``; EOS, PAD, BOS and MASK are dropped (UNK shows as the kind renders it)."""
+        skip = self.special_ids - {self.unk_id}
+        return self._decode_ids([i for i in _as_int_list(ids) if i not in skip])
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -94,7 +104,7 @@ class Tokenizer(ABC):
         candidates = (self.eos_id, self.pad_id, self.bos_id, self.mask_id, self.unk_id)
         return frozenset(i for i in candidates if i is not None)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Stable hash of the vocabulary and settings; part of every token-cache key."""
         return hashlib.sha256(self.kind.encode() + b"\0" + self._identity_bytes()).hexdigest()[:16]
@@ -133,9 +143,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "CharTokenizer":
-        chars: set[str] = set()
-        for text in texts:
-            chars.update(text)
+        chars = set().union(*texts)
         if not chars:
             raise TokenizerError("cannot build a char tokenizer from empty text; pass a non-empty corpus")
         return cls(chars)
@@ -151,11 +159,6 @@ class CharTokenizer(Tokenizer):
                 raise TokenizerError(f"token id {i} is outside the char vocabulary (size {self.vocab_size})")
             out.append("\ufffd" if i == self.unk_id else self.chars[i - first])
         return "".join(out)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        # <unk> is special (never masked) but still shows up in text, as U+FFFD.
-        skip = self.special_ids - {self.unk_id}
-        return self._decode_ids([i for i in _as_int_list(ids) if i not in skip])
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {"chars": self.chars}
@@ -185,16 +188,16 @@ class HFTokenizer(Tokenizer):
         self._tok = tokenizer
         # Specials typed inside documents stay plain text (exact round-trip, no injected EOS).
         self._tok.encode_special_tokens = True
-        find = self._tok.token_to_id
-        eos = next((find(t) for t in _EOS_CANDIDATES if find(t) is not None), None)
-        if eos is None:
+
+        def first_id(names: tuple[str, ...]) -> int | None:
+            return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+
+        if first_id(_EOS_CANDIDATES) is None:
             self._tok.add_special_tokens([ENDOFTEXT])
-            eos = find(ENDOFTEXT)
-        self.eos_id = eos
-        self.pad_id = next((find(t) for t in _PAD_CANDIDATES if find(t) is not None), eos)
-        self.bos_id = next((find(t) for t in _BOS_CANDIDATES if find(t) is not None), None)
-        self.mask_id = next((find(t) for t in _MASK_CANDIDATES if find(t) is not None), None)
-        self.unk_id = next((find(t) for t in _UNK_CANDIDATES if find(t) is not None), None)
+        self.eos_id = first_id(_EOS_CANDIDATES)
+        pad_id = first_id(_PAD_CANDIDATES)
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        self.bos_id, self.mask_id, self.unk_id = map(first_id, (_BOS_CANDIDATES, _MASK_CANDIDATES, _UNK_CANDIDATES))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -238,27 +241,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = MAX_TRAINI
     tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # all 256 bytes, so nothing is ever unknown
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[ENDOFTEXT, PAD, MASK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=[ENDOFTEXT, PAD, MASK], initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_capped(texts, max_chars), trainer)
     return HFTokenizer(tok)
 
 
 # ---- SentencePiece (optional dependency) -----------------------------------------------------
-def _import_sentencepiece():
-    try:
-        import sentencepiece
-    except ImportError:
-        raise TokenizerError(
-            "SentencePiece tokenizers need the sentencepiece package: pip install 'neoformer[sentencepiece]'"
-        ) from None
-    return sentencepiece
-
-
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (ours trains with byte_fallback, so any Unicode round-trips)."""
 
@@ -266,7 +257,7 @@ class SentencePieceTokenizer(Tokenizer):
     _WORD_MARK = "\u2581"  # SentencePiece's stand-in for a space
 
     def __init__(self, model_proto: bytes):
-        spm = _import_sentencepiece()
+        spm = _optional_import("sentencepiece")
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         sp = self._sp
@@ -278,11 +269,11 @@ class SentencePieceTokenizer(Tokenizer):
             i = sp.piece_to_id(name)
             return None if i == sp.unk_id() and name != sp.id_to_piece(i) else i
 
-        eos = valid(sp.eos_id()) or piece(ENDOFTEXT)
+        eos = piece(ENDOFTEXT) if valid(sp.eos_id()) is None else sp.eos_id()
         if eos is None:
             raise TokenizerError("the SentencePiece model has no EOS token; retrain it with eos_id set")
         self.eos_id = eos
-        self.pad_id = valid(sp.pad_id()) or eos
+        self.pad_id = eos if valid(sp.pad_id()) is None else sp.pad_id()
         self.bos_id = valid(sp.bos_id())
         self.unk_id = valid(sp.unk_id())
         self.mask_id = piece(MASK)
@@ -303,16 +294,16 @@ class SentencePieceTokenizer(Tokenizer):
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        if self._word_mark_ids is None:
-            return self._sp.encode(list(texts))
-        out = []
-        for text in texts:
-            parts = self._sp.encode(text.split(self._WORD_MARK))
-            ids = parts[0]
-            for part in parts[1:]:
-                ids = ids + self._word_mark_ids + part
-            out.append(ids)
-        return out
+        texts = list(texts)
+        batch = self._sp.encode(texts)
+        if self._word_mark_ids is not None:
+            for n, text in enumerate(texts):
+                if self._WORD_MARK in text:
+                    first, *rest = self._sp.encode(text.split(self._WORD_MARK))
+                    for part in rest:
+                        first += self._word_mark_ids + part
+                    batch[n] = first
+        return batch
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
@@ -333,7 +324,7 @@ def train_sentencepiece(
     Training reads lines (newlines themselves become byte tokens) of at most ``max_chars``
     characters of text. Ids: 0 pad, 1 unk, 2 bos, 3 eos, 4 ``<mask>``.
     """
-    spm = _import_sentencepiece()
+    spm = _optional_import("sentencepiece")
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"SentencePiece model_type must be 'bpe' or 'unigram', not {model_type!r}")
     lines = (line for text in _capped(texts, max_chars) for line in text.split("\n") if line.strip())
@@ -361,29 +352,13 @@ _CL100K_SPECIALS = ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_
 _CL100K_SPECIAL_IDS = (100257, 100258, 100259, 100260, 100276)
 _OPENAI = "https://openaipublic.blob.core.windows.net/encodings/"
 # name -> (file in tiktoken's download cache, its sha256, split pattern, special tokens)
+# (gpt2 and r50k_base share one vocabulary; tiktoken caches it as r50k_base.tiktoken)
 _NAMED = {
-    "cl100k_base": (
-        _OPENAI + "cl100k_base.tiktoken",
-        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-        CL100K_PATTERN,
-        dict(zip(_CL100K_SPECIALS, _CL100K_SPECIAL_IDS)),
-    ),
-    # gpt2 and r50k_base share one vocabulary; tiktoken caches it as r50k_base.tiktoken.
-    "gpt2": (
-        _OPENAI + "r50k_base.tiktoken",
-        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
-        R50K_PATTERN,
-        {ENDOFTEXT: 50256},
-    ),
-}
-
-
-def _import_tiktoken():
-    try:
-        import tiktoken
-    except ImportError:
-        raise TokenizerError("tiktoken tokenizers need the tiktoken package: pip install 'neoformer[tiktoken]'") from None
-    return tiktoken
+    "cl100k_base": ("cl100k_base.tiktoken", "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+                    CL100K_PATTERN, dict(zip(_CL100K_SPECIALS, _CL100K_SPECIAL_IDS))),
+    "gpt2": ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+             R50K_PATTERN, {ENDOFTEXT: 50256}),
+}  # fmt: skip
 
 
 def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -413,7 +388,7 @@ class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int], name: str):
-        tiktoken = _import_tiktoken()
+        tiktoken = _optional_import("tiktoken")
         specials = dict(special_tokens)
         for token in (ENDOFTEXT, "<|pad|>", "<|mask|>"):
             if token not in specials:
@@ -441,12 +416,12 @@ class TiktokenTokenizer(Tokenizer):
     @classmethod
     def named(cls, name: str) -> "TiktokenTokenizer":
         """``cl100k_base`` or ``gpt2`` from tiktoken's local cache; never downloads."""
-        url, sha256, pattern, specials = _NAMED[name]
-        cached = _tiktoken_cache_file(url)
+        file_name, sha256, pattern, specials = _NAMED[name]
+        cached = _tiktoken_cache_file(_OPENAI + file_name)
         if cached is None or hashlib.sha256(cached.read_bytes()).hexdigest() != sha256:
             raise TokenizerError(
-                f"{name} encoding is not cached locally; download {url.rsplit('/', 1)[1]} elsewhere "
-                f"and pass --tokenizer path/to/{url.rsplit('/', 1)[1]}"
+                f"{name} encoding is not cached locally; download {file_name} elsewhere "
+                f"and pass --tokenizer path/to/{file_name}"
             )
         return cls(read_tiktoken_ranks(cached), pattern, specials, name)
 
@@ -459,17 +434,16 @@ class TiktokenTokenizer(Tokenizer):
     def _decode_ids(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
+    def _ranks_file_bytes(self) -> bytes:
+        by_rank = sorted(self._ranks.items(), key=lambda item: item[1])
+        return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in by_rank)
+
     def _save_files(self, directory: Path) -> dict[str, Any]:
-        lines = (base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]))
-        (directory / "vocab.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+        (directory / "vocab.tiktoken").write_bytes(self._ranks_file_bytes())
         return {"file": "vocab.tiktoken", "name": self.name, "pattern": self._pattern, "special_tokens": self._specials}
 
     def _identity_bytes(self) -> bytes:
-        digest = hashlib.sha256()
-        for token, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
-            digest.update(token + b"\0" + str(rank).encode() + b"\n")
-        digest.update(json.dumps([self._pattern, sorted(self._specials.items())]).encode())
-        return digest.digest()
+        return self._ranks_file_bytes() + json.dumps([self._pattern, sorted(self._specials.items())]).encode()
 
 
 def _tiktoken_cache_file(url: str) -> Path | None:
@@ -511,7 +485,9 @@ def load_tokenizer(directory_or_spec: str | os.PathLike) -> Tokenizer:
         if (path / "tokenizer.json").is_file():  # a Hugging Face model directory
             return HFTokenizer.from_file(path / "tokenizer.json")
         raise TokenizerError(f"{path} has no {META_FILE} or tokenizer.json; pass a saved tokenizer directory")
-    loaders = {".json": HFTokenizer.from_file, ".model": SentencePieceTokenizer.from_file, ".tiktoken": TiktokenTokenizer.from_file}
+    loaders = {
+        ".json": HFTokenizer.from_file, ".model": SentencePieceTokenizer.from_file, ".tiktoken": TiktokenTokenizer.from_file
+    }
     if path.suffix in loaders:
         if not path.is_file():
             raise TokenizerError(f"tokenizer file not found: {path}")
@@ -539,9 +515,3 @@ def get_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None, vocab_si
         return train_bpe(corpus_texts, vocab_size)
     model_type = "unigram" if spec.endswith("unigram") else "bpe"
     return train_sentencepiece(corpus_texts, vocab_size, model_type=model_type)
-
-
-__all__ = [
-    "CharTokenizer", "HFTokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "Tokenizer", "TokenizerError",
-    "get_tokenizer", "load_tokenizer", "read_tiktoken_ranks", "train_bpe", "train_sentencepiece",
-]  # fmt: skip
