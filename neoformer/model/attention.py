@@ -90,13 +90,14 @@ class AttnContext:
 
 # ---- backends -------------------------------------------------------------------------------
 def eager_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):
-    """Reference: explicit softmax(QK^T * scale + bias + mask) V in fp32."""
+    """Reference: explicit softmax(QK^T * scale + bias + mask) V in fp32 (fp64 stays fp64)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, Lk, Dh)
     v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
     if ctx.bias is not None:
-        scores = scores + ctx.bias.float()
+        scores = scores + ctx.bias.to(compute)
     mask = ctx.mask(window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -26,17 +26,19 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = base * factor ** (head_dim / (head_dim - 2)) if scaling == "ntk" else base
         self.position_scale = 1.0 / factor if scaling == "linear" else 1.0
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple, torch.Tensor] = {}
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-            self._inv_freq[device] = 1.0 / (self.base ** exponents)
-        return self._inv_freq[device]
+    def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if (device, dtype) not in self._inv_freq:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).to(dtype) / self.head_dim
+            self._inv_freq[device, dtype] = 1.0 / (self.base ** exponents)
+        return self._inv_freq[device, dtype]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, L) -> cos, sin each (B, 1, L, Dh), ready to broadcast over heads."""
-        freqs = positions.float()[..., None] * self.position_scale * self.inv_freq(positions.device)  # (B, L, Dh/2)
+        """positions (B, L) -> cos, sin each (B, 1, L, Dh), ready to broadcast over heads.
+        Angles are computed in fp32 (fp64 for fp64 models), then cast."""
+        compute = torch.promote_types(dtype, torch.float32)
+        freqs = positions.to(compute)[..., None] * self.position_scale * self.inv_freq(positions.device, compute)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, Dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -54,8 +56,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---- absolute encodings added to the token embeddings ---------------------------------------
 def sinusoidal_encoding(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Vaswani et al. 2017: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...). (B, L) -> (B, L, d)."""
-    div = torch.exp(torch.arange(0, dim, 2, device=positions.device).float() * (-math.log(10000.0) / dim))
-    angles = positions.float()[..., None] * div  # (B, L, d/2)
+    compute = torch.promote_types(dtype, torch.float32)
+    div = torch.exp(torch.arange(0, dim, 2, device=positions.device).to(compute) * (-math.log(10000.0) / dim))
+    angles = positions.to(compute)[..., None] * div  # (B, L, d/2)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
 
 
@@ -79,8 +82,9 @@ class ALiBi(nn.Module):
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, Lq), (B, Lk) -> bias (B, H, Lq, Lk) = -slope * |i - j|."""
-        slopes = torch.tensor(self.slopes, device=q_pos.device, dtype=torch.float32)
-        distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()  # (B, Lq, Lk)
+        compute = torch.promote_types(dtype, torch.float32)
+        slopes = torch.tensor(self.slopes, device=q_pos.device, dtype=compute)
+        distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(compute)  # (B, Lq, Lk)
         return (-slopes[None, :, None, None] * distance[:, None]).to(dtype)
 
 

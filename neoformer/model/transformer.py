@@ -158,12 +158,10 @@ class NeoFormerModel(nn.Module):
         """nGPT: keep every matrix unit-norm along the embedding dimension. Call after each optimizer step."""
         if not self.config.ngpt:
             return
-        d = self.config.d_model
-        for module in self.modules():
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = module.weight
-                dim = 1 if w.shape[-1] == d else 0  # rows read from D, or columns write to D
-                w.copy_(unit_norm(w, dim=dim))
+                writes_residual = name.endswith(("o_proj", "down"))  # (D, in): columns live in D
+                module.weight.copy_(unit_norm(module.weight, dim=0 if writes_residual else 1))
 
     def _check_length(self, total: int) -> None:
         if self.config.position == "learned" and total > self.config.max_seq_len:
