@@ -1,0 +1,529 @@
+"""Exact parameter count and memory plan from a ModelConfig alone (`neoformer info`).
+
+Nothing is instantiated. ``param_specs(cfg)`` lists every parameter tensor the model would
+have, with the same names and shapes as ``build_model(cfg).named_parameters()`` (a tied LM head
+appears once, as the token embedding); everything else is arithmetic on that list, so the
+93B-parameter ``nexus-base`` plans as fast as a debug model. Assumptions: docs/planner.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig
+from .presets import PRESET_CLAIMS, PRESETS, get_preset
+
+GiB, MiB = 2 ** 30, 2 ** 20
+NF4_BLOCK = 64  # weights per fp32 absmax (bitsandbytes default, no double quantisation)
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "nf4")
+PRECISIONS = ("fp32", "bf16_mixed")
+PARALLEL = ("ddp", "fsdp")
+
+# component key -> label shown in the table (the order of the table)
+COMPONENTS = {
+    "token_embedding": "token embedding",
+    "position_embedding": "position embedding (learned)",
+    "rmc": "RMC memory (memory, read_query, out)",
+    "nsb": "NSB bridge (rules, to_rule, fuse)",
+    "attention": "self-attention (q/k/v/o)",
+    "cross_attention": "cross-attention",
+    "ffn": "feed-forward",
+    "moe_router": "MoE router",
+    "moe_experts": "MoE experts",
+    "norms": "block norms",
+    "ngpt_alphas": "nGPT alphas",
+    "relative_bias": "relative position bias",
+    "final_norm": "final norm(s)",
+    "lm_head": "LM head",
+    "ngpt_logit_scale": "nGPT logit scale",
+}
+
+ASSUMPTIONS = [
+    "weights include buffers (the RMC episodic memory) at the weight dtype",
+    "int8: 1 byte per nn.Linear weight + one fp32 scale per output row; other params bf16",
+    "nf4: 4 bits per nn.Linear weight + one fp32 absmax per 64-weight block; other params bf16",
+    "a tied LM head is the token embedding and stays bf16 when quantising",
+    "training: AdamW, 16 bytes/param (fp32: weights 4 + grads 4 + moments 8; "
+    "bf16 mixed: weights 2 + grads 2 + fp32 master 4 + moments 8); activations not included",
+    "KV cache: self-attention K and V of every decoder layer; windowed = sliding-window layers keep "
+    "only their window; enc-dec cross-attention K/V are recomputed from the encoder output, not cached",
+    "fsdp: FSDP2, one unit per block plus the root unit (embeddings, head, final norm, memory layer); "
+    "state sharded along dim 0 with padding; root + the largest block gathered at the compute dtype; "
+    "prefetch of the next block not included",
+    "ddp: weights, grads and optimizer state replicated on every rank (gradient buckets not included)",
+]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor of the model, as named by ``named_parameters()``."""
+
+    name: str
+    shape: tuple[int, ...]
+    component: str  # a key of COMPONENTS
+    linear: bool = False  # weight of an nn.Linear (what int8 / nf4 quantise)
+    unit: str = "root"  # FSDP unit: "root" or the block prefix, e.g. "decoder.blocks.3"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# ---- parameter list mirroring neoformer/model/*.py -------------------------------------------
+class _Specs(list):
+    def add(self, name, shape, component, linear=False, unit="root"):
+        self.append(ParamSpec(name, tuple(shape), component, linear, unit))
+
+    def linear(self, name, d_in, d_out, bias, component, unit="root"):
+        self.add(f"{name}.weight", (d_out, d_in), component, True, unit)
+        if bias:
+            self.add(f"{name}.bias", (d_out,), component, False, unit)
+
+    def norm(self, cfg: ModelConfig, name, component, unit="root"):
+        if cfg.ngpt:  # nGPT replaces norms by nn.Identity (no parameters)
+            return
+        self.add(f"{name}.weight", (cfg.d_model,), component, unit=unit)
+        if cfg.norm == "layernorm" and cfg.bias:
+            self.add(f"{name}.bias", (cfg.d_model,), component, unit=unit)
+
+
+def _attention(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool, unit: str) -> None:
+    component = "cross_attention" if cross else "attention"
+    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    if cfg.ngpt:
+        s.add(f"{prefix}.qk_scale", (cfg.dim_head,), component, unit=unit)
+    if cfg.fused_qkv and not cross:
+        s.linear(f"{prefix}.qkv", d, q_dim + 2 * kv_dim, cfg.bias, component, unit)
+    else:
+        s.linear(f"{prefix}.q_proj", d, q_dim, cfg.bias, component, unit)
+        s.linear(f"{prefix}.k_proj", d, kv_dim, cfg.bias, component, unit)
+        s.linear(f"{prefix}.v_proj", d, kv_dim, cfg.bias, component, unit)
+    s.linear(f"{prefix}.o_proj", q_dim, d, cfg.bias, component, unit)
+
+
+def _feed_forward(s: _Specs, cfg: ModelConfig, prefix: str, component: str, unit: str) -> None:
+    d, hidden = cfg.d_model, cfg.ffn_dim
+    if cfg.ngpt:  # s_u and s_v exist even for a plain FFN
+        s.add(f"{prefix}.up_scale", (hidden,), component, unit=unit)
+        s.add(f"{prefix}.gate_scale", (hidden,), component, unit=unit)
+    if cfg.gated_ffn:
+        s.linear(f"{prefix}.gate", d, hidden, cfg.bias, component, unit)
+    s.linear(f"{prefix}.up", d, hidden, cfg.bias, component, unit)
+    s.linear(f"{prefix}.down", hidden, d, cfg.bias, component, unit)
+
+
+def _block(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool) -> None:
+    unit = prefix
+    if cfg.ngpt:
+        for name in ("attn_alpha", "ffn_alpha") + (("cross_alpha",) if cross else ()):
+            s.add(f"{prefix}.{name}", (cfg.d_model,), "ngpt_alphas", unit=unit)
+    s.norm(cfg, f"{prefix}.attn_norm", "norms", unit)
+    _attention(s, cfg, f"{prefix}.attn", False, unit)
+    if cross:
+        s.norm(cfg, f"{prefix}.cross_norm", "norms", unit)
+        _attention(s, cfg, f"{prefix}.cross_attn", True, unit)
+    s.norm(cfg, f"{prefix}.ffn_norm", "norms", unit)
+    if cfg.moe_experts:
+        s.linear(f"{prefix}.ffn.router", cfg.d_model, cfg.moe_experts, False, "moe_router", unit)
+        for e in range(cfg.moe_experts):
+            _feed_forward(s, cfg, f"{prefix}.ffn.experts.{e}", "moe_experts", unit)
+    else:
+        _feed_forward(s, cfg, f"{prefix}.ffn", "ffn", unit)
+
+
+def _stack(s: _Specs, cfg: ModelConfig, prefix: str, n_layers: int, cross: bool) -> None:
+    for i in range(n_layers):
+        _block(s, cfg, f"{prefix}.blocks.{i}", cross)
+    if cfg.position == "relative":  # one T5 bias table per stack, shared by its layers
+        s.add(f"{prefix}.bias.bias.weight", (cfg.relative_buckets, cfg.n_heads), "relative_bias")
+    if cfg.norm_position == "pre":
+        s.norm(cfg, f"{prefix}.norm", "final_norm")
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """Every parameter of ``build_model(cfg)``: name, shape, component, Linear or not, FSDP unit."""
+    s, d = _Specs(), cfg.d_model
+    s.add("embed.tokens.weight", (cfg.vocab_size, d), "token_embedding")
+    if cfg.position == "learned":
+        s.add("embed.positions.weight", (cfg.max_seq_len + cfg.learned_pos_offset, d), "position_embedding")
+    if cfg.rmc:
+        s.add("rmc.memory", (cfg.rmc_mem_size, d), "rmc")
+        s.linear("rmc.read_query", d, d, False, "rmc")
+        s.linear("rmc.out", 2 * d, d, False, "rmc")
+    if cfg.nsb:
+        r = cfg.nsb_rule_dim
+        s.add("nsb.rules", (cfg.nsb_rules, r), "nsb")
+        s.linear("nsb.to_rule", d, r, False, "nsb")
+        s.linear("nsb.fuse_in", d + r, d, False, "nsb")
+        s.linear("nsb.fuse_out", d, d, False, "nsb")
+    if cfg.kind == "decoder":
+        _stack(s, cfg, "decoder", cfg.n_layers, cross=False)
+    elif cfg.kind == "encoder":
+        _stack(s, cfg, "encoder", cfg.n_layers, cross=False)
+    else:
+        _stack(s, cfg, "encoder", cfg.n_encoder_layers, cross=False)
+        _stack(s, cfg, "decoder", cfg.n_layers, cross=True)
+    if not cfg.tie_embeddings:
+        s.linear("lm_head", d, cfg.vocab_size, False, "lm_head")
+    if cfg.ngpt:
+        s.add("logit_scale", (cfg.vocab_size,), "ngpt_logit_scale")
+    return list(s)
+
+
+def buffer_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """Persistent buffers (in the state dict, not trained): the RMC episodic memory."""
+    return [ParamSpec("rmc.episodic", (cfg.rmc_mem_size, cfg.d_model), "rmc")] if cfg.rmc else []
+
+
+# ---- counts ----------------------------------------------------------------------------------
+@dataclass
+class ParamCount:
+    total: int
+    by_component: dict[str, int]  # COMPONENTS key -> count (only those present)
+    blocks_per_component: dict[str, int]  # how many blocks hold each per-block component
+    per_block: dict[str, int | None]  # its count in each of those blocks (None when blocks differ)
+    active_per_token: int  # total minus the experts a token is not routed to
+    linear_weights: int  # elements in nn.Linear weights (quantisable)
+    buffers: int
+    largest_block: int  # parameters of the largest transformer block
+    root: int  # parameters outside the blocks (embeddings, head, final norm, memory layer)
+
+
+def count_parameters(cfg: ModelConfig) -> ParamCount:
+    specs = param_specs(cfg)
+    by_component = {key: 0 for key in COMPONENTS}
+    units: dict[str, int] = {}
+    holders: dict[str, dict[str, int]] = {}  # component -> block -> count
+    for p in specs:
+        by_component[p.component] += p.numel
+        units[p.unit] = units.get(p.unit, 0) + p.numel
+        if p.unit != "root":
+            per_unit = holders.setdefault(p.component, {})
+            per_unit[p.unit] = per_unit.get(p.unit, 0) + p.numel
+    total = sum(by_component.values())
+    inactive = 0
+    if cfg.moe_experts:  # every expert has the same size; a token uses top_k of them per layer
+        inactive = by_component["moe_experts"] * (cfg.moe_experts - cfg.moe_top_k) // cfg.moe_experts
+    return ParamCount(
+        total=total,
+        by_component={k: v for k, v in by_component.items() if v},
+        blocks_per_component={k: len(v) for k, v in holders.items()},
+        per_block={k: v.popitem()[1] if len(set(v.values())) == 1 else None for k, v in holders.items()},
+        active_per_token=total - inactive,
+        linear_weights=sum(p.numel for p in specs if p.linear),
+        buffers=sum(b.numel for b in buffer_specs(cfg)),
+        largest_block=max((n for u, n in units.items() if u != "root"), default=0),
+        root=units.get("root", 0),
+    )
+
+
+def num_parameters(cfg: ModelConfig) -> int:
+    """Exact ``sum(p.numel() for p in build_model(cfg).parameters())`` without building it."""
+    return sum(p.numel for p in param_specs(cfg))
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def weight_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
+    """Bytes of the weights (parameters + buffers) stored as fp32 | bf16 | int8 | nf4."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {fmt!r} must be one of: {', '.join(WEIGHT_FORMATS)}")
+    specs = param_specs(cfg) + buffer_specs(cfg)
+    if fmt in ("fp32", "bf16"):
+        return sum(p.numel for p in specs) * (4 if fmt == "fp32" else 2)
+    total = 0
+    for p in specs:
+        if not p.linear:
+            total += 2 * p.numel  # bf16
+        elif fmt == "int8":
+            total += p.numel + 4 * p.shape[0]  # int8 values + fp32 scale per output row
+        else:
+            total += (p.numel + 1) // 2 + 4 * math.ceil(p.numel / NF4_BLOCK)  # 4-bit values + fp32 absmax
+    return total
+
+
+def _state_bytes(n_params: int, n_buffers: int, precision: str) -> dict[str, int]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} must be one of: {', '.join(PRECISIONS)}")
+    w = 4 if precision == "fp32" else 2
+    state = {"weights": w * (n_params + n_buffers), "grads": w * n_params,
+             "master": 4 * n_params if precision == "bf16_mixed" else 0, "moments": 8 * n_params}
+    state["total"] = sum(state.values())
+    return state
+
+
+def training_bytes(cfg: ModelConfig, precision: str = "fp32") -> dict[str, int]:
+    """AdamW state on one device: weights, grads, fp32 master copy (bf16_mixed only), 2 moments."""
+    return _state_bytes(num_parameters(cfg), sum(b.numel for b in buffer_specs(cfg)), precision)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int = 1, seq: int | None = None, dtype_bytes: int = 2,
+                   windowed: bool = False) -> int | None:
+    """K and V of every decoder self-attention layer for ``batch`` x ``seq`` tokens (default
+    max_seq_len): 2 * layers * kv_heads * head_dim * tokens * batch * bytes. ``windowed``: a
+    sliding-window layer keeps only min(window, seq) tokens. None for an encoder (no cache)."""
+    if cfg.kind == "encoder":
+        return None
+    seq = cfg.max_seq_len if seq is None else seq
+    first = cfg.n_encoder_layers  # enc-dec decoder layers are numbered after the encoder's
+    tokens = 0
+    for i in range(cfg.n_layers):
+        window = cfg.layer_window(first + i)
+        tokens += min(window, seq) if windowed and window else seq
+    return 2 * cfg.kv_heads * cfg.dim_head * tokens * batch * dtype_bytes
+
+
+def per_rank_bytes(cfg: ModelConfig, world_size: int = 1, parallel: str = "ddp",
+                   precision: str = "fp32") -> dict[str, int]:
+    """Training memory on one rank (the largest shard, rank 0), activations excluded.
+
+    ddp: everything replicated. fsdp: weights, grads, master and moments sharded 1/N along dim 0
+    (padded, as FSDP2 does), plus the unsharded root unit and largest block at the compute dtype."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel ({parallel!r}) must be one of: {', '.join(PARALLEL)}")
+    if world_size < 1:
+        raise ValueError(f"world size ({world_size}) must be >= 1")
+    n_buffers = sum(b.numel for b in buffer_specs(cfg))
+    if parallel == "ddp":
+        out = _state_bytes(num_parameters(cfg), n_buffers, precision)
+        out.update(gathered_root=0, gathered_block=0)
+        return out
+    specs = param_specs(cfg)
+    shard = sum(math.ceil(p.shape[0] / world_size) * math.prod(p.shape[1:]) for p in specs)
+    out = _state_bytes(shard, 0, precision)
+    compute = 4 if precision == "fp32" else 2
+    out["weights"] += compute * n_buffers  # buffers are not sharded
+    counts = count_parameters(cfg)
+    out["gathered_root"] = compute * counts.root if world_size > 1 else 0
+    out["gathered_block"] = compute * counts.largest_block if world_size > 1 else 0
+    out["total"] = sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+# ---- the seed's stated figures ---------------------------------------------------------------
+def claim(name: str, true_total: int) -> dict[str, Any] | None:
+    """The seed's stated parameter count for a preset next to the truth, or None."""
+    stated = PRESET_CLAIMS.get(name)
+    if stated is None:
+        return None
+    ratio = true_total / stated
+    note = ""
+    if name == "nexus-base":
+        note = (f"96 layers x 8192 wide is ~{true_total / 1e9:.0f}B parameters, not 405B "
+                "(405B needs e.g. Llama-3.1's 126 layers x 16384)")
+    elif not 0.8 <= ratio <= 1.25:
+        note = "the seed's figure is wrong for this architecture"
+    return {"stated": int(stated), "true": true_total, "ratio": ratio, "note": note}
+
+
+# ---- the plan (JSON-ready) and its table -------------------------------------------------------
+def plan(cfg: ModelConfig, batch: int = 1, seq: int | None = None, world_size: int = 1,
+         parallel: str = "ddp", source: str | None = None) -> dict[str, Any]:
+    """Everything `neoformer info` shows, as plain values (bytes and counts are ints)."""
+    for name, value in (("batch", batch), ("world size", world_size)) + ((("seq", seq),) if seq is not None else ()):
+        if value < 1:
+            raise ValueError(f"{name} ({value}) must be >= 1")
+    counts = count_parameters(cfg)
+    seq = cfg.max_seq_len if seq is None else seq
+    kv = None
+    if cfg.kind != "encoder":
+        kv = {"batch": batch, "seq": seq,
+              "full": {"fp32": kv_cache_bytes(cfg, batch, seq, 4), "bf16": kv_cache_bytes(cfg, batch, seq, 2)},
+              "windowed": None}
+        if cfg.sliding_window:
+            kv["windowed"] = {"fp32": kv_cache_bytes(cfg, batch, seq, 4, windowed=True),
+                              "bf16": kv_cache_bytes(cfg, batch, seq, 2, windowed=True)}
+    return {
+        "name": cfg.name, "source": source or cfg.name, "kind": cfg.kind,
+        "config": {"n_layers": cfg.n_layers, "n_encoder_layers": cfg.n_encoder_layers, "d_model": cfg.d_model,
+                   "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads, "head_dim": cfg.dim_head,
+                   "ffn_hidden": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+                   "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k if cfg.moe_experts else 0,
+                   "tie_embeddings": cfg.tie_embeddings, "sliding_window": cfg.sliding_window},
+        "parameters": {"total": counts.total, "active_per_token": counts.active_per_token,
+                       "by_component": counts.by_component, "blocks_per_component": counts.blocks_per_component,
+                       "per_block": counts.per_block,
+                       "linear_weights": counts.linear_weights, "buffers": counts.buffers,
+                       "largest_block": counts.largest_block, "root": counts.root},
+        "claim": claim(cfg.name, counts.total),
+        "weights_bytes": {fmt: weight_bytes(cfg, fmt) for fmt in WEIGHT_FORMATS},
+        "training_bytes": {p: training_bytes(cfg, p) for p in PRECISIONS},
+        "kv_cache_bytes": kv,
+        "per_rank_bytes": {"world_size": world_size, "parallel": parallel,
+                           **{p: per_rank_bytes(cfg, world_size, parallel, p) for p in PRECISIONS}},
+        "assumptions": ASSUMPTIONS,
+    }
+
+
+def human_count(n: float) -> str:
+    """93098352640 -> '93.1B', 105408 -> '105.4K'."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: int) -> str:
+    if n == 0:
+        return "-"
+    return f"{n / GiB:,.2f} GiB" if n >= GiB else f"{n / MiB:,.2f} MiB"
+
+
+def _rows(rows: list[tuple[str, ...]], indent: str = "", left: tuple[int, ...] = (0,)) -> list[str]:
+    """Align a table: columns in ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def _header(p: dict[str, Any]) -> str:
+    c = p["config"]
+    layers = f"{c['n_encoder_layers']} encoder + {c['n_layers']} decoder layers" if c["n_encoder_layers"] \
+        else f"{c['n_layers']} layers"
+    moe = f", MoE {c['moe_top_k']} of {c['moe_experts']}" if c["moe_experts"] else ""
+    return (f"{p['source']}: {p['kind']}, {layers}, d_model {c['d_model']}, {c['n_heads']} heads "
+            f"({c['n_kv_heads']} K/V, head_dim {c['head_dim']}), ffn {c['ffn_hidden']}, vocab {c['vocab_size']}, "
+            f"max_seq_len {c['max_seq_len']}{moe}")
+
+
+def _parameter_lines(p: dict[str, Any]) -> list[str]:
+    params, total = p["parameters"], p["parameters"]["total"]
+    rows = [("Parameters", "", "count", "share")]
+    for key, n in params["by_component"].items():
+        blocks, each = params["blocks_per_component"].get(key), params["per_block"].get(key)
+        detail = f"{blocks} x {human_count(each)}" if each else f"{blocks} blocks" if blocks else ""
+        rows.append(("  " + COMPONENTS[key], detail, f"{n:,}", f"{100 * n / total:.1f}%"))
+    if p["config"]["tie_embeddings"]:
+        rows.append(("  LM head", "tied", "0", "0.0%"))
+    rows.append(("  total", human_count(total), f"{total:,}", "100.0%"))
+    if p["config"]["moe_experts"]:
+        active = params["active_per_token"]
+        rows.append(("  active per token", human_count(active), f"{active:,}", f"{100 * active / total:.1f}%"))
+    lines = _rows(rows)
+    if p["claim"]:
+        cl = p["claim"]
+        lines.append(f"seed states {human_count(cl['stated'])}, true {human_count(cl['true'])} "
+                     f"({cl['ratio']:.2f}x)" + (f": {cl['note']}" if cl["note"] else ""))
+    return lines
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """The human-readable table of a ``plan()``."""
+    lines = [_header(p), ""] + _parameter_lines(p)
+    notes = {"int8": "Linear 1 B + fp32 scale/row, rest bf16", "nf4": "Linear 4 bit + fp32 absmax/64, rest bf16"}
+    rows = [("Weights", "", "")] + [(f"  {fmt}", human_bytes(b), notes.get(fmt, ""))
+                                    for fmt, b in p["weights_bytes"].items()]
+    lines += [""] + _rows(rows, left=(0, 2))
+
+    rows = [("Training state (AdamW, no activations)", "weights", "grads", "master", "moments", "total")]
+    for prec, label in (("fp32", "  fp32"), ("bf16_mixed", "  bf16 mixed (fp32 master)")):
+        t = p["training_bytes"][prec]
+        rows.append((label, *(human_bytes(t[k]) for k in ("weights", "grads", "master", "moments", "total"))))
+    lines += [""] + _rows(rows)
+
+    kv = p["kv_cache_bytes"]
+    lines.append("")
+    if kv is None:
+        lines.append("KV cache: none (encoder, no generation cache)")
+    else:
+        max_len = p["config"]["max_seq_len"]
+        beyond = f", beyond max_seq_len {max_len:,}" if kv["seq"] > max_len else ""
+        rows = [(f"KV cache (batch {kv['batch']}, {kv['seq']:,} tokens{beyond})", "fp32", "bf16")]
+        rows.append(("  all layers at full length", human_bytes(kv["full"]["fp32"]), human_bytes(kv["full"]["bf16"])))
+        if kv["windowed"]:
+            rows.append(("  sliding-window layers keep their window", human_bytes(kv["windowed"]["fp32"]),
+                         human_bytes(kv["windowed"]["bf16"])))
+        lines += _rows(rows)
+
+    pr = p["per_rank_bytes"]
+    if pr["world_size"] > 1:
+        rows = [(f"Per rank ({pr['parallel']}, world size {pr['world_size']}, no activations)",
+                 "weights", "grads", "master", "moments", "gathered", "total")]
+        for prec, label in (("fp32", "  fp32"), ("bf16_mixed", "  bf16 mixed")):
+            t = pr[prec]
+            rows.append((label, *(human_bytes(t[k]) for k in ("weights", "grads", "master", "moments")),
+                         human_bytes(t["gathered_root"] + t["gathered_block"]), human_bytes(t["total"])))
+        lines += [""] + _rows(rows)
+    lines += ["", "Assumptions (docs/planner.md):"] + [f"  - {a}" for a in p["assumptions"]]
+    return "\n".join(lines)
+
+
+def list_presets() -> list[dict[str, Any]]:
+    out = []
+    for name, cfg in PRESETS.items():
+        total = num_parameters(cfg)
+        out.append({"name": name, "kind": cfg.kind, "n_layers": cfg.n_layers + cfg.n_encoder_layers,
+                    "d_model": cfg.d_model, "parameters": total, "claim": claim(name, total)})
+    return out
+
+
+def format_presets(items: list[dict[str, Any]]) -> str:
+    rows = [("preset", "kind", "layers", "d_model", "parameters", "exact", "seed states")]
+    for it in items:
+        cl = it["claim"]
+        stated = f"{human_count(cl['stated'])} ({cl['ratio']:.2f}x)" if cl else ""
+        rows.append((it["name"], it["kind"], str(it["n_layers"]), str(it["d_model"]), human_count(it["parameters"]),
+                     f"{it['parameters']:,}", stated))
+    return "\n".join(_rows(rows))
+
+
+# ---- loading and the CLI ---------------------------------------------------------------------
+def load_config(target: str) -> ModelConfig:
+    """A preset name, a checkpoint directory (config.json), or a config .json / .yaml file.
+    The file holds a ModelConfig dict or {"model": {...}}."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{target} has no config.json (expected a checkpoint directory)")
+    elif not path.is_file():
+        if target in PRESETS or not (target.endswith((".json", ".yaml", ".yml")) or "/" in target):
+            return get_preset(target)
+        raise FileNotFoundError(f"no such file or directory: {target}")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of model config fields")
+        return ModelConfig.from_dict(data.get("model", data))
+    return ModelConfig.from_json(path)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info", help="exact parameter count and memory plan (no model is built)",
+        description="Exact parameters per component, weight / training / KV-cache memory and per-rank "
+                    "estimates of a preset, checkpoint directory or config file. See docs/planner.md.")
+    p.add_argument("target", nargs="?", help="preset name, checkpoint directory or config .json/.yaml")
+    p.add_argument("--batch", type=int, default=1, help="KV-cache batch size (default 1)")
+    p.add_argument("--seq", type=int, default=None, help="KV-cache length (default max_seq_len)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks for the per-rank estimate (default 1)")
+    p.add_argument("--parallel", choices=PARALLEL, default="ddp", help="data parallelism (default ddp)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--list", action="store_true", help="list all presets with their exact parameter counts")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        items = list_presets()
+        print(json.dumps(items, indent=2) if args.json else format_presets(items))
+        return 0
+    if not args.target:
+        raise ValueError("give a preset name, checkpoint directory or config file (or --list)")
+    cfg = load_config(args.target)
+    result = plan(cfg, args.batch, args.seq, args.world_size, args.parallel, source=args.target)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+__all__ = ["ParamSpec", "ParamCount", "param_specs", "buffer_specs", "count_parameters", "num_parameters",
+           "weight_bytes", "training_bytes", "kv_cache_bytes", "per_rank_bytes", "claim", "plan",
+           "format_plan", "list_presets", "load_config", "add_parser"]
