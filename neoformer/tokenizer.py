@@ -17,6 +17,7 @@ import importlib
 import io
 import json
 import os
+import re
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -338,7 +339,11 @@ def train_sentencepiece(
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, control_symbols=[MASK], minloglevel=2,
         )  # fmt: skip
     except RuntimeError as error:
-        raise TokenizerError(f"SentencePiece training failed: {error}; adjust vocab_size ({vocab_size})") from None
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", str(error))
+        if needed:  # the usual failure: 256 byte pieces + specials + every character must fit
+            raise TokenizerError(f"vocab_size {vocab_size} is too small for this corpus; SentencePiece "
+                                 f"with byte fallback needs at least {needed.group(1)}") from None
+        raise TokenizerError(f"SentencePiece training failed ({error}); try another vocab_size") from None
     return SentencePieceTokenizer(model.getvalue())
 
 
