@@ -110,6 +110,11 @@ class Tokenizer(ABC):
         """Stable hash of the vocabulary and settings; part of every token-cache key."""
         return hashlib.sha256(self.kind.encode() + b"\0" + self._identity_bytes()).hexdigest()[:16]
 
+    @classmethod
+    def from_saved(cls, directory: Path, meta: dict[str, Any]) -> "Tokenizer":
+        """Rebuild from what :meth:`save` wrote (by default: one file named in the metadata)."""
+        return cls.from_file(directory / meta["file"])
+
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -163,6 +168,10 @@ class CharTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {"chars": self.chars}
+
+    @classmethod
+    def from_saved(cls, directory: Path, meta: dict[str, Any]) -> "CharTokenizer":
+        return cls(meta["chars"])
 
     def _identity_bytes(self) -> bytes:
         return "".join(self.chars).encode("utf-8", "surrogatepass")
@@ -383,7 +392,9 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
             raise TokenizerError(f"{path}:{number}: expected 'base64-token rank', got {line[:60]!r}") from None
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"{path} lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); all 256 need a rank")
+        raise TokenizerError(
+            f"{path} lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); all 256 need a rank"
+        )
     return ranks
 
 
@@ -399,7 +410,7 @@ class TiktokenTokenizer(Tokenizer):
             if token not in specials:
                 specials[token] = max([*mergeable_ranks.values(), *specials.values()]) + 1
         self._ranks, self._pattern, self._specials, self.name = mergeable_ranks, pattern, specials, name
-        self._enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=specials)
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=specials)
         self.eos_id, self.pad_id, self.mask_id = specials[ENDOFTEXT], specials["<|pad|>"], specials["<|mask|>"]
         self.vocab_size = self._enc.n_vocab
 
@@ -447,6 +458,11 @@ class TiktokenTokenizer(Tokenizer):
         (directory / "vocab.tiktoken").write_bytes(self._ranks_file_bytes())
         return {"file": "vocab.tiktoken", "name": self.name, "pattern": self._pattern, "special_tokens": self._specials}
 
+    @classmethod
+    def from_saved(cls, directory: Path, meta: dict[str, Any]) -> "TiktokenTokenizer":
+        ranks = read_tiktoken_ranks(directory / meta["file"])
+        return cls(ranks, meta["pattern"], meta["special_tokens"], meta["name"])
+
     def _identity_bytes(self) -> bytes:
         return self._ranks_file_bytes() + json.dumps([self._pattern, sorted(self._specials.items())]).encode()
 
@@ -466,16 +482,10 @@ def _load_saved(directory: Path) -> Tokenizer:
         kind = meta["kind"]
     except (json.JSONDecodeError, KeyError) as error:
         raise TokenizerError(f"{directory / META_FILE} is unreadable ({error}); save the tokenizer again") from None
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "bpe":
-        return HFTokenizer.from_file(directory / meta["file"])
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer.from_file(directory / meta["file"])
-    if kind == "tiktoken":
-        ranks = read_tiktoken_ranks(directory / meta["file"])
-        return TiktokenTokenizer(ranks, meta["pattern"], meta["special_tokens"], meta["name"])
-    raise TokenizerError(f"{directory / META_FILE} names unknown tokenizer kind {kind!r}")
+    kinds = {cls.kind: cls for cls in (CharTokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer)}
+    if kind not in kinds:
+        raise TokenizerError(f"{directory / META_FILE} names unknown tokenizer kind {kind!r}")
+    return kinds[kind].from_saved(directory, meta)
 
 
 def load_tokenizer(directory_or_spec: str | os.PathLike) -> Tokenizer:
@@ -490,21 +500,18 @@ def load_tokenizer(directory_or_spec: str | os.PathLike) -> Tokenizer:
         if (path / "tokenizer.json").is_file():  # a Hugging Face model directory
             return HFTokenizer.from_file(path / "tokenizer.json")
         raise TokenizerError(f"{path} has no {META_FILE} or tokenizer.json; pass a saved tokenizer directory")
-    loaders = {
-        ".json": HFTokenizer.from_file, ".model": SentencePieceTokenizer.from_file, ".tiktoken": TiktokenTokenizer.from_file
-    }
-    if path.suffix in loaders:
+    by_suffix = {".json": HFTokenizer, ".model": SentencePieceTokenizer, ".tiktoken": TiktokenTokenizer}
+    if path.suffix in by_suffix:
         if not path.is_file():
             raise TokenizerError(f"tokenizer file not found: {path}")
-        return loaders[path.suffix](path)
+        return by_suffix[path.suffix].from_file(path)
     if path.exists():
         raise TokenizerError(f"cannot tell the tokenizer type of {path}; expected tokenizer.json, .model or .tiktoken")
     choices = (*TRAINABLE_KINDS, *NAMED_ENCODINGS)
     hint = difflib.get_close_matches(spec, choices, n=1)
     raise TokenizerError(
-        f"unknown tokenizer {spec!r}"
-        + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        + f"; use one of {', '.join(choices)} or a path to tokenizer.json / .model / .tiktoken / a saved tokenizer directory"
+        f"unknown tokenizer {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; use one of {', '.join(choices)} or a path to tokenizer.json / .model / .tiktoken / a saved directory"
     )
 
 

@@ -28,8 +28,8 @@ class CountingTokenizer(Tokenizer):
 
     def __init__(self, inner: Tokenizer):
         self.inner, self.calls = inner, 0
-        self.kind, self.vocab_size, self.eos_id, self.pad_id = inner.kind, inner.vocab_size, inner.eos_id, inner.pad_id
-        self.bos_id, self.mask_id, self.unk_id = inner.bos_id, inner.mask_id, inner.unk_id
+        for name in ("kind", "vocab_size", "eos_id", "pad_id", "bos_id", "mask_id", "unk_id"):
+            setattr(self, name, getattr(inner, name))
 
     def encode(self, text):
         self.calls += 1
@@ -48,7 +48,8 @@ class CountingTokenizer(Tokenizer):
 def write_files(root, count, words=30):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        (root / f"doc_{i:03d}.txt").write_text(f"document {i}: " + " ".join(f"word{i * j % 97}" for j in range(words)))
+        text = f"document {i}: " + " ".join(f"word{i * j % 97}" for j in range(words))
+        (root / f"doc_{i:03d}.txt").write_text(text)
     return root
 
 
@@ -78,7 +79,7 @@ def test_stdlib_corpus_val_split_is_small_and_disjoint_from_train():
 
 def test_directory_split_is_by_file_deterministic_and_complete(tmp_path):
     root = write_files(tmp_path / "docs", 60)
-    train, val = load_documents(str(root), "train", val_fraction=0.1), load_documents(str(root), "val", val_fraction=0.1)
+    train, val = (load_documents(str(root), split, val_fraction=0.1) for split in ("train", "val"))
     assert train.documents == load_documents(str(root), "train", val_fraction=0.1).documents
     assert len(val.documents) >= 1 and not set(train.documents) & set(val.documents)
     assert sorted(train.documents + val.documents) == sorted(load_documents(str(root), "all").documents)
@@ -241,7 +242,8 @@ def test_shuffled_epochs_differ_but_are_seeded():
 def test_rank_shards_do_not_overlap_and_cover_every_window(world_size):
     win = windows(num_tokens=1601, seq_len=10)  # 160 windows at shift 0, 159 otherwise
     for epoch in range(3):
-        plans = [ShuffledWindowSampler(win, 4, seed=5, rank=r, world_size=world_size).plan(epoch) for r in range(world_size)]
+        ranks = [ShuffledWindowSampler(win, 4, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+        plans = [sampler.plan(epoch) for sampler in ranks]
         starts = np.concatenate([p.ravel() for p in plans])
         shift = int(starts.min() % 10)
         all_windows = set(shift + 10 * np.arange(win.num_windows(shift)))
@@ -251,6 +253,15 @@ def test_rank_shards_do_not_overlap_and_cover_every_window(world_size):
     full = [ShuffledWindowSampler(windows(1601), 5, seed=0, rank=r, world_size=2).plan(0) for r in range(2)]
     if full[0].min() % 10 == 0:  # with shift 0, 160 windows split exactly into 2 x 16 x 5
         assert sorted(np.concatenate([p.ravel() for p in full])) == list(range(0, 1600, 10))
+
+
+def test_bad_sampler_arguments_are_clear_errors():
+    with pytest.raises(DataError, match="need 0 <= rank < world_size; got rank=2, world_size=2"):
+        make_sampler(windows(), 4, rank=2, world_size=2)
+    with pytest.raises(DataError, match="sampler mode must be one of shuffle, random"):
+        make_sampler(windows(), 4, mode="nanogpt")
+    with pytest.raises(DataError, match="no full batch per epoch"):
+        next(make_sampler(windows(), batch_size=500))
 
 
 def test_random_sampler_ranks_draw_different_windows():

@@ -101,7 +101,13 @@ def shard(items: Sequence, rank: int, world_size: int) -> Sequence:
 
 def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"rank must be in [0, world_size) and world_size >= 1; got rank={rank}, world_size={world_size}")
+        raise DataError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+
+
+def check_state_kind(state: dict, sampler: object) -> None:
+    """Refuse a state saved by another kind of sampler (it would resume somewhere else)."""
+    if state.get("kind") != type(sampler).__name__:
+        raise DataError(f"sampler state is for {state.get('kind')}, not {type(sampler).__name__}; use the same sampler")
 
 
 class EpochSampler(ABC):
@@ -126,7 +132,8 @@ class EpochSampler(ABC):
         if self._cached_plan is None or self._cached_plan[0] != epoch:
             plan = self.plan(epoch)
             if not len(plan):
-                raise DataError(f"{type(self).__name__} has no full batch per epoch; lower the batch size or add data")
+                name = type(self).__name__
+                raise DataError(f"{name} has no full batch per epoch; lower the batch size or add data")
             self._cached_plan = (epoch, plan)
         return self._cached_plan[1]
 
@@ -151,8 +158,7 @@ class EpochSampler(ABC):
         return {"kind": type(self).__name__, "seed": self.seed, "epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != type(self).__name__:
-            raise DataError(f"sampler state is for {state.get('kind')}, not {type(self).__name__}; use the same sampler")
+        check_state_kind(state, self)
         self.seed, self.epoch, self.batch = int(state["seed"]), int(state["epoch"]), int(state["batch"])
         self._cached_plan = None
 
@@ -167,7 +173,8 @@ class BucketSampler(EpochSampler):
         if (batch_size is None) == (max_tokens is None):
             raise DataError("BucketSampler takes exactly one of batch_size or max_tokens")
         super().__init__(seed, rank, world_size)
-        self.lengths, self.batch_size, self.max_tokens, self.sort_window = np.asarray(lengths), batch_size, max_tokens, sort_window
+        self.lengths, self.sort_window = np.asarray(lengths), sort_window
+        self.batch_size, self.max_tokens = batch_size, max_tokens
 
     def plan(self, epoch: int) -> Sequence[np.ndarray]:
         if self.batch_size is not None:

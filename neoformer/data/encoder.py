@@ -30,7 +30,7 @@ class MLMMasker:
         self, vocab_size: int, mask_id: int | None, special_ids: Iterable[int], mask_prob: float = 0.15, seed: int = 0
     ):
         if mask_id is None:
-            raise DataError("this tokenizer has no mask token; MLM needs one (use bpe, sentencepiece, char or tiktoken)")
+            raise DataError("this tokenizer has no mask token; MLM needs one (use a bpe or sentencepiece tokenizer)")
         if not 0 < mask_prob < 1:
             raise DataError(f"mask_prob must be in (0, 1), got {mask_prob}")
         self.vocab_size, self.mask_id, self.mask_prob = vocab_size, mask_id, mask_prob

@@ -115,7 +115,8 @@ def _write_tokens(stem: Path, corpus: Corpus, tokenizer: Tokenizer, batch_docs: 
                 for ids in tokenizer.encode_batch(batch):
                     array = np.asarray([*ids, tokenizer.eos_id], dtype=np.int64)
                     if array.min() < 0 or array.max() >= tokenizer.vocab_size:
-                        raise DataError(f"tokenizer produced id {array.max()} outside its vocab ({tokenizer.vocab_size})")
+                        bad = int(array.max() if array.max() >= tokenizer.vocab_size else array.min())
+                        raise DataError(f"tokenizer produced id {bad} outside its vocab ({tokenizer.vocab_size})")
                     out.write(array.astype(dtype).tobytes())
                     offsets.append(offsets[-1] + len(array))
 
@@ -162,7 +163,8 @@ def prepare_tokenizer(
     if spec not in TRAINABLE_KINDS:
         return load_tokenizer(spec)
     size = 0 if spec == "char" else vocab_size  # the char vocabulary is the corpus alphabet
-    directory = default_cache_dir(cache_dir) / "tokenizers" / cache_key(spec, size, corpus.identity, MAX_TRAINING_CHARS)
+    key = cache_key(spec, size, corpus.identity, MAX_TRAINING_CHARS)
+    directory = default_cache_dir(cache_dir) / "tokenizers" / key
     if directory.is_dir():
         return load_tokenizer(directory)
     log.info("training a %s tokenizer (vocab %d) on %s", spec, size, corpus.name)

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batching import EpochSampler, check_rank, shard
+from .batching import EpochSampler, check_rank, check_state_kind, shard
 from .pipelines import TokenizedCorpus
 from .sources import DataError
 
@@ -31,7 +31,8 @@ class CausalWindows:
             raise DataError(f"seq_len must be at least 1, got {seq_len}")
         if len(tokens) < seq_len + 1:
             raise DataError(
-                f"the corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower seq_len or add data"
+                f"the corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "lower seq_len or add data"
             )
         self.tokens, self.seq_len = tokens, seq_len
         self._span = np.arange(seq_len + 1)
@@ -80,7 +81,8 @@ class ShuffledWindowSampler(EpochSampler):
         order = rng.permutation(self.windows.num_windows(shift))
         mine = shard(order, self.rank, self.world_size)
         num_batches = len(mine) // self.batch_size
-        return shift + mine[: num_batches * self.batch_size].reshape(num_batches, self.batch_size) * self.windows.seq_len
+        window_numbers = mine[: num_batches * self.batch_size].reshape(num_batches, self.batch_size)
+        return shift + window_numbers * self.windows.seq_len
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.windows.batch(self.next_indices())
@@ -95,7 +97,8 @@ class RandomWindowSampler:
 
     def __init__(self, windows: CausalWindows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         check_rank(rank, world_size)
-        self.windows, self.batch_size, self.seed, self.rank, self.world_size = windows, batch_size, seed, rank, world_size
+        self.windows, self.batch_size = windows, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
 
     def next_indices(self) -> np.ndarray:
@@ -113,8 +116,7 @@ class RandomWindowSampler:
         return {"kind": type(self).__name__, "seed": self.seed, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != type(self).__name__:
-            raise DataError(f"sampler state is for {state.get('kind')}, not {type(self).__name__}; use the same sampler")
+        check_state_kind(state, self)
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 

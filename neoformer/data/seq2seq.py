@@ -35,7 +35,8 @@ def load_pairs(path: str | Path, source_field: str = "source", target_field: str
                 record = json.loads(line)
                 pairs.append((str(record[source_field]), str(record[target_field])))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{where}: expected a JSON object with {source_field!r} and {target_field!r}") from None
+                fields = f"{source_field!r} and {target_field!r}"
+                raise DataError(f"{where}: expected a JSON object with {fields}") from None
         else:
             source, tab, target = line.partition("\t")
             if not tab:

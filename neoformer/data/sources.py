@@ -52,11 +52,11 @@ class SkipReport:
     def __str__(self) -> str:
         if not self.total:
             return "skipped nothing"
-        parts = [
-            f"{n} {reason.replace('_', '-')} ({', '.join(self.examples[reason])}{', ...' if n > self.max_examples else ''})"
-            for reason, n in self.counts.items()
-            if n
-        ]
+        parts = []
+        for reason, count in self.counts.items():
+            if count:
+                more = ", ..." if count > self.max_examples else ""
+                parts.append(f"{count} {reason.replace('_', '-')} ({', '.join(self.examples[reason])}{more})")
         return f"skipped {self.total}: " + "; ".join(parts)
 
 
@@ -161,12 +161,15 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[object]:
     parquet = _optional_import("pyarrow.parquet", "reading Parquet files")
     table = parquet.ParquetFile(path)
     if text_field not in table.schema_arrow.names:
-        raise DataError(f"{path}: no {text_field!r} column (has: {', '.join(table.schema_arrow.names)}); pass text_field=...")
+        columns = ", ".join(table.schema_arrow.names)
+        raise DataError(f"{path}: no {text_field!r} column (has: {columns}); pass text_field=...")
     for batch in table.iter_batches(columns=[text_field]):
         yield from batch.column(0).to_pylist()
 
 
-def _read_units(files: Sequence[Path], root: Path, text_field: str, skipped: SkipReport) -> tuple[list[str], list[str], bool]:
+def _read_units(
+    files: Sequence[Path], root: Path, text_field: str, skipped: SkipReport
+) -> tuple[list[str], list[str], bool]:
     """(keys, texts, all_plain_text) of every usable document in ``files``."""
     keys, texts = [], []
     for path in files:
@@ -218,7 +221,7 @@ def files_corpus(
     else:
         documents = [t for t, s in zip(texts, assign_splits(keys, val_fraction)) if s == split]
     if not documents:
-        raise DataError(f"{name} has no documents in the {split} split; add data or change val_fraction ({val_fraction})")
+        raise DataError(f"{name} has no documents in the {split} split; add data or change val_fraction={val_fraction}")
     identity = _files_identity(name, files, root, split, val_fraction, text_field)
     return Corpus(name, split, documents, identity, skipped)
 
@@ -310,7 +313,8 @@ def hf_corpus(
     def rows() -> Iterator[str]:
         for index, row in enumerate(dataset):
             if text_field not in row:
-                raise DataError(f"hf:{name} rows have no {text_field!r} field (has: {', '.join(row)}); pass text_field=...")
+                fields = ", ".join(row)
+                raise DataError(f"hf:{name} rows have no {text_field!r} field (has: {fields}); pass text_field=...")
             text = row[text_field]
             if not isinstance(text, str) or not text.strip():
                 continue
