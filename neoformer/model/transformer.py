@@ -224,7 +224,7 @@ class DecoderLM(NeoFormerModel):
         new_keep = key_keep[:, -L:] if key_keep is not None else None
 
         h = self.embed(input_ids, q_pos, new_keep)  # (B, L, D)
-        delta, memory_state = None, getattr(past, "memory_state", None)
+        delta, memory_state = None, getattr(past if past is not None else kv_cache, "memory_state", None)
         if self.rmc is not None:
             h, memory_state, delta = self.rmc(h, memory_state, new_keep, update)
         if self.nsb is not None:
@@ -238,6 +238,12 @@ class DecoderLM(NeoFormerModel):
         """Seed API: (B, L) token ids -> (logits (B, L, V), new_past, delta)."""
         out = self.forward_hidden(input_ids, past, update, **kwargs)
         return self.logits(out.hidden), out.past, out.delta
+
+    def generate(self, input_ids, max_new_tokens=None, **options):
+        """Seed API ``generate(x, max_new=64, temp=0.8, top_k=50)``; every option: neoformer.generate."""
+        from ..generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
     def loss(self, input_ids, targets, update=False, **kwargs):
         """Next-token cross-entropy (+ MoE balancing). Returns (loss, stats with ce, aux, delta)."""
@@ -308,24 +314,33 @@ class EncoderDecoderLM(NeoFormerModel):
         self.encoder_aux_loss = aux
         return h
 
-    def decode(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None):
+    def decode(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None, kv_cache=None):
         """(B, L) target ids + memory (B, S, D) -> (logits (B, L, V), new_past)."""
         B, L = tgt_ids.shape
         use_cache = (not self.training) if use_cache is None else use_cache
         past_len = past[0][0].shape[2] if past else 0
-        q_pos, k_pos, _ = _positions(L, past_len, tgt_ids.device, None, positions)
+        q_pos, k_pos, tgt_keep = _positions(L, past_len, tgt_ids.device, None, positions)
+        if kv_cache is not None:  # generation engine: preallocated self-attention cache
+            k_pos, tgt_keep = kv_cache.prepare(q_pos, None)
         self._check_length(int(k_pos.shape[-1]))
         h = self.embed(tgt_ids, q_pos, None)
-        ctx = self.decoder.context(q_pos, k_pos, None, None, h.dtype)
+        ctx = self.decoder.context(q_pos, k_pos, tgt_keep, None, h.dtype)
         src_keep = src_mask.bool() if src_mask is not None else None
         zeros = torch.zeros(1, 1, dtype=torch.long, device=h.device)
         memory_ctx = AttnContext(q_pos=zeros, k_pos=zeros, causal=False, key_keep=src_keep)
-        h, kvs, aux = self.decoder(h, ctx, past, memory=memory, memory_ctx=memory_ctx, use_cache=use_cache)
+        h, kvs, aux = self.decoder(h, ctx, past, memory=memory, memory_ctx=memory_ctx, kv_cache=kv_cache,
+                                   use_cache=use_cache)
         self.last_aux_loss = aux
         return self.logits(h), (Past.of(kvs) if use_cache else None)
 
     def forward(self, src_ids, tgt_ids, src_mask=None, past=None, **kwargs):
         return self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask, past, **kwargs)
+
+    def generate(self, src_ids, max_new_tokens=None, **options):
+        """Decode targets for src_ids (decoder starts from decoder_start_token_id); see neoformer.generate."""
+        from ..generate import generate
+
+        return generate(self, src_ids, max_new_tokens, **options)
 
     def loss(self, src_ids, tgt_in, tgt_out, src_mask=None):
         logits, _ = self(src_ids, tgt_in, src_mask, use_cache=False)

@@ -1,0 +1,144 @@
+"""The model-facing half of generation: prefill and one-token decode as small pure functions
+over a static KV cache (gpt-fast style), plus prompt batching and context trimming.
+
+``prefill(model, cache, ids, positions, keep)`` runs a (left-padded) prompt and returns the
+logits of its last position; ``decode_one(model, cache, tokens)`` feeds one token per row at the
+position the cache says comes next. Both work for decoder-only models (RMC/NSB included: the RMC
+running summary travels as ``cache.memory_state``) and, given the encoder output, for
+encoder-decoder models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import StaticKVCache
+
+
+@dataclass
+class Encoded:
+    """Encoder-decoder: the encoder output every decoder step attends to."""
+
+    memory: torch.Tensor  # (B, S, D)
+    src_mask: torch.Tensor | None  # (B, S) 1 = token
+
+    def select(self, index: torch.Tensor) -> "Encoded":
+        mask = self.src_mask.index_select(0, index) if self.src_mask is not None else None
+        return Encoded(self.memory.index_select(0, index), mask)
+
+
+@dataclass
+class PromptBatch:
+    """Prompts left-padded into one tensor. keep is None when no row is padded."""
+
+    ids: torch.Tensor  # (B, T)
+    keep: torch.Tensor | None  # (B, T) bool
+    prompts: list[list[int]]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B|1, T) per-row positions: 0 at each row's first real token."""
+        if self.keep is None:
+            return torch.arange(self.ids.shape[1], device=self.ids.device)[None]
+        return (self.keep.long().cumsum(-1) - 1).clamp(min=0)
+
+    def repeat(self, n: int) -> "PromptBatch":
+        if n == 1:
+            return self
+        keep = self.keep.repeat_interleave(n, 0) if self.keep is not None else None
+        return PromptBatch(self.ids.repeat_interleave(n, 0), keep, [p for p in self.prompts for _ in range(n)])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> PromptBatch:
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            keep[row, T - len(p):] = True
+    return PromptBatch(ids, None if bool(keep.all()) else keep, [list(p) for p in prompts])
+
+
+def as_prompts(input_ids, attention_mask=None) -> list[list[int]]:
+    """A tensor (T,) / (B, T) (+ mask, left or right padding), a list of ids or a list of lists -> lists."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids if input_ids.ndim == 2 else input_ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
+        rows = ids.tolist()
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask).reshape(ids.shape).bool().tolist()
+            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
+        return rows
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a tensor of input_ids; pass a list of lists for ragged prompts")
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(t, int) for t in input_ids):
+        return [list(input_ids)]
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, (list, tuple)) for r in input_ids):
+        return [[int(t) for t in r] for r in input_ids]
+    raise ValueError("input_ids must be a tensor, a list of token ids or a list of such lists")
+
+
+# ---- the two steps ---------------------------------------------------------------------------
+def forward_tokens(model, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                   keep: torch.Tensor | None = None, encoded: Encoded | None = None,
+                   last_only: bool = True) -> torch.Tensor:
+    """Run ids (B, L) at positions (B|1, L) against the cache -> logits (B, V) of the last
+    position, or (B, L, V) with last_only=False (speculative verification)."""
+    if cache.tokens is not None:
+        cache.tokens[:, cache.end:cache.end + ids.shape[1]] = ids
+    if encoded is not None:
+        logits, _ = model.decode(ids, encoded.memory, encoded.src_mask, positions=positions, use_cache=False,
+                                 kv_cache=cache)
+        return logits[:, -1] if last_only else logits
+    rmc = model.rmc is not None
+    out = model.forward_hidden(ids, attention_mask=keep, positions=positions, use_cache=rmc, kv_cache=cache)
+    if rmc:
+        cache.memory_state = out.past.memory_state
+    hidden = out.hidden[:, -1] if last_only else out.hidden
+    return model.logits(hidden)
+
+
+def prefill(model, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+            keep: torch.Tensor | None = None, encoded: Encoded | None = None) -> torch.Tensor:
+    """Prompt (B, T) -> logits (B, V) of its last position; fills cache slots [end, end + T)."""
+    return forward_tokens(model, cache, ids, positions, keep, encoded)
+
+
+def decode_one(model, cache: StaticKVCache, tokens: torch.Tensor, encoded: Encoded | None = None) -> torch.Tensor:
+    """One new token per row (B,) -> logits (B, V) of the next position."""
+    return forward_tokens(model, cache, tokens[:, None], cache.next_pos[:, None], None, encoded)
+
+
+def decode_one_static(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """decode_one for a static-shape cache, with positions (B, 1) passed in: the function
+    torch.compile captures (decoder-only)."""
+    return forward_tokens(model, cache, tokens[:, None], positions)
+
+
+# ---- context trimming ------------------------------------------------------------------------
+def trim_cache(model, cache: StaticKVCache, keep_n: int, mode: str, encoded: Encoded | None = None) -> None:
+    """Make room when the window is full: keep the last keep_n tokens.
+
+    slice:  k[:, :, -keep_n:, :] (seed 000). The kept keys were computed with the dropped tokens
+            in view; positions keep increasing, which is right under RoPE / ALiBi / T5 bias.
+    refill: recompute the kept window from its tokens at the same positions (learned absolute
+            positions restart at 0 so they stay inside the table): the cache then equals a
+            fresh prefill of the window. Costs one keep_n-token prefill per trim.
+    The RMC running summary (NeoFormer-X) is not trimmed: it summarises everything read."""
+    if mode == "slice" and model.config.position != "learned":
+        cache.trim(keep_n)
+        return
+    if cache.tokens is None:
+        raise ValueError("refill trimming needs a cache created with track_tokens=True")
+    cache.sync()
+    lo, hi = cache.end - keep_n, cache.end
+    ids, pos, keep = cache.tokens[:, lo:hi].clone(), cache.pos[:, lo:hi].clone(), cache.keep[:, lo:hi].clone()
+    if model.config.position == "learned":
+        pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    state = cache.memory_state
+    cache.reset()
+    forward_tokens(model, cache, ids, pos, None if bool(keep.all()) else keep, encoded)
+    cache.memory_state = state
