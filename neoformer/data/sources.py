@@ -282,7 +282,8 @@ def hf_corpus(
     """A Hugging Face dataset by hub name or local path (saved dataset or data directory).
 
     ``val`` reads the ``validation`` (or ``test``) split; a dataset with neither is split by
-    hashed row index, like local files. Hub names may download; local paths never do.
+    hashed row index, like local files. ``all`` is the ``train`` split. Hub names may download;
+    local paths never do.
     """
     _check_split(split)
     local = _looks_like_local_path(name)
@@ -292,23 +293,25 @@ def hf_corpus(
     path = os.path.expanduser(name)
 
     def load(hf_split: str):
-        if local and any((Path(path) / marker).exists() for marker in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(path)
-            return loaded[hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(path, config, split=hf_split, streaming=streaming)
-
-    wanted = {"train": ["train"], "all": ["train"], "val": ["validation", "test"]}[split]
-    dataset, carve = None, False
-    for hf_split in wanted:
         try:
-            dataset = load(hf_split)
-            break
+            if local and any((Path(path) / marker).exists() for marker in ("dataset_dict.json", "state.json")):
+                loaded = datasets.load_from_disk(path)
+                return loaded[hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return datasets.load_dataset(path, config, split=hf_split, streaming=streaming)
+        except (KeyError, ValueError):  # an unknown split (or config): callers decide
+            raise
+        except Exception as error:  # offline hub, missing files: one line instead of a deep trace
+            raise DataError(f"could not load Hugging Face dataset {name!r} ({type(error).__name__}: {error})") from None
+
+    def try_load(hf_split: str):
+        try:
+            return load(hf_split)
         except (KeyError, ValueError):  # that split does not exist
-            continue
-    if dataset is None:  # no validation split: carve val rows out of train
-        dataset, carve = load("train"), True
-    elif split == "train":
-        carve = not any(_has_split(load, s) for s in ("validation", "test"))
+            return None
+
+    held_out = next((d for d in map(try_load, ("validation", "test")) if d is not None), None)
+    carve = held_out is None  # no held-out split: val rows are carved out of train by hashed index
+    dataset = held_out if split == "val" and not carve else load("train")
 
     def rows() -> Iterator[str]:
         for index, row in enumerate(dataset):
@@ -325,14 +328,6 @@ def hf_corpus(
     identity = f"hf:{stamp}:{config}:{split}:{carve}:{val_fraction}:{text_field}"
     documents = _Reiterable(rows) if streaming else list(rows())
     return Corpus(f"hf:{name}", split, documents, identity)
-
-
-def _has_split(load: Callable, hf_split: str) -> bool:
-    try:
-        load(hf_split)
-        return True
-    except (KeyError, ValueError):
-        return False
 
 
 # ---- one entry point -------------------------------------------------------------------------
