@@ -218,10 +218,10 @@ class DecoderLM(NeoFormerModel):
             key_keep = None
         else:
             q_pos, k_pos, key_keep = _positions(L, past_len, input_ids.device, attention_mask, positions)
+        new_keep = key_keep[:, -L:] if key_keep is not None else None
         if kv_cache is not None:  # generation engine: the cache knows where cached keys sit
             k_pos, key_keep = kv_cache.prepare(q_pos, key_keep)
         self._check_length(int(k_pos.shape[-1]) if packed is None else packed.max_seqlen)
-        new_keep = key_keep[:, -L:] if key_keep is not None else None
 
         h = self.embed(input_ids, q_pos, new_keep)  # (B, L, D)
         delta, memory_state = None, getattr(past if past is not None else kv_cache, "memory_state", None)
