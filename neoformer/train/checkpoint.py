@@ -1,0 +1,475 @@
+"""Checkpoints: one directory per save, written atomically, never pickled.
+
+Layout of a run's checkpoint root (``runs/<out>/checkpoints``)::
+
+    latest                      name of the newest complete checkpoint (replaced atomically)
+    step-000200/
+      config.json               model config, train config, run settings, tokenizer meta, step
+      model.safetensors         weights; a tied tensor is stored once (aliases in the metadata)
+      tokenizer/                the tokenizer's own files (tokenizer_meta.json + vocabulary)
+      training_state.safetensors  optimizer moments, RNG states: every tensor of the training state
+      training_state.json       everything else (step, schedule, sampler position, RNG lists, ...)
+      manifest.json             size and sha256 of every file above; written last
+
+A save goes to ``.tmp-*`` in the same root, every file is fsynced, the directory is renamed
+into place and only then ``latest`` is replaced; a crash at any point leaves the previous
+checkpoint intact and pointed to. Loading verifies the manifest, so a truncated or corrupt
+file, or a checkpoint that does not fit the model, fails with one :class:`CheckpointError` line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "neoformer-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+TOKENIZER_DIR = "tokenizer"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model. One line, names the fix."""
+
+
+# ---- tensors <-> JSON without pickle -----------------------------------------------------------
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """A JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (referenced by name).
+
+    Handles dicts with non-string keys (optimizer state), tuples (betas, RNG states) and small
+    numpy arrays; anything else that JSON cannot hold raises TypeError (no silent pickling).
+    """
+    if isinstance(obj, torch.Tensor):
+        name = prefix or f"t{len(tensors)}"
+        while name in tensors:
+            name += "_"
+        tensors[name] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_state(v, tensors, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
+        return {"__items__": [[encode_state(k, tensors, f"{prefix}.k{i}"), encode_state(v, tensors, f"{prefix}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (only tensors, numbers, strings, lists, dicts)")
+
+
+def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {decode_state(k, tensors): decode_state(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(decode_state(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        return {k: decode_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    return obj
+
+
+# ---- RNG state -------------------------------------------------------------------------------
+def capture_rng_state() -> dict:
+    """Python, numpy and torch (CPU and every CUDA device) generator states."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- weights ---------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP / FSDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def weights_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to store, aliases): each shared (tied) tensor is stored once under its first name."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in unwrap(model).state_dict().items():
+        key = _storage_key(tensor)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as err:  # safetensors raises its own error types for truncated / bad headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool = True) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model``; shape or name mismatches raise CheckpointError."""
+    path = resolve_checkpoint(checkpoint)
+    verify_checkpoint(path)
+    tensors, metadata = _read_safetensors(path / WEIGHTS)
+    for alias, target in json.loads(metadata.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    target_model = unwrap(model)
+    expected = target_model.state_dict()
+    problems = [f"{k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} in the model"
+                for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if strict and (missing or unexpected):
+        problems += [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(problems[:2])}{more}; "
+                              "build the model from the checkpoint's config.json (load_model) or fix the config")
+    target_model.load_state_dict(tensors, strict=strict)
+
+
+# ---- files -----------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check every file against manifest.json; returns the manifest or raises CheckpointError."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); it was probably cut off "
+                              "mid-save, use an earlier one") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path / MANIFEST} is corrupt; use an earlier checkpoint") from None
+    for rel, info in files.items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {rel}; it is incomplete, use an earlier one")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"checkpoint file {file} has {size} bytes, expected {info['size']} "
+                                  "(truncated or overwritten); use an earlier checkpoint")
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} fails its sha256 check (corrupt); use an earlier checkpoint")
+    return manifest
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete-looking ``step-*`` directories of a root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / MANIFEST).exists()]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from: itself, a root holding ``latest``, or a run directory holding
+    ``checkpoints/latest``. Raises CheckpointError when none is there."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file() and path.name == LATEST:
+        path = path.parent
+    for root in (path, path / "checkpoints"):
+        pointer = root / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            target = root / name
+            if not name or not target.is_dir():
+                raise CheckpointError(f"{pointer} points to {name!r}, which does not exist; "
+                                      f"pass one of the checkpoint directories in {root} explicitly")
+            return target
+    if (path / CONFIG).is_file() or (path / MANIFEST).is_file():
+        return path
+    raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (config.json, model.safetensors) "
+                          "or a run directory with checkpoints/latest")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint (resolved as in :func:`resolve_checkpoint`)."""
+    path = resolve_checkpoint(path)
+    try:
+        data = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {CONFIG}; it is not a neoformer checkpoint") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / CONFIG} is corrupt ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+        raise CheckpointError(f"{path / CONFIG} is not a neoformer checkpoint config (format {FORMAT!r} expected)")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer neoformer (format {data['format_version']}); upgrade")
+    return data
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    temporary = root / f".{LATEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(name + "\n")
+    _fsync_file(temporary)
+    os.replace(temporary, root / LATEST)
+    _fsync_dir(root)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove temporary directories left by saves that crashed (their process is gone)."""
+    for path in root.glob(".tmp-*"):
+        match = re.match(r"^\.tmp-.*-pid(\d+)-", path.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+    pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    found = list_checkpoints(root)
+    for path in found[: max(0, len(found) - keep_last)]:
+        if path.name != pointed:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, *, config: dict | None = None,
+                    tokenizer=None, training_state: dict | None = None, keep_last: int = 3) -> Path:
+    """Write ``root/step-{step:06d}`` atomically, point ``root/latest`` at it, keep the newest ``keep_last``.
+
+    ``config`` holds the JSON-able settings (``{"model": ..., "train": ..., ...}``); the model config
+    is taken from ``model.config`` when not given. ``training_state`` may hold tensors anywhere.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)
+    name = f"step-{step:06d}"
+    temporary = root / f".tmp-{name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        raw = unwrap(model)
+        data = dict(config or {})
+        if "model" not in data and hasattr(raw, "config"):
+            data["model"] = raw.config.to_dict()
+        if tokenizer is not None:
+            tokenizer.save(temporary / TOKENIZER_DIR)
+            data["tokenizer"] = json.loads((temporary / TOKENIZER_DIR / "tokenizer_meta.json").read_text())
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **data}
+        _write_json(temporary / CONFIG, data)
+
+        tensors, aliases = weights_state(raw)
+        save_file(tensors, str(temporary / WEIGHTS), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+
+        if training_state is not None:
+            state_tensors: dict[str, torch.Tensor] = {}
+            encoded = encode_state(training_state, state_tensors)
+            save_file(state_tensors, str(temporary / STATE_TENSORS))
+            _write_json(temporary / STATE_JSON, encoded)
+
+        for path in temporary.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _write_json(temporary / MANIFEST, _manifest(temporary))
+        _fsync_file(temporary / MANIFEST)
+        for directory in [temporary, *[p for p in temporary.rglob("*") if p.is_dir()]]:
+            _fsync_dir(directory)
+
+        final = root / name
+        if final.exists():  # saving the same step again (e.g. interrupt right after a periodic save)
+            old = root / f".tmp-old-{name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(temporary, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temporary, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _write_pointer(root, name)
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """The training state (optimizer, schedule, RNG, sampler, ...) saved with a checkpoint."""
+    path = resolve_checkpoint(path)
+    verify_checkpoint(path)
+    if not (path / STATE_JSON).is_file():
+        raise CheckpointError(f"{path} holds weights only (no training state); it cannot be resumed, "
+                              "start a new run from it instead")
+    tensors, _ = _read_safetensors(path / STATE_TENSORS)
+    try:
+        encoded = json.loads((path / STATE_JSON).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / STATE_JSON} is corrupt ({err.msg})") from None
+    try:
+        return decode_state(encoded, tensors)
+    except KeyError as err:
+        raise CheckpointError(f"{path} training state refers to a missing tensor {err}; the checkpoint is corrupt") from None
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    config: dict
+    num_parameters: int
+    size_bytes: int
+
+
+def inspect_checkpoint(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
+    path = resolve_checkpoint(path)
+    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+    config = read_config(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as err:
+        raise CheckpointError(f"{path / WEIGHTS} is not readable ({err})") from None
+    size = sum(info["size"] for info in manifest["files"].values())
+    return CheckpointInfo(path, int(config.get("step", 0)), config, count, size)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
+    """(model, tokenizer) from a checkpoint directory or a run directory; model in eval mode.
+
+    The tokenizer is None when the checkpoint holds none.
+    """
+    from ..config import ConfigError, ModelConfig
+    from ..model import build_model
+
+    path = resolve_checkpoint(path)
+    verify_checkpoint(path)
+    config = read_config(path)
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path / CONFIG} holds an invalid model config: {err}") from None
+    model = build_model(model_config)
+    load_weights(model, path)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    tokenizer = None
+    if (path / TOKENIZER_DIR).is_dir():
+        from ..tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    return model, tokenizer
+
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_weights", "load_training_state",
+           "resolve_checkpoint", "read_config", "list_checkpoints", "verify_checkpoint", "inspect_checkpoint",
+           "capture_rng_state", "restore_rng_state", "encode_state", "decode_state", "unwrap"]

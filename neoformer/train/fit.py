@@ -1,0 +1,524 @@
+"""One training loop for every objective: ``fit(model, objective, batches, cfg)``.
+
+fit() knows models only through ``objective(model, batch) -> (loss, stats)`` and a few optional
+hooks every neoformer model has: ``model.rmc.apply_update`` (NeoFormer-X memory write, applied
+after each optimizer step with ``stats["delta"]``), ``model.normalize_weights_`` (nGPT) and
+``model.config.gradient_checkpointing``. One optimizer step::
+
+    lr = warmup_cosine(step)
+    for each of grad_accum micro-batches:
+        with autocast: loss, stats = objective(model, batch)
+        scaler.scale(loss / grad_accum).backward()
+    stop if loss or grad norm is NaN/inf (no checkpoint is written: the last good one stays)
+    clip grads; optimizer step; RMC update; nGPT normalisation
+    log / evaluate / checkpoint on schedule; SIGINT or SIGTERM -> checkpoint and return
+
+Resume restores weights, optimizer, GradScaler, step, RNG states (python, numpy, torch) and the
+batch source position (``state_dict`` / ``load_state_dict``, or by replaying the batches a
+stateless iterator already produced), so a resumed run is bit-identical to an uninterrupted one
+on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import (
+    CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
+    save_checkpoint, unwrap,
+)
+from .objectives import Objective
+from .optim import WarmupCosine, build_optimizer, set_lr
+from .run_config import TrainConfig
+
+Callback = Callable[[str, dict], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf. The message names the last good checkpoint."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    stop_reason: str  # max_steps | max_tokens | time_budget | data_exhausted | interrupted | terminated
+    checkpoint: Path | None
+    elapsed: float
+    out_dir: Path | None
+
+    @property
+    def val_ppl(self) -> float | None:
+        return None if self.val_loss is None else math.exp(min(self.val_loss, 50.0))
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto`` = bf16 (else fp16) on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch (tensor, tuple, list, dict or dataclass) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: move_batch(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches: Iterable, max_batches: int | None = None,
+             device: torch.device | None = None, amp_dtype: torch.dtype | None = None) -> float | None:
+    """Mean loss per target position over ``batches`` (None when there are none). RNG untouched."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, weight = 0.0, 0.0
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            for number, batch in enumerate(batches):
+                if max_batches is not None and number >= max_batches:
+                    break
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, stats = objective(model, move_batch(batch, device))
+                count = float(stats.get("targets", 1))
+                total += float(loss) * count
+                weight += count
+    finally:
+        model.train(was_training)
+    return total / weight if weight else None
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag that the loop checks between steps (a second Ctrl-C raises)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class _Metrics:
+    """metrics.jsonl (one JSON object per line) and, when installed, TensorBoard."""
+
+    def __init__(self, out_dir: Path | None, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
+        self.history: list[dict] = []
+        self._tb = None
+        if self.path is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class _Progress:
+    """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget)."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None]):
+        self.bar = None
+        self.log = log
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+            self.log = self.bar.write
+
+    def update(self, step: int, postfix: dict, estimated_total: int | None = None) -> None:
+        if self.bar is None:
+            return
+        if estimated_total is not None and estimated_total != self.bar.total:
+            self.bar.total = estimated_total
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the loop --------------------------------------------------------------------------------
+class Trainer:
+    """State of one fit() call. Use :func:`fit`; the class only splits the loop into readable parts."""
+
+    def __init__(self, model: nn.Module, objective: Objective, batches: Iterable, cfg: TrainConfig, *,
+                 val_batches: Callable[[], Iterable] | Iterable | None = None, out_dir: str | os.PathLike | None = None,
+                 tokenizer=None, run_config: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print):
+        self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
+        self.batches, self.val_batches = batches, val_batches
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.run_config, self.callbacks, self._log = dict(run_config or {}), list(callbacks), log
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.raw = unwrap(model).to(self.device)
+        self.model = model
+        if cfg.gradient_checkpointing and hasattr(self.raw, "config"):
+            self.raw.config.gradient_checkpointing = True
+        self.optimizer = optimizer or build_optimizer(self.raw, cfg)
+        self.schedule = WarmupCosine.from_config(cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step_fn = torch.compile(objective) if cfg.compile else objective
+        self.step = self.tokens = self.consumed = 0
+        self.elapsed_before = 0.0
+        self.train_loss: float | None = None
+        self.val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
+
+    # -- resume -------------------------------------------------------------------------------
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        path = resolve_checkpoint(checkpoint)
+        load_weights(self.raw, path)
+        state = load_training_state(path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"optimizer state in {path} does not fit this model/optimizer ({err}); "
+                                  "resume with the same model config and train.optimizer") from None
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.consumed, self.elapsed_before = int(state["consumed"]), float(state["elapsed"])
+        self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
+        self.last_checkpoint = path
+        data_state = state.get("data")
+        if data_state is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(data_state)
+            self._iter = iter(self.batches)
+        else:  # a stateless iterator: replay the batches it already produced
+            self._iter = iter(self.batches)
+            for _ in range(self.consumed):
+                next(self._iter)
+        restore_rng_state(state["rng"])
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> tuple[float, float | None, int] | None:
+        """One optimizer step; (loss, grad norm or None, tokens), or None when the data ran out."""
+        cfg = self.cfg
+        set_lr(self.optimizer, self.lr)
+        loss_sum, tokens, deltas = None, 0, []
+        for _ in range(cfg.grad_accum):
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                return None
+            self.consumed += 1
+            with self._autocast():
+                loss, stats = self.step_fn(self.model, move_batch(batch, self.device))
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+            tokens += int(stats.get("tokens", 0))
+            if stats.get("delta") is not None:
+                deltas.append(stats["delta"])
+        mean_loss = loss_sum / cfg.grad_accum
+        norm = None
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+        bad = ~torch.isfinite(mean_loss)
+        if norm is not None and not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
+            bad = bad | ~torch.isfinite(norm)
+        if bool(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(float(mean_loss), None if norm is None else float(norm))
+        self._in_update = True
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if deltas and getattr(self.raw, "rmc", None) is not None:
+            self.raw.rmc.apply_update(torch.cat(deltas).float().mean(0), lr=cfg.rmc_lr)
+        if getattr(getattr(self.raw, "config", None), "ngpt", False):
+            self.raw.normalize_weights_()
+        self._in_update = False
+        return float(mean_loss), (None if norm is None else float(norm)), tokens
+
+    def _diverged(self, loss: float, norm: float | None) -> TrainingDiverged:
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        self.metrics.write({"step": self.step + 1, "event": "diverged", "loss": loss if math.isfinite(loss) else str(loss)})
+        return TrainingDiverged(f"{what} at step {self.step + 1}; training stopped, {where}. "
+                                "Lower train.lr, raise train.warmup_steps or use --precision fp32, then --resume")
+
+    # -- schedule and limits ------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    @property
+    def time_fraction(self) -> float:
+        return self.elapsed / self.cfg.time_budget if self.cfg.time_budget else 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.schedule(self.step, self.time_fraction)
+
+    def stop_reason(self) -> str | None:
+        cfg = self.cfg
+        if self.signals.received is not None:
+            return "interrupted" if self.signals.received == signal.SIGINT else "terminated"
+        if self.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_tokens is not None and self.tokens >= cfg.max_tokens:
+            return "max_tokens"
+        if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+            return "time_budget"
+        return None
+
+    # -- evaluation, checkpoints, logging -----------------------------------------------------
+    def run_eval(self) -> float | None:
+        if self.val_batches is None:
+            return None
+        source = self.val_batches() if callable(self.val_batches) else self.val_batches
+        self._evaluated_at = self.step
+        self.val_loss = evaluate(self.model, self.objective, source, self.cfg.eval_batches, self.device, self.amp_dtype)
+        if self.val_loss is not None:
+            ppl = math.exp(min(self.val_loss, 50.0))
+            train = f"train loss {self.train_loss:.4f} | " if self.train_loss is not None else ""
+            self.log(f"step {self.step:>6}: {train}val loss {self.val_loss:.4f} | val ppl {ppl:.2f}")
+            self.metrics.write({"step": self.step, "val_loss": self.val_loss, "val_ppl": ppl, "tokens": self.tokens,
+                                "elapsed": round(self.elapsed, 3)})
+            self._emit("eval", {"step": self.step, "val_loss": self.val_loss})
+        return self.val_loss
+
+    def training_state(self) -> dict:
+        state = {"step": self.step, "tokens": self.tokens, "consumed": self.consumed, "elapsed": self.elapsed,
+                 "train_loss": self.train_loss, "val_loss": self.val_loss,
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "schedule": self.schedule.state_dict(), "rng": capture_rng_state()}
+        if hasattr(self.batches, "state_dict"):
+            state["data"] = self.batches.state_dict()
+        return state
+
+    def save(self) -> Path | None:
+        if self.ckpt_root is None:
+            return None
+        config = {"model": self.raw.config.to_dict() if hasattr(self.raw, "config") else None,
+                  "train": self.cfg.to_dict(), **self.run_config}
+        self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, self.raw, config=config,
+                                               tokenizer=self.tokenizer, training_state=self.training_state(),
+                                               keep_last=self.cfg.keep_last)
+        self._emit("save", {"step": self.step, "path": self.last_checkpoint})
+        return self.last_checkpoint
+
+    def log(self, message: str) -> None:
+        (self.progress.log if getattr(self, "progress", None) else self._log)(message)
+
+    def _emit(self, event: str, info: dict) -> None:
+        for callback in self.callbacks:
+            callback(event, info)
+
+    def _after_step(self, loss: float, norm: float | None, tok_rate: float) -> None:
+        cfg = self.cfg
+        self.train_loss = loss
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      "tokens": self.tokens, "tok_per_s": round(tok_rate, 1), "elapsed": round(self.elapsed, 3)}
+            if norm is not None:
+                record["grad_norm"] = norm
+            self.metrics.write(record)
+            self._emit("step", record)
+            if self.progress.bar is None:
+                self.log(f"step {self.step:>6}: loss {loss:.4f} | lr {record['lr']:.2e} | {tok_rate:,.0f} tok/s")
+        estimated = None
+        if cfg.time_budget:
+            per_step = max(1e-9, (self.elapsed - self._elapsed_at_start) / max(1, self.step - self._start_step))
+            estimated = min(cfg.max_steps, self.step + int(max(0.0, cfg.time_budget - self.elapsed) / per_step))
+        self.progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_rate:,.0f}"}, estimated)
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            self.run_eval()
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save()
+
+    def run(self, resume: str | os.PathLike | bool | None = None) -> FitResult:
+        cfg = self.cfg
+        self._iter = iter(self.batches)
+        resume_path = None
+        if resume:
+            resume_path = self.ckpt_root if resume is True else resume
+            if resume_path is None:
+                raise ValueError("resume=True needs out_dir (the run directory holding checkpoints/)")
+            self.resume_from(resume_path)
+        self.metrics = _Metrics(self.out_dir, self.step if resume_path is not None else None)
+        self.model.train()
+        self._t0 = time.perf_counter()
+        self._start_step, self._elapsed_at_start = self.step, self.elapsed_before
+        self._in_update = False
+        self.progress = _Progress(cfg, self.step, self._log)
+        self._evaluated_at = None
+        reason, rate = None, 0.0
+        try:
+            with _StopSignals() as self.signals:
+                if self.step == 0 and cfg.eval_every:
+                    self.run_eval()
+                while (reason := self.stop_reason()) is None:
+                    started = time.perf_counter()
+                    result = self.train_step()
+                    if result is None:
+                        reason = "data_exhausted"
+                        break
+                    loss, norm, tokens = result
+                    self.step += 1
+                    self.tokens += tokens
+                    seconds = max(time.perf_counter() - started, 1e-9)
+                    rate = tokens / seconds if rate == 0.0 else 0.9 * rate + 0.1 * tokens / seconds
+                    self._after_step(loss, norm, rate)
+        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed (not the main thread)
+            reason = "interrupted"
+            if self._in_update:  # weights half-updated: never save a torn state
+                self._close()
+                raise
+        except BaseException:  # divergence or a bug: close the bar and metrics, keep checkpoints as they are
+            self._close()
+            raise
+        self.progress.close()
+        return self._finish(reason)
+
+    def _close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+
+    def _finish(self, reason: str) -> FitResult:
+        cfg = self.cfg
+        interrupted = reason in ("interrupted", "terminated")
+        if not interrupted and self._evaluated_at != self.step:
+            self.run_eval()
+        saved_now = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step:06d}"
+        if self.ckpt_root is not None and not saved_now and self.step > 0:
+            self.save()
+        if interrupted:
+            where = f"; checkpoint {self.last_checkpoint}, continue with --resume" if self.last_checkpoint else ""
+            self._log(f"{reason} at step {self.step}{where}")
+        self.metrics.write({"step": self.step, "event": "end", "reason": reason, "tokens": self.tokens,
+                            "elapsed": round(self.elapsed, 3)})
+        self.metrics.close()
+        if cfg.plot and self.out_dir is not None and self.metrics.path is not None:
+            from ..plotting import plot_metrics
+
+            png = plot_metrics(self.metrics.path, self.out_dir / "loss_curve.png")
+            if png is not None:
+                self._log(f"loss curve: {png}")
+        result = FitResult(self.step, self.tokens, self.train_loss, self.val_loss, reason, self.last_checkpoint,
+                           self.elapsed, self.out_dir)
+        self._emit("end", dataclasses.asdict(result))
+        return result
+
+
+def fit(model: nn.Module, objective: Objective, batches: Iterable, cfg: TrainConfig | None = None, *,
+        val_batches: Callable[[], Iterable] | Iterable | None = None, out_dir: str | os.PathLike | None = None,
+        tokenizer=None, run_config: dict | None = None, resume: str | os.PathLike | bool | None = None,
+        optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[Callback] = (),
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train ``model`` with ``objective`` on ``batches`` until a limit of ``cfg`` is reached.
+
+    Args:
+        objective: ``(model, batch) -> (loss, stats)``; see :mod:`neoformer.train.objectives`.
+        batches: an iterator of batches; if it has ``state_dict``/``load_state_dict`` its position
+            is checkpointed, otherwise resume replays it from the start.
+        val_batches: a zero-argument callable returning fresh validation batches (or a list).
+        out_dir: run directory for ``metrics.jsonl``, ``checkpoints/`` and ``loss_curve.png``;
+            None trains in memory only.
+        run_config: extra JSON-able settings stored in every checkpoint's config.json.
+        resume: True (``out_dir/checkpoints``) or a checkpoint / run directory to continue from.
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is left in place).
+    """
+    trainer = Trainer(model, objective, batches, cfg or TrainConfig(), val_batches=val_batches, out_dir=out_dir,
+                      tokenizer=tokenizer, run_config=run_config, optimizer=optimizer, callbacks=callbacks, log=log)
+    return trainer.run(resume)
+
+
+__all__ = ["fit", "evaluate", "FitResult", "TrainingDiverged", "Trainer", "resolve_device", "resolve_precision",
+           "move_batch", "seed_everything"]

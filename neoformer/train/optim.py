@@ -1,0 +1,134 @@
+"""Optimizers (AdamW, Lion) and the warmup + cosine learning-rate schedule.
+
+Weight decay applies to matrices only (linear weights, embeddings, RMC memory, NSB rules);
+norm gains, biases and nGPT scales are never decayed, and nGPT models get no decay at all
+(their weights live on the unit sphere).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .run_config import TrainConfig
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+
+        c = beta1 * m + (1 - beta1) * g
+        p = p - lr * (sign(c) + weight_decay * p)        (decoupled decay: p *= 1 - lr * wd)
+        m = beta2 * m + (1 - beta2) * g
+
+    Updates have unit magnitude per coordinate, so Lion wants a 3-10x smaller lr than AdamW.
+    The step is written with ``torch._foreach`` ops over all parameters of a group.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"Lion lr ({lr}) must be positive")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"Lion betas {betas} must be in [0, 1)")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            moments = [self.state[p]["exp_avg"] for p in params]
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            update = torch._foreach_mul(moments, beta1)  # c = beta1 * m + (1 - beta1) * g
+            torch._foreach_add_(update, grads, alpha=1.0 - beta1)
+            torch._foreach_sign_(update)
+            torch._foreach_add_(params, update, alpha=-lr)
+            torch._foreach_mul_(moments, beta2)  # m = beta2 * m + (1 - beta2) * g
+            torch._foreach_add_(moments, grads, alpha=1.0 - beta2)
+        return loss
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim < 2 or name.endswith(("alpha", "scale"))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices (decayed) and everything else (not decayed). Tied weights appear once."""
+    ngpt = bool(getattr(getattr(model, "config", None), "ngpt", False))
+    decay, keep = [], []
+    for name, param in model.named_parameters():  # named_parameters() already skips tied duplicates
+        if not param.requires_grad:
+            continue
+        (keep if ngpt or _no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _fused_ok(params: list[torch.Tensor]) -> bool:
+    """Fused AdamW kernels exist for CUDA/MPS/CPU (torch >= 2.4) floating tensors."""
+    return all(p.is_floating_point() and p.device.type in ("cuda", "cpu", "mps", "xpu") for p in params)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused kernel when available, else foreach) or Lion, with decay-aware groups."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        return Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    params = [p for g in groups for p in g["params"]]
+    betas = (cfg.beta1, cfg.beta2)
+    if _fused_ok(params):
+        try:
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # older torch or an unsupported device
+            pass
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
+
+
+class WarmupCosine:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``.
+
+    ``progress`` in [0, 1] is how far past warmup the run is: (step - warmup) / (max_steps -
+    warmup), or -- with a time budget -- the larger of that and elapsed / budget, so a run cut
+    short by its budget still ends at ``min_lr``.
+    """
+
+    def __init__(self, lr: float, min_lr: float, warmup_steps: int, max_steps: int):
+        self.lr, self.min_lr, self.warmup_steps, self.max_steps = lr, min_lr, warmup_steps, max_steps
+
+    def progress(self, step: int, time_fraction: float = 0.0) -> float:
+        span = max(1, self.max_steps - self.warmup_steps)
+        return min(1.0, max((step - self.warmup_steps) / span, time_fraction, 0.0))
+
+    def __call__(self, step: int, time_fraction: float = 0.0) -> float:
+        """Learning rate for optimizer step ``step`` (0-based: the first step uses ``lr_at(0)``)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        cosine = 0.5 * (1.0 + math.cos(math.pi * self.progress(step, time_fraction)))
+        return self.min_lr + (self.lr - self.min_lr) * cosine
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "WarmupCosine":
+        return cls(cfg.lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+__all__ = ["Lion", "WarmupCosine", "build_optimizer", "param_groups", "set_lr"]
