@@ -1,0 +1,93 @@
+"""Speculative decoding: greedy output equals target-only greedy; sampled output is distributed
+as the target's (total-variation distance on a tiny vocabulary, fixed seed)."""
+import pytest
+import torch
+
+from neoformer import ModelConfig, build_model
+from neoformer.generate import generate
+from neoformer.generate.speculative import _accept
+
+V = 8
+
+
+def model(vocab=97, n_layers=2, seed=0, std=0.25, **changes):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                      max_seq_len=64, init_std=std, **changes)
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_greedy_equals_target_greedy(gamma):
+    target, draft = model(n_layers=3), model(n_layers=1, seed=1)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 9, 9]]
+    expected = generate(target, prompts, max_new_tokens=20)
+    out = generate(target, prompts, max_new_tokens=20, draft_model=draft, num_draft_tokens=gamma, return_dict=True)
+    assert torch.equal(out.sequences, expected)
+    assert 0 <= out.stats["acceptance_rate"] <= 1 and out.stats["proposed"] > 0
+
+
+def test_greedy_with_a_draft_equal_to_the_target_accepts_everything():
+    target = model()
+    out = generate(target, [3, 4], max_new_tokens=12, draft_model=target, num_draft_tokens=3, return_dict=True)
+    assert out.stats["acceptance_rate"] == 1.0
+    assert out.new_tokens[0] == generate(target, [3, 4], max_new_tokens=12, return_dict=True).new_tokens[0]
+
+
+def test_rmc_target_and_trimming():
+    kw = dict(rmc=True, nsb=True, rmc_mem_size=8, nsb_rules=8, nsb_rule_dim=16)
+    target, draft = model(**kw), model(n_layers=1, seed=3, **kw)
+    expected = generate(target, [1, 2, 3], max_new_tokens=15)
+    assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=15, draft_model=draft), expected)
+    # past the window: both caches are trimmed and decoding goes on
+    out = generate(target, [1, 2, 3], max_new_tokens=40, draft_model=draft, max_seq_len=20, trim_keep=10,
+                   return_dict=True)
+    assert len(out.new_tokens[0]) == 40
+
+
+def tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+def test_accept_step_reproduces_the_target_distribution():
+    """The rejection step alone: the first emitted token ~ p_1 whatever q is."""
+    g = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(3, V, generator=g) * 2, torch.randn(2, V, generator=g) * 2
+    q = torch.softmax(q_logits, -1)
+    counts = torch.zeros(V)
+    n = 6000
+    drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(2)], dim=1)
+    for d in drafts:
+        n_ok, new = _accept(p_logits, q_logits, d, True, g)
+        counts[int(d[0]) if n_ok >= 1 else new] += 1
+    p1 = torch.softmax(p_logits[0], -1)
+    assert tv(counts, p1) < 0.03
+    assert tv(counts, q[0]) > 0.1  # the draft's own distribution is far away: the test has power
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    target, draft = model(vocab=V, std=0.3), model(vocab=V, n_layers=1, seed=6, std=0.3)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0][0, -1], -1)
+        q1 = torch.softmax(draft(torch.tensor([prompt]))[0][0, -1], -1)
+        # exact marginal of the second token: sum_a p(a) p(b | a)
+        nxt = torch.softmax(target(torch.tensor([prompt + [a] for a in range(V)]))[0][:, -1], -1)
+        p2 = (p1[:, None] * nxt).sum(0)
+    n = 1500
+    out = generate(target, prompt, max_new_tokens=2, draft_model=draft, num_draft_tokens=3, temperature=1.0,
+                   seed=0, num_return_sequences=n, return_dict=True)
+    first = torch.bincount(out.sequences[:, 3], minlength=V).float()
+    second = torch.bincount(out.sequences[:, 4], minlength=V).float()
+    assert tv(first, p1) < 0.06 and tv(second, p2) < 0.06
+    assert tv(first, q1) > 0.3
+    assert 0 < out.stats["acceptance_rate"] < 1
+
+
+def test_sampling_is_reproducible_and_checks_vocabulary():
+    target, draft = model(), model(n_layers=1, seed=2)
+    a = generate(target, [4, 5], max_new_tokens=10, draft_model=draft, temperature=0.9, top_k=20, seed=3)
+    b = generate(target, [4, 5], max_new_tokens=10, draft_model=draft, temperature=0.9, top_k=20, seed=3)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(target, [4, 5], max_new_tokens=3, draft_model=model(vocab=50))
