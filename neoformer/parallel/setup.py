@@ -1,0 +1,188 @@
+"""Process group setup from the environment ``torchrun`` exports, and the collectives training needs.
+
+``torchrun --nproc_per_node=N`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+Without them, :func:`setup` returns a single-process context and never touches
+``torch.distributed``, so one code path serves a laptop, one GPU and many nodes.
+
+Backend ``auto``: NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``),
+otherwise Gloo on CPU. The CUDA path is written with care but is tested here only on CPU/Gloo.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "nccl", "gloo")
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits: rank among world_size, local rank on its node, its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None  # None = no process group (single process)
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group is up (even with world_size 1)."""
+        return self.backend is not None and dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, shows progress and writes single-file outputs."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (agree to stop on NaN / Ctrl-C)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float | torch.Tensor) -> float:
+        """Average of a scalar over ranks (for logging a loss every rank computed on its shard)."""
+        t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / self.world_size
+        return float(t.item())
+
+    def sum(self, value: float | torch.Tensor) -> float:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place mean over ranks of a tensor (e.g. the RMC ``delta`` before ``apply_update``)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s Python object on every rank (e.g. a run directory name chosen by rank 0)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, on every rank (e.g. per-rank data positions)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def torchrun_env_present(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return all(key in env for key in TORCHRUN_ENV)
+
+
+def env_world_size(env: dict[str, str] | None = None) -> int:
+    """WORLD_SIZE from the environment (1 when not launched by torchrun)."""
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", "1"))
+
+
+def _pick_backend(backend: str, device: torch.device | None) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend ({backend!r}) must be one of: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device is not None:
+        return "nccl" if device.type == "cuda" else "gloo"
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def setup(backend: str = "auto", device: str | torch.device | None = None,
+          timeout_s: float = 1800.0) -> ParallelContext:
+    """Join the process group described by the torchrun environment; single process without it.
+
+    ``device``: None picks ``cuda:LOCAL_RANK`` under NCCL and ``cpu`` under Gloo. Calling
+    :func:`setup` again when the group is already up returns a context for it.
+    """
+    device = torch.device(device) if device is not None else None
+    if not torchrun_env_present():
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", 0)
+        return ParallelContext(device=device or torch.device("cpu"))
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = _pick_backend(backend, device)
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend nccl needs CUDA; use --backend gloo on CPU")
+        if device is None or device.type != "cuda" or device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = device or torch.device("cpu")
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device  # binds this rank to its GPU; avoids NCCL guessing
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                           backend=dist.get_backend())
+
+
+def teardown(ctx: ParallelContext | None = None, barrier: bool | None = None) -> None:
+    """Leave the process group (no-op for a single process). Safe to call twice.
+
+    ``barrier`` (default: unless an exception is on its way out) waits for every rank first:
+    with Gloo, a rank that destroys its group while a peer is still finishing can abort the peer.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier is None:
+        barrier = sys.exc_info()[0] is None
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def shard_range(n: int, ctx: ParallelContext) -> slice:
+    """This rank's disjoint, equal slice of ``n`` items; ``n`` must divide by world_size."""
+    if n % ctx.world_size:
+        raise ValueError(f"global batch size ({n}) must be divisible by the world size ({ctx.world_size})")
+    per_rank = n // ctx.world_size
+    return slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+
+
+def shard_batch(batch: torch.Tensor | Sequence | dict, ctx: ParallelContext):
+    """This rank's rows of a *global* batch (tensor, tuple/list or dict of tensors, dim 0).
+
+    Every rank reads the same global batch and keeps rows [rank*b, (rank+1)*b): ranks never
+    overlap, no row is dropped, and the data position is the same number on every rank, so a
+    run saved at one world size resumes at another on exactly the same global batches.
+    """
+    if ctx.world_size == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch[shard_range(batch.shape[0], ctx)]
+    if isinstance(batch, dict):
+        return {k: shard_batch(v, ctx) if v is not None else None for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard_batch(v, ctx) if v is not None else None for v in batch)
+    raise TypeError(f"cannot shard a batch of type {type(batch).__name__}")

@@ -1,0 +1,100 @@
+"""Worker for tests/test_parallel.py: a tiny hand-written training loop run in 1 or N processes.
+
+Every run trains the same model on the same *global* batches (a pure function of the step),
+each rank taking its rows with ``shard_batch``; results are written as plain tensors for the
+test to compare. Run in-process (world size 1) or spawned with the torchrun environment set.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from neoformer import parallel
+from neoformer.model import build_model
+
+PRESET = "neoformer-x-debug"
+GLOBAL_BATCH, SEQ = 4, 16
+
+
+def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def make(ctx, mode: str, **apply_kwargs):
+    torch.manual_seed(0)
+    model = build_model(PRESET, dtype=torch.float64)
+    model = parallel.apply(model, ctx, mode, **apply_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, opt
+
+
+def train(model, opt, ctx, start: int, stop: int, micro: int = 1) -> list[float]:
+    """Steps [start, stop); ``micro`` > 1 splits this rank's rows into gradient-accumulation micro-batches."""
+    losses = []
+    for step in range(start, stop):
+        x, y = parallel.shard_batch(global_batch(step, model.config.vocab_size), ctx)
+        opt.zero_grad(set_to_none=True)
+        xs, ys = x.chunk(micro), y.chunk(micro)
+        for i in range(micro):
+            parallel.set_grad_sync(model, i == micro - 1)
+            loss, _ = model.loss(xs[i].to(ctx.device), ys[i].to(ctx.device))
+            (loss / micro).backward()
+        parallel.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(ctx.mean(loss.detach()))
+    return losses
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copy of the weights (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone().cpu() for k, v in sd.items()}
+
+
+def run_distributed(out: Path) -> None:
+    """World size N: DDP and FSDP runs, a sharded save mid-run and a resume."""
+    ctx = parallel.setup()
+    results: dict = {"world_size": ctx.world_size}
+    try:
+        model, opt = make(ctx, "ddp")
+        results["ddp_losses"] = train(model, opt, ctx, 0, 4)
+        results["ddp"] = full_weights(model)
+        model, opt = make(ctx, "ddp")
+        results["ddp_accum_losses"] = train(model, opt, ctx, 0, 4, micro=2)
+        results["ddp_accum"] = full_weights(model)
+
+        model, opt = make(ctx, "fsdp", activation_checkpointing=True)
+        results["fsdp_losses"] = train(model, opt, ctx, 0, 2)
+        parallel.save_sharded(out / "ckpt", model, opt, ctx, extra={"step": 2}, rank_state={"rank": ctx.rank})
+        results["fsdp_losses"] += train(model, opt, ctx, 2, 4)
+        results["fsdp"] = full_weights(model)
+
+        model, opt = make(ctx, "fsdp")  # fresh weights, then resume
+        info = parallel.load_sharded(out / "ckpt", model, opt, ctx)
+        assert info["rank_state"] == {"rank": ctx.rank}, info
+        step = info["extra"]["step"]
+        results["resumed_losses"] = train(model, opt, ctx, step, 4)
+        results["resumed"] = full_weights(model)
+        if ctx.is_main:
+            torch.save(results, out / "results.pt")
+        ctx.barrier()
+    finally:
+        parallel.teardown(ctx)
+
+
+def spawn_entry(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_distributed(Path(out))
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/_parallel_worker.py OUT
+    run_distributed(Path(sys.argv[1]))

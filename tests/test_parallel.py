@@ -1,0 +1,179 @@
+"""neoformer.parallel on CPU with Gloo: DDP and FSDP2 at world size 2 train exactly like one
+process on the same global batch (float64, so differences are rounding only); a sharded save at
+world size 2 resumes at world size 2 and 1 with identical continuations; consolidation gives
+a normal checkpoint. One torchrun launch (tests/_parallel_worker.py) serves all 2-rank checks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _parallel_worker as worker  # noqa: E402
+
+from neoformer import parallel  # noqa: E402
+from neoformer.model import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+TOL = dict(rtol=0, atol=1e-10)  # float64
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Results of the 2-rank worker: DDP, DDP with accumulation, FSDP with a sharded save, resume."""
+    out = tmp_path_factory.mktemp("parallel")
+    torchrun([str(ROOT / "tests" / "_parallel_worker.py"), str(out)])
+    return out, torch.load(out / "results.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, no wrapping, the whole global batch: 4 steps."""
+    ctx = parallel.ParallelContext()
+    model, opt = worker.make(ctx, "none")
+    losses = worker.train(model, opt, ctx, 0, 4)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
+# ---- single process --------------------------------------------------------------------------
+def test_single_process_context(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = parallel.setup()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    assert ctx.any(True) and not ctx.any(False)
+    assert ctx.mean(torch.tensor(2.5)) == 2.5
+    assert ctx.gather_objects({"a": 1}) == [{"a": 1}]
+    assert parallel.default_mode(ctx) == "none"
+    model = build_model("nima-debug")
+    assert parallel.apply(model, ctx, "fsdp") is model and model.parallel_mode == "none"
+    parallel.teardown(ctx)
+    with pytest.raises(ValueError, match="parallel"):
+        parallel.apply(model, ctx, "zero3")
+
+
+def test_shard_batch_is_disjoint_and_complete():
+    rows = torch.arange(12).reshape(6, 2)
+    for world in (1, 2, 3, 6):
+        pieces = [parallel.shard_batch((rows, {"y": rows + 100}), parallel.ParallelContext(rank=r, world_size=world))
+                  for r in range(world)]
+        assert torch.equal(torch.cat([x for x, _ in pieces]), rows)  # in order, nothing lost or repeated
+        assert torch.equal(torch.cat([d["y"] for _, d in pieces]), rows + 100)
+    with pytest.raises(ValueError, match="divisible"):
+        parallel.shard_batch(rows, parallel.ParallelContext(rank=0, world_size=4))
+
+
+def test_activation_checkpointing_keeps_keys_and_gradients():
+    torch.manual_seed(0)
+    plain = build_model("neoformer-x-debug", dtype=torch.float64)
+    wrapped = build_model("neoformer-x-debug", dtype=torch.float64)
+    wrapped.load_state_dict(plain.state_dict())
+    parallel.apply(wrapped, parallel.ParallelContext(), activation_checkpointing=True)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    x, y = worker.global_batch(0, plain.config.vocab_size)
+    for model in (plain, wrapped):
+        model.loss(x, y)[0].backward()
+    grads = dict(plain.named_parameters())
+    for name, p in wrapped.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        torch.testing.assert_close(p.grad, grads[name].grad, **TOL)
+
+
+def test_sharded_checkpoint_single_process(tmp_path):
+    ctx = parallel.ParallelContext()
+    model, opt = worker.make(ctx, "none")
+    worker.train(model, opt, ctx, 0, 1)
+    path = parallel.save_sharded(tmp_path / "ck", model, opt, extra={"step": 1, "sampler": {"epoch": 0, "batch": 1}})
+    parallel.save_sharded(path, model, opt, extra={"step": 1})  # overwriting is atomic and allowed
+    assert parallel.is_sharded_checkpoint(path) and not (tmp_path / "ck.tmp").exists()
+    fresh, fresh_opt = worker.make(ctx, "none")
+    info = parallel.load_sharded(path, fresh, fresh_opt)
+    assert info["extra"] == {"step": 1} and info["world_size"] == 1
+    assert_same_weights(fresh.state_dict(), model.state_dict())
+    assert worker.train(fresh, fresh_opt, ctx, 1, 2) == worker.train(model, opt, ctx, 1, 2)
+
+    (path / "sharded.json").unlink()  # an interrupted save is refused, with a clear message
+    with pytest.raises(ValueError, match="interrupted"):
+        parallel.load_sharded(path, fresh)
+    with pytest.raises(FileNotFoundError):
+        parallel.load_sharded(tmp_path / "missing", fresh)
+
+
+# ---- two ranks (one torchrun launch) -----------------------------------------------------------
+def test_ddp_matches_single_process(two_ranks, reference):
+    _, res = two_ranks
+    assert res["world_size"] == 2
+    assert res["ddp_losses"] == pytest.approx(reference[0], abs=1e-6)
+    assert_same_weights(res["ddp"], reference[1])
+
+
+def test_ddp_gradient_accumulation_matches_single_process(two_ranks, reference):
+    _, res = two_ranks
+    assert_same_weights(res["ddp_accum"], reference[1])
+
+
+def test_fsdp_matches_single_process(two_ranks, reference):
+    _, res = two_ranks
+    assert res["fsdp_losses"] == pytest.approx(reference[0], abs=1e-6)
+    assert_same_weights(res["fsdp"], reference[1])
+
+
+def test_resume_at_world_size_2_continues_identically(two_ranks, reference):
+    _, res = two_ranks
+    assert res["resumed_losses"] == pytest.approx(reference[0][2:], abs=1e-6)
+    assert_same_weights(res["resumed"], reference[1])
+
+
+def test_resume_at_world_size_1_continues_identically(two_ranks, reference):
+    out, _ = two_ranks
+    ctx = parallel.ParallelContext()
+    model, opt = worker.make(ctx, "none")
+    info = parallel.load_sharded(out / "ckpt", model, opt, ctx)
+    assert info["world_size"] == 2 and info["parallel"] == "fsdp" and info["rank_state"] is None
+    losses = worker.train(model, opt, ctx, info["extra"]["step"], 4)
+    assert losses == pytest.approx(reference[0][2:], abs=1e-6)
+    assert_same_weights(model.state_dict(), reference[1])
+
+
+def test_consolidate_gives_a_normal_checkpoint(two_ranks, tmp_path):
+    out, _ = two_ranks
+    full = parallel.read_full_state(out / "ckpt")["model"]
+    target = parallel.consolidate(out / "ckpt", tmp_path / "plain")
+    model = _load_plain(target)
+    assert_same_weights({k: v for k, v in model.state_dict().items()}, full)
+    with pytest.raises(ValueError, match="different"):
+        parallel.consolidate(out / "ckpt", out / "ckpt")
+
+
+def _load_plain(path: Path):
+    try:
+        from neoformer.train.checkpoint import load_model
+    except ImportError:
+        from neoformer.config import ModelConfig
+
+        model = build_model(ModelConfig.from_json(path / "config.json"))
+        model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+        return model
+    return load_model(path)
