@@ -120,7 +120,7 @@ class WarmupCosine:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "WarmupCosine":
-        return cls(cfg.lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
+        return cls(cfg.lr, cfg.final_lr, cfg.warmup, cfg.max_steps)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps}

@@ -42,7 +42,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 3e-4
     min_lr: float | None = None  # cosine floor; None = lr / 10
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None = min(100, max_steps // 10)
     weight_decay: float = 0.1  # on matrices only; norms, biases and gains are never decayed
     beta1: float = 0.9
     beta2: float = 0.95  # Lion: 0.99 is the paper's choice
@@ -102,7 +102,8 @@ class TrainConfig:
         choice("sampler", SAMPLERS)
         positive("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
         positive("seq_len", "max_tokens", "threads", allow_none=True)
-        positive("warmup_steps", "eval_every", "save_every", "samples", "sample_tokens", allow_zero=True)
+        positive("warmup_steps", allow_none=True, allow_zero=True)
+        positive("eval_every", "save_every", "samples", "sample_tokens", allow_zero=True)
         for name in ("lr", "eps"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} ({getattr(self, name)!r}) must be a positive number")
@@ -116,6 +117,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 0")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"train.time_budget ({self.time_budget}) must be a positive number of seconds")
+
+    @property
+    def warmup(self) -> int:
+        return min(100, self.max_steps // 10) if self.warmup_steps is None else self.warmup_steps
 
     @property
     def final_lr(self) -> float:
@@ -180,11 +185,14 @@ class TokenizerConfig:
 def _checked_fields(cls, data: dict[str, Any], section: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{section} section must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"unknown {section} field {key!r}{_close(key, known)}")
-    return dict(data)
+    types = {f.name: str(f.type) for f in fields(cls)}
+    out = {}
+    for key, value in data.items():
+        if key not in types:
+            raise ConfigError(f"unknown {section} field {key!r}{_close(key, types)}")
+        numeric = "float" in types[key] or "int" in types[key]
+        out[key] = _coerce(value) if numeric and isinstance(value, str) else value  # YAML reads 3e-4 as a string
+    return out
 
 
 # train defaults of presets that are meant to be trained as they are (`make demo`)
@@ -295,9 +303,21 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key} needs a value, e.g. --{key} 3")
             value = tokens[i + 1]
             i += 1
-        out[key.replace("-", "_")] = coerce_value(value)
+        out[key.replace("-", "_")] = _coerce(value)
         i += 1
     return out
+
+
+def _coerce(value: Any) -> Any:
+    """A command-line value: int, float (``3e-4`` too, which YAML 1.1 reads as a string), else YAML."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return coerce_value(value)
 
 
 def _is_number(text: str) -> bool:

@@ -1,0 +1,247 @@
+"""From a run config to batches: the glue between neoformer.data and fit(), one builder per objective.
+
+* causal LM (kind=decoder): packed windows of ``seq_len`` tokens (``data.make_sampler``).
+* MLM (kind=encoder): the same windows, BERT-masked (``data.MLMMasker``; 15% by default).
+* seq2seq (kind=encoder_decoder): (source, target) pairs from a ``.tsv`` / ``.jsonl`` pair file,
+  or -- for plain text such as the default stdlib corpus -- a synthetic task built from its lines:
+  ``next_line`` (source = a line, target = the next non-empty line of the same file) or
+  ``reverse`` (target = the line reversed). Pairs are length-bucketed (``data.BucketSampler``).
+
+Every training batch source has ``state_dict`` / ``load_state_dict`` so fit() checkpoints its
+position; validation sources are zero-argument callables giving the same batches every time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..data import (
+    BucketSampler, CausalWindows, Corpus, DataError, MLMMasker, Seq2SeqDataset, load_documents, load_pairs,
+    make_sampler, prepare_data, sequential_batches,
+)
+from ..data.pipelines import prepare_tokenizer
+from ..tokenizer import Tokenizer
+from .objectives import OBJECTIVE_OF_KIND, OBJECTIVES, Objective
+from .run_config import RunConfig
+
+log = logging.getLogger(__name__)
+VAL_PAIRS = 2000  # validation pairs kept for seq2seq
+
+
+@dataclass
+class TaskData:
+    """What `neoformer train` hands to fit()."""
+
+    tokenizer: Tokenizer
+    objective: Objective
+    train: Any  # iterator of batches with state_dict / load_state_dict
+    val: Callable[[], Iterable] | None
+    train_size: int  # tokens (LM, MLM) or pairs (seq2seq) in the train split, for --epochs
+    description: str
+
+
+class MaskedBatches:
+    """Windows from a sampler, BERT-masked: {"input_ids", "labels"}. Resumable (sampler + masker RNG)."""
+
+    def __init__(self, sampler, masker: MLMMasker):
+        self.sampler, self.masker = sampler, masker
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        x, _ = next(self.sampler)
+        inputs, labels = self.masker(x)
+        return {"input_ids": inputs, "labels": labels}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "masker": self.masker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.masker.load_state_dict(state["masker"])
+
+
+class PairBatches:
+    """Length-bucketed seq2seq batches (Seq2SeqBatch) over a dataset. Resumable."""
+
+    def __init__(self, dataset: Seq2SeqDataset, batch_size: int, seed: int):
+        self.dataset = dataset
+        self.sampler = BucketSampler(dataset.lengths, batch_size=batch_size, seed=seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.dataset.collate(next(self.sampler))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ---- seq2seq pairs ---------------------------------------------------------------------------
+def is_pair_file(spec: str) -> bool:
+    """A ``.tsv`` file, or a ``.jsonl`` whose first record has "source" and "target"."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return False
+    if path.suffix == ".tsv":
+        return True
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        return False
+                    return isinstance(record, dict) and "source" in record and "target" in record
+    return False
+
+
+def text_pairs(documents: Iterable[str], task: str, limit: int) -> list[tuple[str, str]]:
+    """Synthetic pairs from the non-empty lines of each document (see the module docstring)."""
+    pairs: list[tuple[str, str]] = []
+    for doc in documents:
+        lines = [line.rstrip() for line in doc.splitlines() if line.strip()]
+        if task == "reverse":
+            pairs.extend((line, line[::-1]) for line in lines)
+        else:
+            pairs.extend(zip(lines, lines[1:]))
+        if len(pairs) >= limit:
+            return pairs[:limit]
+    return pairs
+
+
+def _pairs_corpus(name: str, pairs: list[tuple[str, str]]) -> Corpus:
+    digest = hashlib.sha256(json.dumps(pairs[:1000] + [len(pairs)]).encode()).hexdigest()[:20]
+    return Corpus(name, "train", [f"{s}\n{t}" for s, t in pairs], f"pairs:{name}@{digest}")
+
+
+def _split_pairs(pairs: list[tuple[str, str]], val_fraction: float) -> tuple[list, list]:
+    if len(pairs) < 2:
+        raise DataError(f"need at least 2 (source, target) pairs to split train/val, got {len(pairs)}")
+    n_val = max(1, int(len(pairs) * val_fraction))
+    return pairs[:-n_val], pairs[-n_val:]
+
+
+def _seq2seq_data(run: RunConfig, tokenizer_spec, vocab_size: int, seq_len: int) -> TaskData:
+    d, t = run.data, run.train
+    if is_pair_file(d.source):
+        train_pairs, val_pairs = _split_pairs(load_pairs(d.source), d.val_fraction)
+        what = f"pairs from {d.source}"
+    else:
+        options = dict(val_fraction=d.val_fraction, text_field=d.text_field)
+        train_docs = load_documents(d.source, "train", **options)
+        val_docs = load_documents(d.source, "val", **options)
+        train_pairs = text_pairs(train_docs, d.seq2seq_task, d.max_pairs)
+        val_pairs = text_pairs(val_docs, d.seq2seq_task, VAL_PAIRS)
+        what = f"synthetic {d.seq2seq_task} pairs from {d.source}"
+        if not train_pairs or not val_pairs:
+            raise DataError(f"{d.source} gives no {d.seq2seq_task} pairs; it needs files with several non-empty lines")
+    tokenizer = prepare_tokenizer(tokenizer_spec, _pairs_corpus(d.source, train_pairs), vocab_size, d.cache_dir)
+    train_set = Seq2SeqDataset(train_pairs, tokenizer, seq_len, seq_len)
+    val_set = Seq2SeqDataset(val_pairs[:VAL_PAIRS], tokenizer, seq_len, seq_len)
+    batch = t.batch_size
+
+    def val():
+        for start in range(0, len(val_set), batch):
+            yield val_set.collate(range(start, min(start + batch, len(val_set))))
+
+    desc = f"seq2seq: {len(train_set):,} train / {len(val_set):,} val {what}"
+    return TaskData(tokenizer, OBJECTIVES["seq2seq"], PairBatches(train_set, batch, t.seed), val, len(train_set), desc)
+
+
+# ---- token streams (causal LM, MLM) ----------------------------------------------------------
+def _windows_or_none(tokens, seq_len: int, split: str) -> CausalWindows | None:
+    try:
+        return CausalWindows(tokens, seq_len)
+    except DataError as err:
+        if split == "train":
+            raise
+        log.warning("no validation: %s", err)
+        return None
+
+
+def build_task_data(run: RunConfig, tokenizer: str | Tokenizer | None = None) -> TaskData:
+    """Tokenizer, objective and batch sources for ``run`` (the tokenizer is trained when needed)."""
+    kind = run.model.kind
+    spec = tokenizer if tokenizer is not None else run.tokenizer.kind
+    vocab_size = run.tokenizer.vocab_size or run.model.vocab_size
+    seq_len = run.seq_len
+    if kind == "encoder_decoder":
+        return _seq2seq_data(run, spec, vocab_size, seq_len)
+    d, t = run.data, run.train
+    data = prepare_data(d.source, tokenizer=spec, vocab_size=vocab_size, cache_dir=d.cache_dir,
+                        val_fraction=d.val_fraction, text_field=d.text_field)
+    train_windows = _windows_or_none(data.train, seq_len, "train")
+    val_windows = _windows_or_none(data.val, seq_len, "val")
+    sampler = make_sampler(train_windows, t.batch_size, t.sampler, t.seed)
+    objective = OBJECTIVES[OBJECTIVE_OF_KIND[kind]]
+    split = f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val tokens of {d.source}"
+    if kind == "encoder":
+        masker = MLMMasker.from_tokenizer(data.tokenizer, d.mask_prob, seed=t.seed)
+        train = MaskedBatches(sampler, masker)
+
+        def val():
+            val_masker = MLMMasker.from_tokenizer(data.tokenizer, d.mask_prob, seed=t.seed + 1)
+            return MaskedBatches(iter(sequential_batches(val_windows, t.batch_size)), val_masker)
+
+        desc = f"masked LM ({d.mask_prob:.0%} masked): {split}"
+    else:
+        train = sampler
+
+        def val():
+            return sequential_batches(val_windows, t.batch_size)
+
+        desc = f"causal LM: {split}"
+    return TaskData(data.tokenizer, objective, train, val if val_windows is not None else None,
+                    data.train.num_tokens, desc)
+
+
+def steps_for_epochs(epochs: float, task: TaskData, run: RunConfig) -> int:
+    """Optimizer steps that cover ``epochs`` passes over the train split."""
+    per_step = run.train.batch_size * run.train.grad_accum
+    if run.model.kind != "encoder_decoder":
+        per_step *= run.seq_len
+    return max(1, int(np.ceil(epochs * task.train_size / per_step)))
+
+
+__all__ = ["TaskData", "build_task_data", "build_eval_batches", "MaskedBatches", "PairBatches", "text_pairs", "is_pair_file",
+           "steps_for_epochs"]
+
+
+def build_eval_batches(run: RunConfig, tokenizer: Tokenizer, split: str = "val") -> Callable[[], Iterable]:
+    """Sequential batches of one split of ``run.data.source``, tokenized with ``tokenizer``."""
+    from ..data import tokenize_corpus
+
+    d, t = run.data, run.train
+    if run.model.kind == "encoder_decoder":
+        if is_pair_file(d.source):
+            train_pairs, val_pairs = _split_pairs(load_pairs(d.source), d.val_fraction)
+            pairs = {"train": train_pairs, "val": val_pairs, "all": train_pairs + val_pairs}[split]
+        else:
+            docs = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
+            pairs = text_pairs(docs, d.seq2seq_task, d.max_pairs)
+        dataset = Seq2SeqDataset(pairs, tokenizer, run.seq_len, run.seq_len)
+
+        def pair_batches():
+            for start in range(0, len(dataset), t.batch_size):
+                yield dataset.collate(range(start, min(start + t.batch_size, len(dataset))))
+
+        return pair_batches
+    corpus = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
+    windows = CausalWindows(tokenize_corpus(corpus, tokenizer, d.cache_dir), run.seq_len)
+    if run.model.kind == "encoder":
+        return lambda: MaskedBatches(iter(sequential_batches(windows, t.batch_size)),
+                                     MLMMasker.from_tokenizer(tokenizer, d.mask_prob, seed=t.seed + 1))
+    return lambda: sequential_batches(windows, t.batch_size)

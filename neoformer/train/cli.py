@@ -1,0 +1,294 @@
+"""`neoformer train` and `neoformer eval`: parse flags, build the run, call fit() / evaluate()."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig
+from .run_config import DataConfig, TokenizerConfig, TrainConfig, _coerce, dump_yaml, load_run_config
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "tokenizer": TokenizerConfig}
+# plain flags -> dotted config fields (seed 000 spellings --batch --seq --max_tokens included)
+FLAG_FIELDS = {
+    "data": "data.source", "tokenizer": "tokenizer.kind", "vocab_size": "tokenizer.vocab_size",
+    "max_steps": "train.max_steps", "time_budget": "train.time_budget", "eval_every": "train.eval_every",
+    "save_every": "train.save_every", "device": "train.device", "precision": "train.precision",
+    "lr": "train.lr", "batch": "train.batch_size", "seq": "train.seq_len", "max_tokens": "train.max_tokens",
+    "grad_accum": "train.grad_accum", "seed": "train.seed", "optimizer": "train.optimizer",
+    "samples": "train.samples", "threads": "train.threads",
+}
+EXIT_INTERRUPTED = {"interrupted": 130, "terminated": 143}
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    """Every config field as a hidden --section.field option (values parsed like YAML scalars)."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            p.add_argument(f"--{section}.{f.name}", dest=f"override:{section}.{f.name}", default=argparse.SUPPRESS,
+                           metavar="VALUE", help=argparse.SUPPRESS)
+
+
+def _field_list(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def add_parser(subparsers) -> None:
+    train_help = "train a model (causal LM, MLM or seq2seq, chosen by the model kind)"
+    p = subparsers.add_parser(
+        "train", help=train_help, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=train_help + ".\n\nExamples:\n"
+        "  neoformer train --preset neoformer-x-demo --out runs/demo\n"
+        "  neoformer train --config configs/lumi.yaml --model.n_layers 6 --train.lr 3e-4 --max-steps 2000\n"
+        "  neoformer train --out runs/demo --resume                      # continue the latest checkpoint",
+        epilog="Any config field can be overridden as --SECTION.FIELD VALUE:\n"
+        f"  train: {_field_list(TrainConfig)}\n"
+        f"  data: {_field_list(DataConfig)}\n"
+        f"  tokenizer: {_field_list(TokenizerConfig)}\n"
+        "  model: any ModelConfig field (d_model, n_layers, n_heads, ...; see `neoformer info` and docs/config.md)\n"
+        "See docs/training.md for checkpoints, resume and every flag.")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--preset", help="model preset (e.g. neoformer-x-demo, lumi-tiny; `neoformer info --list`)")
+    what.add_argument("--config", metavar="YAML", help="run config file (configs/*.yaml)")
+    what.add_argument("--data", metavar="SPEC", help="stdlib (default, offline), a file / directory / glob, "
+                      "hf:NAME, or a seq2seq pair file (.tsv, .jsonl with source/target)")
+    what.add_argument("--tokenizer", metavar="SPEC", help="bpe (default: byte-level BPE trained on the train split), "
+                      "char, sentencepiece, a saved tokenizer directory, tokenizer.json, .model or .tiktoken")
+    what.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: the preset's)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset or config name>)")
+    run.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
+                     help="continue from --out's latest checkpoint, or from CKPT (a checkpoint or run directory)")
+    run.add_argument("--max-steps", type=int, help="optimizer steps")
+    run.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this much wall time")
+    run.add_argument("--epochs", type=float, help="passes over the train split (sets --max-steps)")
+    run.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, help="stop after this many training tokens")
+    run.add_argument("--eval-every", type=int, metavar="STEPS", help="validation interval (0 = only at the end)")
+    run.add_argument("--save-every", type=int, metavar="STEPS", help="checkpoint interval (0 = only at the end)")
+    run.add_argument("--samples", type=int, metavar="N", help="text samples to generate at the end")
+    hyper = p.add_argument_group("optimisation")
+    hyper.add_argument("--lr", type=float, help="peak learning rate")
+    hyper.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per micro-batch")
+    hyper.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
+    hyper.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    hyper.add_argument("--optimizer", choices=("adamw", "lion"))
+    hyper.add_argument("--seed", type=int)
+    speed = p.add_argument_group("device and speed")
+    speed.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    speed.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto = bf16/fp16 autocast on CUDA, fp32 on CPU; bf16 on CPU is opt-in")
+    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    speed.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                       help="recompute activations in backward (less memory, ~30%% slower)")
+    speed.add_argument("--threads", type=int, help="CPU threads for torch")
+    speed.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    _add_overrides(p)
+    p.set_defaults(func=run_train)
+
+    eval_help = "evaluate a checkpoint: loss and perplexity on a data split"
+    e = subparsers.add_parser("eval", help=eval_help, description=eval_help + " (MLM loss for encoders, "
+                              "teacher-forced target loss for encoder-decoders).", allow_abbrev=False)
+    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
+    e.add_argument("--data", metavar="SPEC", help="data source (default: the one the checkpoint was trained on)")
+    e.add_argument("--split", choices=("val", "train", "all"), default="val")
+    e.add_argument("--batches", type=int, default=50, help="batches to average (default 50; 0 = the whole split)")
+    e.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per batch")
+    e.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=run_eval)
+
+
+# ---- building the run ------------------------------------------------------------------------
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag, dotted in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[dotted] = value
+    if getattr(args, "compile", None):
+        out["train.compile"] = True
+    if getattr(args, "gradient_checkpointing", None):
+        out["train.gradient_checkpointing"] = True
+    if getattr(args, "no_progress", False):
+        out["train.progress"] = False
+    for key, value in vars(args).items():
+        if key.startswith("override:"):
+            out[key.split(":", 1)[1]] = _coerce(value)
+    return out
+
+
+def _resume_config(checkpoint, overrides: dict[str, Any]):
+    """Run config of a checkpoint plus overrides; model fields may not change on resume."""
+    from .checkpoint import read_config, resolve_checkpoint
+    from .run_config import RunConfig
+
+    path = resolve_checkpoint(checkpoint)
+    saved = read_config(path)
+    for dotted, value in overrides.items():
+        section, _, name = dotted.partition(".")
+        if section == "model" and saved["model"].get(name) != value:
+            raise ConfigError(f"--model.{name} {value!r} differs from the checkpoint's {saved['model'].get(name)!r}; "
+                              "a resumed run keeps its model (start a new run instead)")
+    data = {"preset": saved.get("preset"), "model": saved["model"], "train": saved.get("train") or {},
+            "data": saved.get("data") or {}, "tokenizer": saved.get("tokenizer_config") or {}}
+    run = RunConfig.from_dict({k: v for k, v in data.items() if k != "preset"}, overrides)
+    run.preset = saved.get("preset")
+    return run, path
+
+
+def _prepare_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        return
+    old = [out / name for name in ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard") if (out / name).exists()]
+    if old:
+        print(f"note: {out} held a previous run; starting over (use --resume to continue a run)")
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _adapt_model_to_tokenizer(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
+    changes = {}
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        changes["vocab_size"] = tokenizer.vocab_size
+    if model_cfg.pad_token_id is not None and model_cfg.pad_token_id != tokenizer.pad_id:
+        changes["pad_token_id"] = tokenizer.pad_id
+    return model_cfg.replace(**changes) if changes else model_cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..model import build_model
+    from .batches import build_task_data, steps_for_epochs
+    from .fit import TrainingDiverged, fit, seed_everything
+
+    overrides = collect_overrides(args)
+    resume_path = None
+    if args.resume:
+        source = args.resume if args.resume is not True else (args.out or _default_out(args))
+        run, resume_path = _resume_config(source, overrides)
+        out = Path(args.out) if args.out else _run_dir_of(resume_path)
+    else:
+        if not args.preset and not args.config:
+            raise ConfigError("pass --preset NAME or --config FILE (see `neoformer info --list` for presets)")
+        run = load_run_config(args.config, args.preset, overrides)
+        out = Path(args.out or _default_out(args))
+    t = run.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+
+    started = time.perf_counter()
+    tokenizer_spec = str(resume_path / "tokenizer") if resume_path and (resume_path / "tokenizer").is_dir() else None
+    task = build_task_data(run, tokenizer_spec)
+    print(f"data: {task.description}")
+    print(f"tokenizer: {task.tokenizer.kind}, vocab {task.tokenizer.vocab_size:,} "
+          f"(ready in {time.perf_counter() - started:.1f} s)")
+    run.model = _adapt_model_to_tokenizer(run.model, task.tokenizer)
+    if args.epochs is not None:
+        run.train = t = t.replace(max_steps=steps_for_epochs(args.epochs, task, run))
+
+    seed_everything(t.seed)
+    model = build_model(run.model)
+    seq = "" if run.model.kind == "encoder_decoder" else f" x {run.seq_len}"
+    print(f"model: {run.preset or run.model.name} ({run.model.kind}), {model.num_parameters():,} parameters; "
+          f"batch {t.batch_size}{seq} x {t.grad_accum} accum; {_limits(t)}")
+    _prepare_out_dir(out, resume_path is not None)
+    (out / "config.yaml").write_text(dump_yaml(run))
+    extras = {"preset": run.preset, "data": dataclasses.asdict(run.data),
+              "tokenizer_config": dataclasses.asdict(run.tokenizer)}
+    try:
+        result = fit(model, task.objective, task.train, t, val_batches=task.val, out_dir=out, tokenizer=task.tokenizer,
+                     run_config=extras, resume=resume_path)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _report(result, run)
+    if t.samples and result.stop_reason not in EXIT_INTERRUPTED:
+        from .sampling import print_samples
+
+        print_samples(model, task, run)
+    return EXIT_INTERRUPTED.get(result.stop_reason, 0)
+
+
+def _limits(t: TrainConfig) -> str:
+    parts = [f"max {t.max_steps:,} steps"]
+    if t.time_budget:
+        parts.append(f"time budget {t.time_budget:g} s")
+    if t.max_tokens:
+        parts.append(f"max {t.max_tokens:,} tokens")
+    return ", ".join(parts)
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    name = args.preset or (Path(args.config).stem if args.config else "run")
+    return str(Path("runs") / name)
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    """runs/x/checkpoints/step-N -> runs/x."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _report(result, run) -> None:
+    ppl = f" | val ppl {result.val_ppl:.2f}" if result.val_ppl is not None else ""
+    val = f" | val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    train = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
+    print(f"done ({result.stop_reason}): {result.step:,} steps, {result.tokens:,} tokens in {result.elapsed:.1f} s; "
+          f"{train}{val}{ppl}")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+
+
+# ---- eval ------------------------------------------------------------------------------------
+def run_eval(args: argparse.Namespace) -> int:
+    from .batches import build_eval_batches
+    from .checkpoint import load_model, read_config, resolve_checkpoint
+    from .fit import evaluate, resolve_device, resolve_precision
+    from .objectives import objective_for
+    from .run_config import RunConfig
+
+    path = resolve_checkpoint(args.checkpoint)
+    saved = read_config(path)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(path, device=device)
+    if tokenizer is None:
+        raise ConfigError(f"{path} holds no tokenizer; evaluate it from Python with your own batches")
+    overrides = {}
+    if args.data:
+        overrides["data.source"] = args.data
+    if args.batch:
+        overrides["train.batch_size"] = args.batch
+    if args.seq:
+        overrides["train.seq_len"] = args.seq
+    train_fields = {k: v for k, v in (saved.get("train") or {}).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    run = RunConfig.from_dict({"model": saved["model"], "train": train_fields, "data": saved.get("data") or {}},
+                              overrides)
+    batches = build_eval_batches(run, tokenizer, args.split)
+    started = time.perf_counter()
+    loss = evaluate(model, objective_for(model), batches(), args.batches or None, device,
+                    resolve_precision(args.precision, device))
+    if loss is None:
+        raise ValueError(f"no {args.split} batches in {run.data.source}; lower --seq or pick another split")
+    ppl = math.exp(min(loss, 50.0))
+    record = {"checkpoint": str(path), "step": saved.get("step"), "data": run.data.source, "split": args.split,
+              "loss": loss, "perplexity": ppl, "seconds": round(time.perf_counter() - started, 2)}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{path} (step {saved.get('step')}) on {run.data.source} [{args.split}]: "
+              f"loss {loss:.4f} | perplexity {ppl:.2f}")
+    return 0
+
+
+__all__ = ["add_parser", "run_train", "run_eval", "collect_overrides"]
