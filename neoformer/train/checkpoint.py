@@ -283,7 +283,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 raise CheckpointError(f"{pointer} points to {name!r}, which does not exist; "
                                       f"pass one of the checkpoint directories in {root} explicitly")
             return target
-    if (path / CONFIG).is_file() or (path / MANIFEST).is_file():
+    if (path / CONFIG).is_file() or (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
         return path
     raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (config.json, model.safetensors) "
                           "or a run directory with checkpoints/latest")

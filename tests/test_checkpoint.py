@@ -1,0 +1,262 @@
+"""Checkpoints: round trip, atomic writes, keep-last-K, clear errors, and exact resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neoformer import build_model
+from neoformer.tokenizer import CharTokenizer
+from neoformer.train import CheckpointError, TrainConfig, causal_lm, fit, list_checkpoints, load_model, save_checkpoint
+from neoformer.train.checkpoint import (
+    capture_rng_state, decode_state, encode_state, load_training_state, load_weights, resolve_checkpoint,
+    restore_rng_state,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(preset="neoformer-x-debug", **overrides):
+    torch.manual_seed(0)
+    return build_model(preset, vocab_size=32, max_seq_len=32, **overrides)
+
+
+def save(root, step, model=None, **kwargs):
+    model = model or tiny()
+    return save_checkpoint(root, step, model, training_state={"step": step, "rng": capture_rng_state()}, **kwargs)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, ValueError)
+    return message
+
+
+def test_round_trip_with_tied_weights_and_tokenizer(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny()
+    model.rmc.apply_update(torch.ones_like(model.rmc.memory), lr=0.5)  # buffers travel too
+    tok = CharTokenizer("abc")
+    path = save_checkpoint(tmp_path, 7, model, tokenizer=tok, config={"train": {"lr": 1.0}})
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys, aliases = set(f.keys()), json.loads(f.metadata()["aliases"])
+    assert "lm_head.weight" not in keys and aliases == {"lm_head.weight": "embed.tokens.weight"}
+    loaded, loaded_tok = load_model(path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.embed.tokens.weight.data_ptr()  # still tied
+    assert loaded_tok.encode("cab") == tok.encode("cab")
+    x = torch.randint(0, 32, (2, 12))
+    model.eval()
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+    config = json.loads((path / "config.json").read_text())
+    assert config["step"] == 7 and config["model"]["d_model"] == 64 and config["tokenizer"]["kind"] == "char"
+    assert config["train"] == {"lr": 1.0}
+
+
+def test_training_state_round_trip_without_pickle(tmp_path):
+    model = tiny("nexus-debug")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randint(0, 32, (2, 8)))[0].sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "np": np.arange(3, dtype=np.int32), "t": (1, 2.5, None), "rng": capture_rng_state()}
+    save_checkpoint(tmp_path, 1, model, training_state=state)
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
+    back = load_training_state(tmp_path)
+    assert back["t"] == (1, 2.5, None) and back["np"].dtype == np.int32
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    for key, value in opt.state_dict()["state"].items():  # int keys survive JSON
+        for name, tensor in value.items():
+            assert torch.equal(back["optimizer"]["state"][key][name], tensor)
+    fresh = torch.optim.AdamW(tiny("nexus-debug").parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])
+
+
+def test_rng_state_round_trip():
+    state = decode_state(encode_state(capture_rng_state(), tensors := {}), tensors)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_atomic_write_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    first = save(tmp_path, 1)
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def fail_on_second(*args, **kwargs):  # the weights are written, then the save dies mid-way
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_on_second)
+    with pytest.raises(OSError, match="simulated"):
+        save(tmp_path, 2)
+    assert resolve_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001"]  # no half-written directory
+    load_model(tmp_path)
+
+
+def test_leftovers_of_a_killed_save_are_ignored_and_cleaned(tmp_path):
+    save(tmp_path, 1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-step-000002-pid{dead.stdout.strip()}-deadbeef"
+    (stale / "sub").mkdir(parents=True)
+    partial = tmp_path / "step-000003"  # a directory without manifest is never a checkpoint
+    partial.mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_model(partial)
+    save(tmp_path, 4)
+    assert not stale.exists()
+
+
+def test_keep_last_k(tmp_path):
+    model = tiny()
+    for step in range(1, 6):
+        save(tmp_path, step, model, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000005"]
+    assert (tmp_path / "latest").read_text().strip() == "step-000005"
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    path = save(tmp_path, 1)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert "truncated" in one_line(err)
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    path = save(tmp_path, 1)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "sha256" in one_line(err)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "corrupt" in one_line(err)
+
+
+def test_corrupt_file_without_manifest_check(tmp_path):
+    path = save(tmp_path, 1)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "no manifest.json" in one_line(err)
+
+
+def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
+    save(tmp_path, 1, tiny())
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tiny(d_model=32, n_heads=2), tmp_path)
+    assert "does not fit the model" in one_line(err) and "shape" in str(err.value)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tiny(rmc=False), tmp_path)
+    assert "unexpected rmc" in one_line(err)
+
+
+def test_missing_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "nope")
+    assert "not found" in one_line(err)
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert "no checkpoint" in one_line(err)
+
+
+def test_resolve_run_dir_checkpoints_dir_and_checkpoint(tmp_path):
+    path = save(tmp_path / "run" / "checkpoints", 3)
+    for spec in (tmp_path / "run", tmp_path / "run" / "checkpoints", path, path.parent / "latest"):
+        assert resolve_checkpoint(spec) == path
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path):
+    model = tiny("nexus-debug")
+    batches = iter([(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))] * 4)
+    cfg = TrainConfig(max_steps=2, progress=False, plot=False, eval_every=0)
+    fit(model, causal_lm, batches, cfg, out_dir=tmp_path, log=lambda m: None)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        fit(tiny("nexus-debug", d_model=32), causal_lm, batches, cfg, out_dir=tmp_path, resume=True, log=lambda m: None)
+
+
+# ---- exact resume after SIGKILL ---------------------------------------------------------------
+def _write_corpus(directory: Path) -> Path:
+    directory.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat while dogs ran past small red houses".split()
+    for i in range(4):
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(150))
+        (directory / f"doc{i}.txt").write_text(text)
+    return directory
+
+
+def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "neoformer.cli", "train", "--preset", "neoformer-x-debug", "--data", str(data),
+            "--tokenizer", "char", "--out", str(out), "--max-steps", "40", "--batch", "4", "--seq", "32",
+            "--save-every", "1", "--eval-every", "0", "--threads", "1", "--no-progress", "--lr", "3e-3",
+            "--train.log_every", "1", "--train.plot", "false", "--train.deterministic", "true",
+            "--model.hidden_dropout", "0.1", *extra]  # dropout: the torch RNG must be restored too
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    data = _write_corpus(tmp_path / "data")
+    env = {**os.environ, "NEOFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    straight = subprocess.run(_train_cmd(data, tmp_path / "a"), env=env, capture_output=True, text=True, timeout=120)
+    assert straight.returncode == 0, straight.stderr
+
+    proc = subprocess.Popen(_train_cmd(data, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step-000008":
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(resolve_checkpoint(tmp_path / "b").name.split("-")[1])
+    assert 8 <= killed_at < 40
+
+    resumed = subprocess.run(_train_cmd(data, tmp_path / "b", "--resume"), env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert a == b  # bit-identical losses at every step, before and after the kill
+    from safetensors.torch import load_file
+
+    final_a = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
+    final_b = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
