@@ -9,6 +9,7 @@ otherwise Gloo on CPU. The CUDA path is written with care but is tested here onl
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
@@ -74,6 +75,15 @@ class ParallelContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor.div_(self.world_size)
         return tensor
+
+    def agree(self, choice: str | None, options: Sequence[str]) -> str | None:
+        """The same choice on every rank: the latest of ``options`` that any rank chose (None if none).
+        E.g. a stop reason, so that a time budget or a signal seen by one rank stops them all."""
+        if not self.distributed:
+            return choice
+        code = torch.tensor([options.index(choice) + 1 if choice is not None else 0], device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return options[int(code.item()) - 1] if int(code.item()) else None
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s Python object on every rank (e.g. a run directory name chosen by rank 0)."""
@@ -185,4 +195,36 @@ def shard_batch(batch: torch.Tensor | Sequence | dict, ctx: ParallelContext):
         return {k: shard_batch(v, ctx) if v is not None else None for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(shard_batch(v, ctx) if v is not None else None for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: shard_batch(getattr(batch, f.name), ctx)
+                                             for f in dataclasses.fields(batch) if f.init
+                                             and isinstance(getattr(batch, f.name), torch.Tensor)})
     raise TypeError(f"cannot shard a batch of type {type(batch).__name__}")
+
+
+class ShardedBatches:
+    """This rank's share of a *global* batch source: ``next`` takes the next global batch and
+    keeps this rank's rows (:func:`shard_batch`). ``state_dict`` / ``load_state_dict`` pass
+    through, and the position is the same on every rank, so a checkpoint saved at one world
+    size resumes at another on exactly the same data. The global batch size must divide by
+    the world size."""
+
+    def __init__(self, batches, ctx: ParallelContext):
+        self.batches, self.ctx = batches, ctx
+        self._it = None
+
+    def __iter__(self):
+        self._it = iter(self.batches)
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self.batches)
+        return shard_batch(next(self._it), self.ctx)
+
+    def __getattr__(self, name: str):
+        # state_dict / load_state_dict (and anything else) come from the wrapped source, so
+        # hasattr(sharded, "state_dict") is true exactly when the source is resumable
+        if name in ("batches", "ctx", "_it"):
+            raise AttributeError(name)
+        return getattr(self.batches, name)
