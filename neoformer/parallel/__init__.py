@@ -16,11 +16,12 @@ from .apply import (PARALLEL_MODES, apply, apply_activation_checkpointing, apply
                     default_mode, is_fsdp, no_sync, set_grad_sync)
 from .checkpoint import (consolidate, is_sharded_checkpoint, load_full_state, load_sharded, load_train_checkpoint,
                          read_full_state, read_trainer_state, save_sharded, save_train_checkpoint)
-from .setup import ParallelContext, ShardedBatches, env_world_size, setup, shard_batch, shard_range, teardown, torchrun_env_present
+from .setup import (ParallelContext, ShardedBatches, env_world_size, main_process_output, rank0_first, setup, shard_batch,
+                    shard_range, teardown, torchrun_env_present)
 
 __all__ = [
     "PARALLEL_MODES", "ParallelContext", "ShardedBatches", "apply", "apply_activation_checkpointing", "apply_compile",
     "clip_grad_norm_", "consolidate", "default_mode", "env_world_size", "is_fsdp", "is_sharded_checkpoint",
-    "load_full_state", "load_sharded", "load_train_checkpoint", "no_sync", "read_full_state", "read_trainer_state", "save_sharded", "save_train_checkpoint", "set_grad_sync",
+    "load_full_state", "load_sharded", "load_train_checkpoint", "main_process_output", "rank0_first", "no_sync", "read_full_state", "read_trainer_state", "save_sharded", "save_train_checkpoint", "set_grad_sync",
     "setup", "shard_batch", "shard_range", "teardown", "torchrun_env_present",
 ]

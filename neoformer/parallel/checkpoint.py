@@ -271,7 +271,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
     if optimizer is None or optim_state is None:
         return
     # plain state dicts number parameters in param_groups order; DCP wants their names
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied parameter: its first name
     numbered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     saved_ids = [i for group in optim_state["param_groups"] for i in group["params"]]
     if len(saved_ids) != len(numbered):

@@ -9,12 +9,13 @@ otherwise Gloo on CPU. The CUDA path is written with care but is tested here onl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,28 @@ class ParallelContext:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+@contextlib.contextmanager
+def rank0_first(ctx: ParallelContext) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. fills the data / tokenizer cache), then the others."""
+    if not ctx.is_main:
+        ctx.barrier()
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            ctx.barrier()
+
+
+@contextlib.contextmanager
+def main_process_output(ctx: ParallelContext) -> Iterator[None]:
+    """Standard output of ranks other than 0 goes nowhere (one copy of every report line)."""
+    if ctx.is_main:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def torchrun_env_present(env: dict[str, str] | None = None) -> bool:

@@ -167,6 +167,9 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool =
     """Load ``model.safetensors`` of a checkpoint into ``model``; shape or name mismatches raise CheckpointError."""
     path = resolve_checkpoint(checkpoint)
     verify_checkpoint(path)
+    if (path / "sharded.json").is_file():  # parallel: written by `neoformer train --parallel fsdp`
+        raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; resume it with --resume (any number of "
+                              f"processes) or merge it first: neoformer checkpoint consolidate {path} OUT_DIR")
     tensors, metadata = _read_safetensors(path / WEIGHTS)
     for alias, target in json.loads(metadata.get("aliases", "{}")).items():
         tensors[alias] = tensors[target]

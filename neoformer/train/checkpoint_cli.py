@@ -17,6 +17,13 @@ def add_parser(subparsers) -> None:
     ls = sub.add_parser("list", help="the checkpoints of a run directory")
     ls.add_argument("path", metavar="RUN", help="run directory or checkpoints directory")
     ls.set_defaults(func=run_list)
+    c = sub.add_parser("consolidate", help="merge a sharded (FSDP) checkpoint into a normal single-file one",
+                       description="Merge a sharded checkpoint (written by `neoformer train --parallel fsdp`) into a "
+                       "normal checkpoint directory that `neoformer generate` / `load_model` read. One process; "
+                       "needs memory for the whole model. Resume training from the sharded directory itself.")
+    c.add_argument("sharded", metavar="SHARDED_DIR", help="sharded checkpoint, or a run directory (uses its latest)")
+    c.add_argument("out", metavar="OUT_DIR", help="new checkpoint directory to write")
+    c.set_defaults(func=run_consolidate)  # parallel: implemented in neoformer.parallel.checkpoint
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -72,6 +79,14 @@ def run_list(args: argparse.Namespace) -> int:
     for path in found:
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         print(f"{path}  {_size(size)}" + ("  <- latest" if path.name == latest else ""))
+    return 0
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from ..parallel import consolidate
+
+    out = consolidate(args.sharded, args.out)
+    print(f"consolidated {args.sharded} -> {out}")
     return 0
 
 

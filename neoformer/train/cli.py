@@ -88,6 +88,9 @@ def add_parser(subparsers) -> None:
                        help="recompute activations in backward (less memory, ~30%% slower)")
     speed.add_argument("--threads", type=int, help="CPU threads for torch")
     speed.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    speed.add_argument("--parallel", choices=("ddp", "fsdp", "none"),  # parallel: see docs/scaling.md
+                       help="data parallelism under torchrun (default ddp when WORLD_SIZE > 1); "
+                       "--batch is the global batch, split evenly over the ranks")
     _add_overrides(p)
     p.set_defaults(func=run_train)
 
@@ -165,8 +168,21 @@ def _adapt_model_to_tokenizer(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Runs unchanged under ``torchrun --nproc_per_node=N``: one process group for the run."""
+    from .. import parallel
+
+    ctx = parallel.setup(device=args.device if args.device not in (None, "auto") else None)
+    try:
+        with parallel.main_process_output(ctx):  # parallel: rank 0 prints the reports
+            return _run_train(args, ctx)
+    finally:
+        parallel.teardown(ctx)
+
+
+def _run_train(args: argparse.Namespace, ctx) -> int:
     import torch
 
+    from .. import parallel
     from ..model import build_model
     from .batches import build_task_data, steps_for_epochs
     from .fit import TrainingDiverged, fit, seed_everything
@@ -189,7 +205,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     tokenizer_spec = str(resume_path / "tokenizer") if resume_path and (resume_path / "tokenizer").is_dir() else None
-    task = build_task_data(run, tokenizer_spec)
+    with parallel.rank0_first(ctx):  # parallel: rank 0 fills the data / tokenizer cache, the others read it
+        task = build_task_data(run, tokenizer_spec)
     print(f"data: {task.description}")
     print(f"tokenizer: {task.tokenizer.kind}, vocab {task.tokenizer.vocab_size:,} "
           f"(ready in {time.perf_counter() - started:.1f} s)")
@@ -202,18 +219,20 @@ def run_train(args: argparse.Namespace) -> int:
     seq = "" if run.model.kind == "encoder_decoder" else f" x {run.seq_len}"
     print(f"model: {run.preset or run.model.name} ({run.model.kind}), {model.num_parameters():,} parameters; "
           f"batch {t.batch_size}{seq} x {t.grad_accum} accum; {_limits(t)}")
-    _prepare_out_dir(out, resume_path is not None)
-    (out / "config.yaml").write_text(dump_yaml(run))
+    if ctx.is_main:  # parallel: rank 0 owns the run directory
+        _prepare_out_dir(out, resume_path is not None)
+        (out / "config.yaml").write_text(dump_yaml(run))
+    ctx.barrier()
     extras = {"preset": run.preset, "data": dataclasses.asdict(run.data),
               "tokenizer_config": dataclasses.asdict(run.tokenizer)}
     try:
         result = fit(model, task.objective, task.train, t, val_batches=task.val, out_dir=out, tokenizer=task.tokenizer,
-                     run_config=extras, resume=resume_path)
+                     run_config=extras, resume=resume_path, parallel=ctx, parallel_mode=args.parallel)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _report(result, run)
-    if t.samples and result.stop_reason not in EXIT_INTERRUPTED:
+    if t.samples and result.stop_reason not in EXIT_INTERRUPTED and ctx.is_main and not parallel.is_fsdp(model):
         from .sampling import print_samples
 
         print_samples(model, task, run)

@@ -37,6 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..parallel import (  # parallel: DDP / FSDP2 under torchrun (no-ops in one process)
+    ParallelContext, ShardedBatches, clip_grad_norm_, is_fsdp, is_sharded_checkpoint, load_train_checkpoint,
+    save_train_checkpoint,
+)
+from ..parallel import apply as apply_parallel
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
     save_checkpoint, unwrap,
@@ -46,6 +51,12 @@ from .optim import WarmupCosine, build_optimizer, set_lr
 from .run_config import TrainConfig
 
 Callback = Callable[[str, dict], None]
+# stop reasons in rising priority: under torchrun the highest any rank reports stops all (parallel)
+STOP_REASONS = ("max_steps", "max_tokens", "time_budget", "terminated", "interrupted")
+
+
+def _silent(*args, **kwargs) -> None:  # parallel: the log of ranks other than 0
+    pass
 
 
 class TrainingDiverged(RuntimeError):
@@ -226,7 +237,12 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, batches: Iterable, cfg: TrainConfig, *,
                  val_batches: Callable[[], Iterable] | Iterable | None = None, out_dir: str | os.PathLike | None = None,
                  tokenizer=None, run_config: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print):
+                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print,
+                 parallel: ParallelContext | None = None, parallel_mode: str | None = None):
+        # parallel: only rank 0 logs, shows progress and writes metrics; see neoformer.parallel
+        self.ctx = parallel if parallel is not None else ParallelContext()
+        if not self.ctx.is_main:
+            log = _silent
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.batches, self.val_batches = batches, val_batches
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -236,16 +252,20 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.device = resolve_device(cfg.device)
+        self.device = self.ctx.device if self.ctx.distributed else resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw = unwrap(model).to(self.device)
         self.model = model
         if cfg.gradient_checkpointing and hasattr(self.raw, "config"):
             self.raw.config.gradient_checkpointing = True
+        if self.ctx.distributed:  # parallel: AC -> compile (per block) -> DDP/FSDP, before the optimizer
+            apply_parallel(self.raw, self.ctx, parallel_mode, activation_checkpointing=cfg.gradient_checkpointing,
+                           compile=cfg.compile, mixed_precision=self.amp_dtype)
+            self.batches = batches = ShardedBatches(batches, self.ctx)  # each rank: its rows of the global batch
         self.optimizer = optimizer or build_optimizer(self.raw, cfg)
         self.schedule = WarmupCosine.from_config(cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_fn = torch.compile(objective) if cfg.compile else objective
+        self.step_fn = torch.compile(objective) if cfg.compile and not self.ctx.distributed else objective
         self.step = self.tokens = self.consumed = 0
         self.elapsed_before = 0.0
         self.train_loss: float | None = None
@@ -256,13 +276,16 @@ class Trainer:
     # -- resume -------------------------------------------------------------------------------
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         path = resolve_checkpoint(checkpoint)
-        load_weights(self.raw, path)
-        state = load_training_state(path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"optimizer state in {path} does not fit this model/optimizer ({err}); "
-                                  "resume with the same model config and train.optimizer") from None
+        if is_sharded_checkpoint(path) or is_fsdp(self.raw):  # parallel: any world size, sharded or not
+            state = load_train_checkpoint(path, self.raw, self.optimizer, self.ctx)
+        else:
+            load_weights(self.raw, path)
+            state = load_training_state(path)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"optimizer state in {path} does not fit this model/optimizer ({err}); "
+                                      "resume with the same model config and train.optimizer") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -307,23 +330,24 @@ class Trainer:
         norm = None
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+            norm = clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)  # parallel: plain tensor for DTensors
         bad = ~torch.isfinite(mean_loss)
         if norm is not None and not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
             bad = bad | ~torch.isfinite(norm)
-        if bool(bad):
+        if self.ctx.any(bool(bad)):  # parallel: every rank stops together
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(float(mean_loss), None if norm is None else float(norm))
         self._in_update = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if deltas and getattr(self.raw, "rmc", None) is not None:
-            self.raw.rmc.apply_update(torch.cat(deltas).float().mean(0), lr=cfg.rmc_lr)
+        if deltas and getattr(self.raw, "rmc", None) is not None:  # parallel: the mean over all ranks' rows
+            self.raw.rmc.apply_update(self.ctx.all_reduce_mean_(torch.cat(deltas).float().mean(0)), lr=cfg.rmc_lr)
         if getattr(getattr(self.raw, "config", None), "ngpt", False):
             self.raw.normalize_weights_()
         self._in_update = False
-        return float(mean_loss), (None if norm is None else float(norm)), tokens
+        # parallel: loss averaged over ranks, tokens of the global batch (ranks hold equal shares)
+        return self.ctx.mean(mean_loss), (None if norm is None else float(norm)), tokens * self.ctx.world_size
 
     def _diverged(self, loss: float, norm: float | None) -> TrainingDiverged:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
@@ -346,6 +370,10 @@ class Trainer:
         return self.schedule(self.step, self.time_fraction)
 
     def stop_reason(self) -> str | None:
+        """Why to stop now (None = go on); under torchrun every rank gets the same answer."""
+        return self.ctx.agree(self._local_stop_reason(), STOP_REASONS)
+
+    def _local_stop_reason(self) -> str | None:
         cfg = self.cfg
         if self.signals.received is not None:
             return "interrupted" if self.signals.received == signal.SIGINT else "terminated"
@@ -387,9 +415,17 @@ class Trainer:
             return None
         config = {"model": self.raw.config.to_dict() if hasattr(self.raw, "config") else None,
                   "train": self.cfg.to_dict(), **self.run_config}
-        self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, self.raw, config=config,
-                                               tokenizer=self.tokenizer, training_state=self.training_state(),
-                                               keep_last=self.cfg.keep_last)
+        if is_fsdp(self.raw):  # parallel: every rank writes its shards (DCP); resumable at any world size
+            self.last_checkpoint = save_train_checkpoint(
+                self.ckpt_root, self.step, self.raw, self.optimizer, self.ctx, config=config, tokenizer=self.tokenizer,
+                training_state=self.training_state(), keep_last=self.cfg.keep_last)
+        elif self.ctx.is_main:
+            self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, self.raw, config=config,
+                                                   tokenizer=self.tokenizer, training_state=self.training_state(),
+                                                   keep_last=self.cfg.keep_last)
+        else:  # parallel: DDP replicas are identical; rank 0 wrote the checkpoint
+            self.last_checkpoint = self.ckpt_root / f"step-{self.step:06d}"
+        self.ctx.barrier()
         self._emit("save", {"step": self.step, "path": self.last_checkpoint})
         return self.last_checkpoint
 
@@ -431,12 +467,13 @@ class Trainer:
             if resume_path is None:
                 raise ValueError("resume=True needs out_dir (the run directory holding checkpoints/)")
             self.resume_from(resume_path)
-        self.metrics = _Metrics(self.out_dir, self.step if resume_path is not None else None)
+        self.metrics = _Metrics(self.out_dir if self.ctx.is_main else None,  # parallel: rank 0 writes
+                                self.step if resume_path is not None else None)
         self.model.train()
         self._t0 = time.perf_counter()
         self._start_step, self._elapsed_at_start = self.step, self.elapsed_before
         self._in_update = False
-        self.progress = _Progress(cfg, self.step, self._log)
+        self.progress = _Progress(cfg if self.ctx.is_main else cfg.replace(progress=False), self.step, self._log)
         self._evaluated_at = None
         reason, rate = None, 0.0
         try:
@@ -500,7 +537,8 @@ def fit(model: nn.Module, objective: Objective, batches: Iterable, cfg: TrainCon
         val_batches: Callable[[], Iterable] | Iterable | None = None, out_dir: str | os.PathLike | None = None,
         tokenizer=None, run_config: dict | None = None, resume: str | os.PathLike | bool | None = None,
         optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[Callback] = (),
-        log: Callable[[str], None] = print) -> FitResult:
+        log: Callable[[str], None] = print, parallel: ParallelContext | None = None,
+        parallel_mode: str | None = None) -> FitResult:
     """Train ``model`` with ``objective`` on ``batches`` until a limit of ``cfg`` is reached.
 
     Args:
@@ -512,11 +550,15 @@ def fit(model: nn.Module, objective: Objective, batches: Iterable, cfg: TrainCon
             None trains in memory only.
         run_config: extra JSON-able settings stored in every checkpoint's config.json.
         resume: True (``out_dir/checkpoints``) or a checkpoint / run directory to continue from.
+        parallel: the ``neoformer.parallel.setup()`` context under torchrun; ``parallel_mode``
+            ddp | fsdp | none (default ddp). ``batches`` then yield *global* batches that each
+            rank slices; build ``optimizer`` (if given) after ``neoformer.parallel.apply``.
     Raises:
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is left in place).
     """
     trainer = Trainer(model, objective, batches, cfg or TrainConfig(), val_batches=val_batches, out_dir=out_dir,
-                      tokenizer=tokenizer, run_config=run_config, optimizer=optimizer, callbacks=callbacks, log=log)
+                      tokenizer=tokenizer, run_config=run_config, optimizer=optimizer, callbacks=callbacks, log=log,
+                      parallel=parallel, parallel_mode=parallel_mode)
     return trainer.run(resume)
 
 
