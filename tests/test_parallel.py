@@ -5,7 +5,11 @@ a normal checkpoint. One torchrun launch (tests/_parallel_worker.py) serves all 
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ import _parallel_worker as worker  # noqa: E402
 
 from neoformer import parallel  # noqa: E402
 from neoformer.model import build_model  # noqa: E402
+from neoformer.cli import main as cli_main  # noqa: E402
 from neoformer.train.checkpoint import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +30,8 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 TOL = dict(rtol=0, atol=1e-10)  # float64
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *args]
@@ -167,3 +172,71 @@ def test_consolidate_gives_a_normal_checkpoint(two_ranks, tmp_path):
     with pytest.raises(ValueError, match="different"):
         parallel.consolidate(out / "ckpt", out / "ckpt")
 
+
+
+# ---- `neoformer train` under torchrun ------------------------------------------------------------
+TINY = ["--preset", "neoformer-x-debug", "--tokenizer", "char", "--max-steps", "3", "--batch", "4", "--seq", "16",
+        "--no-progress", "--eval-every", "2", "--save-every", "2", "--train.eval_batches", "2", "--train.plot", "false",
+        "--train.log_every", "1"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """An FSDP run at world size 2 (torchrun) and the same run in one process."""
+    base = tmp_path_factory.mktemp("cli")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat while dogs ran past small red houses".split()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(7)) for _ in range(60)))
+    cache = {"NEOFORMER_CACHE": str(base / "cache")}
+    args = [*TINY, "--data", str(corpus)]
+    torchrun(["-m", "neoformer.cli", "train", *args, "--out", str(base / "fsdp"), "--parallel", "fsdp"], env=cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEOFORMER_CACHE", cache["NEOFORMER_CACHE"])
+        threads = torch.get_num_threads()
+        assert cli_main(["train", *args, "--out", str(base / "single"), "--threads", "1"]) == 0
+        torch.set_num_threads(threads)
+    return base
+
+
+def test_cli_fsdp_run_matches_single_process(cli_runs):
+    fsdp, single = _losses(cli_runs / "fsdp"), _losses(cli_runs / "single")
+    assert sorted(fsdp) == [1, 2, 3]
+    assert fsdp == pytest.approx(single, rel=1e-5)
+    step = cli_runs / "fsdp" / "checkpoints" / "step-000003"
+    assert parallel.is_sharded_checkpoint(step) and (cli_runs / "fsdp" / "checkpoints" / "latest").is_file()
+
+
+def test_cli_resume_fsdp_checkpoint_in_one_process(cli_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOFORMER_CACHE", str(cli_runs / "cache"))
+    run = tmp_path / "resumed"
+    shutil.copytree(cli_runs / "fsdp", run)
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    threads = torch.get_num_threads()
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress", "--threads", "1"]) == 0
+    torch.set_num_threads(threads)
+    assert _losses(run)[3] == pytest.approx(_losses(cli_runs / "single")[3], rel=1e-5)
+
+
+def test_cli_consolidate_then_generate(cli_runs, tmp_path, capsys):
+    with pytest.raises(Exception, match="consolidate"):  # the normal loader points at the fix
+        load_model(cli_runs / "fsdp")
+    out = tmp_path / "merged"
+    assert cli_main(["checkpoint", "consolidate", str(cli_runs / "fsdp"), str(out)]) == 0
+    merged, tokenizer = load_model(out)
+    single, _ = load_model(cli_runs / "single")
+    for (name, a), (_, b) in zip(merged.state_dict().items(), single.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert cli_main(["checkpoint", "consolidate", str(cli_runs / "fsdp"), str(out)]) == 2  # never overwrites
+    if importlib.util.find_spec("neoformer.generate.cli") is not None:
+        capsys.readouterr()
+        assert cli_main(["generate", str(out), "--prompt", "the cat", "-n", "4", "--greedy", "--no-stream"]) == 0
+        assert "the cat" in capsys.readouterr().out
