@@ -7,6 +7,15 @@ from neoformer import ModelConfig, build_model
 from neoformer.generate import StaticKVCache, decode_one, generate, prefill
 from neoformer.generate.engine import forward_tokens, trim_cache
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are op-overhead bound; a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64,
             init_std=0.25)
 
@@ -204,3 +213,12 @@ def test_rmc_cached_generation_equals_full_recompute():
     for _ in range(10):
         seq = seq + [int(full_logits(model, seq)[-1].argmax())]
     assert out[0].tolist() == seq
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    """torch.compile of the one-token step (static-shape cache): ragged batch, trimming, RMC."""
+    model = tiny(rmc=True, nsb=True, rmc_mem_size=8, nsb_rules=8, nsb_rule_dim=16)
+    prompts = [rand_ids(3, 60), rand_ids(5, 61)]
+    expected = generate(model, prompts, max_new_tokens=70)
+    assert torch.equal(generate(model, prompts, max_new_tokens=70, compile=True), expected)

@@ -13,7 +13,8 @@ import torch
 
 from .cache import StaticKVCache
 from .config import GenerationConfig
-from .engine import Encoded, PromptBatch, as_prompts, decode_one, left_pad, prefill, trim_cache
+from .engine import (Encoded, PromptBatch, as_prompts, bucket, compiled_decode_one, decode_one, left_pad, prefill,
+                     trim_cache)
 from .sampling import History, choose, make_generator, process
 
 
@@ -39,6 +40,7 @@ class Plan:
     eos: torch.Tensor | None  # (n_eos,)
 
     def capacity(self, extra: int = 0) -> int:
+        """Cache slots: prompt + new tokens (+ extra), at most the window."""
         return min(self.batch.ids.shape[1] + self.cfg.max_new_tokens + extra, self.window)
 
 
@@ -128,7 +130,13 @@ def token_stream(model, p: Plan, generator=None, tokenizer=None, stats: dict | N
     if cfg.max_new_tokens == 0:
         return
     history = History(cfg, batch.prompts, model.config.vocab_size, batch.ids.device)
-    cache = new_cache(model, p, B)
+    compiled = cfg.compile and p.encoded is None
+    if compiled:
+        step_fn = compiled_decode_one(model)
+        cache = StaticKVCache.for_model(model, B, bucket(p.capacity(), p.window), static=True,
+                                        track_tokens=new_cache(model, p, 1).tokens is not None)
+    else:
+        cache = new_cache(model, p, B)
     stop = StopStrings(cfg.stop, tokenizer, B) if cfg.stop else None
     cap, sampling = cache.capacity, cfg.sampling
     t0 = time.perf_counter()
@@ -157,7 +165,11 @@ def token_stream(model, p: Plan, generator=None, tokenizer=None, stats: dict | N
         if cache.end + 1 > cap:
             trim_cache(model, cache, p.keep_n, cfg.trim, p.encoded)
             trims += 1
-        logits = decode_one(model, cache, tok, p.encoded)
+        if compiled:
+            logits = step_fn(model, cache, tok, cache.next_pos[:, None])
+            cache.end += 1  # the compiled step moves only the tensor slot
+        else:
+            logits = decode_one(model, cache, tok, p.encoded)
     stats["decode_s"] = time.perf_counter() - t1
     stats["trims"] = trims
 
@@ -166,10 +178,8 @@ def _finish(p: Plan, steps: list[torch.Tensor], stats: dict, tokenizer, t0: floa
     batch = p.batch
     gen = torch.stack(steps, dim=1) if steps else batch.ids.new_zeros(batch.ids.shape[0], 0)
     new_tokens = [_cut(row, p) for row in gen.tolist()]
-    width = gen.shape[1]
     for row, toks in enumerate(new_tokens):  # after a row ends, pad
         gen[row, len(toks):] = p.pad_id
-    del width
     prefix = batch.ids if p.encoded is None else batch.ids[:, :1]
     sequences = torch.cat((prefix, gen), dim=1)
     texts = None
@@ -292,15 +302,28 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int | None = None
     ids = tokenizer.encode(prompt)
     stops = options.get("stop") or options.get("stop_strings") or []
     stops = [stops] if isinstance(stops, str) else list(stops)
-    eos = set(GenerationConfig.build(**{k: v for k, v in options.items() if k in ("eos_token_id", "eos_id")}).eos_ids)
-    if not eos and getattr(tokenizer, "eos_id", None) is not None:
+    given = {k: v for k, v in options.items() if k in ("eos_token_id", "eos_id")}
+    eos = set(GenerationConfig.build(**given).eos_ids)
+    if not given and getattr(tokenizer, "eos_id", None) is not None:
         eos = {tokenizer.eos_id}
+    stats = {} if stats is None else stats
+    t0 = time.perf_counter()
+    for piece in _text_pieces(model, tokenizer, ids, max_new_tokens, draft_model, stats, stops, eos, options):
+        stats["new_tokens"] = stats.get("streamed", 0)
+        stats["total_s"] = time.perf_counter() - t0
+        yield piece
+    stats["new_tokens"] = stats.get("streamed", 0)
+    stats["total_s"] = time.perf_counter() - t0
+
+
+def _text_pieces(model, tokenizer, ids, max_new_tokens, draft_model, stats, stops, eos, options):
     generated: list[int] = []
     shown = ""
     hold = max((len(s) for s in stops), default=1) - 1  # text that may be the start of a stop string
     for tok in stream(model, ids, max_new_tokens, tokenizer=tokenizer, draft_model=draft_model, stats=stats,
                       **options):
         t = int(tok[0])
+        stats["streamed"] = stats.get("streamed", 0) + 1
         if t in eos:
             break
         generated.append(t)

@@ -96,6 +96,16 @@ class StaticKVCache:
         self._slot.add_(L)
         return self.pos, self.keep
 
+    def record(self, ids: torch.Tensor) -> None:
+        """Remember the token ids about to be written (needed to refill the window when trimming)."""
+        if self.tokens is None:
+            return
+        L = ids.shape[1]
+        if self.static:
+            self.tokens.index_copy_(1, self._slot + torch.arange(L, device=ids.device), ids)
+        else:
+            self.tokens[:, self.end:self.end + L] = ids
+
     def _set_next(self, q_pos: torch.Tensor) -> None:
         # a new tensor, not an in-place write: the caller's q_pos may be a view of next_pos
         nxt = q_pos[:, -1] + 1
@@ -118,7 +128,6 @@ class StaticKVCache:
         """Static mode: bring the Python-side ``end`` in line with the tensor slot (after compiled steps)."""
         if self.static:
             self.end = int(self._slot)
-            self.padded = self.padded or not bool(self.keep[:, :self.end].all())
 
     def _set_end(self, end: int) -> None:
         self.end = end

@@ -1,0 +1,134 @@
+"""`neoformer generate CKPT --prompt TEXT [options]`: stream a continuation to the terminal.
+
+One prompt (no beams) streams token by token; several prompts (repeat --prompt) or beam search
+print whole results. Speed goes to stderr: tokens/s, prefill time, draft acceptance rate.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="checkpoint directory (from `neoformer train`)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    g = p.add_argument_group("sampling (greedy unless one of these is set)")
+    g.add_argument("--temperature", "--temp", type=float, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding even if sampling options are set")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--no-repeat-ngram-size", type=int)
+    s = p.add_argument_group("stopping")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--eos-id", type=int, action="append", help="EOS token id (default: the tokenizer's)")
+    s.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens regardless of EOS")
+    b = p.add_argument_group("beam search")
+    b.add_argument("--num-beams", type=int, default=1)
+    b.add_argument("--length-penalty", type=float, default=1.0)
+    b.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
+    b.add_argument("--num-return-sequences", type=int, default=1)
+    d = p.add_argument_group("speculative decoding")
+    d.add_argument("--draft", help="checkpoint of a smaller draft model with the same vocabulary")
+    d.add_argument("--num-draft-tokens", type=int, default=4)
+    c = p.add_argument_group("context and runtime")
+    c.add_argument("--max-seq-len", type=int, help="context window before trimming (default: the model's)")
+    c.add_argument("--trim-keep", type=int, help="tokens kept when the window is full (default: half)")
+    c.add_argument("--trim", choices=["slice", "refill"], default="slice")
+    c.add_argument("--device", default=None)
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.add_argument("--threads", type=int, help="torch CPU threads")
+    c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    c.add_argument("--no-stream", action="store_true", help="print the result at the end")
+    p.set_defaults(func=run)
+
+
+def _options(args) -> dict:
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, num_beams=args.num_beams,
+                length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
+                early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
+                num_draft_tokens=args.num_draft_tokens, max_seq_len=args.max_seq_len, trim_keep=args.trim_keep,
+                trim=args.trim, compile=args.compile)
+    if args.greedy:
+        opts["do_sample"] = False
+    if args.ignore_eos:
+        opts["eos_token_id"] = []
+    elif args.eos_id:
+        opts["eos_token_id"] = args.eos_id
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _load(path: str, device, dtype):
+    try:
+        from ..train.checkpoint import load_model
+    except ImportError:
+        from ..cli import UserError
+
+        raise UserError("checkpoint loading (neoformer.train.checkpoint.load_model) is not available") from None
+    model, tokenizer = load_model(path, device=device)
+    if dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, dtype))
+    return model.eval(), tokenizer
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        if args.prompt_file == "-":
+            prompts.append(sys.stdin.read())
+        else:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.append(f.read())
+    if not prompts:
+        raise ValueError("give a prompt: --prompt TEXT or --prompt-file PATH")
+    return prompts
+
+
+def _report(stats: dict) -> None:
+    n_tokens, total = stats.get("new_tokens", 0), stats.get("total_s", 0.0)
+    rate = n_tokens / total if total > 0 else float("inf")
+    line = f"[{n_tokens} tokens in {total:.2f} s: {rate:.1f} tokens/s; prefill {stats.get('prefill_s', 0) * 1e3:.0f} ms"
+    if "acceptance_rate" in stats:
+        line += f"; draft acceptance {stats['acceptance_rate']:.0%}"
+    print(line + "]", file=sys.stderr)
+
+
+def run(args) -> int:
+    import torch
+
+    from .api import generate, stream_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = _prompts(args)
+    opts = _options(args)
+    model, tokenizer = _load(args.checkpoint, args.device, args.dtype)
+    draft = _load(args.draft, args.device, args.dtype)[0] if args.draft else None
+    streaming = len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
+    if streaming:
+        stats: dict = {}
+        print(prompts[0], end="", flush=True)
+        for piece in stream_text(model, tokenizer, prompts[0], draft_model=draft, stats=stats, **opts):
+            print(piece, end="", flush=True)
+        print()
+        _report(stats)
+        return 0
+    ids = [tokenizer.encode(p) for p in prompts]
+    out = generate(model, ids, tokenizer=tokenizer, draft_model=draft, return_dict=True, **opts)
+    per_prompt = len(out.texts) // len(prompts)
+    for i, text in enumerate(out.texts):
+        if per_prompt > 1 or len(prompts) > 1:
+            print(f"--- {i // per_prompt + 1}" + (f".{i % per_prompt + 1}" if per_prompt > 1 else ""))
+        print(prompts[i // per_prompt] + text)
+    _report(out.stats)
+    return 0
+
