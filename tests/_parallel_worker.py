@@ -2,11 +2,10 @@
 
 Every run trains the same model on the same *global* batches (a pure function of the step),
 each rank taking its rows with ``shard_batch``; results are written as plain tensors for the
-test to compare. Run in-process (world size 1) or spawned with the torchrun environment set.
+test to compare. Imported by the test (world size 1) or launched by torchrun (world size N).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -63,6 +62,10 @@ def run_distributed(out: Path) -> None:
     ctx = parallel.setup()
     results: dict = {"world_size": ctx.world_size}
     try:
+        # agreement: one rank's NaN / signal / time budget stops every rank
+        results["any"] = [ctx.any(ctx.rank == 1), ctx.any(False)]
+        results["agree"] = ctx.agree("time_budget" if ctx.rank == 1 else None, ("max_steps", "time_budget", "interrupted"))
+        results["gathered"] = ctx.gather_objects({"rank": ctx.rank})
         model, opt = make(ctx, "ddp")
         results["ddp_losses"] = train(model, opt, ctx, 0, 4)
         results["ddp"] = full_weights(model)
@@ -89,12 +92,18 @@ def run_distributed(out: Path) -> None:
         parallel.teardown(ctx)
 
 
-def spawn_entry(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    run_distributed(Path(out))
+def run_compiled(out: Path) -> None:
+    """FSDP with activation checkpointing and per-block torch.compile (slow: cold compiles)."""
+    ctx = parallel.setup()
+    try:
+        model, opt = make(ctx, "fsdp", activation_checkpointing=True, compile=True)
+        losses = train(model, opt, ctx, 0, 4)
+        weights = full_weights(model)
+        if ctx.is_main:
+            torch.save({"losses": losses, "weights": weights}, out / "compiled.pt")
+    finally:
+        parallel.teardown(ctx)
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/_parallel_worker.py OUT
-    run_distributed(Path(sys.argv[1]))
+if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/_parallel_worker.py OUT [compiled]
+    (run_compiled if sys.argv[2:] == ["compiled"] else run_distributed)(Path(sys.argv[1]))

@@ -78,6 +78,8 @@ def test_single_process_context(monkeypatch):
     parallel.teardown(ctx)
     with pytest.raises(ValueError, match="parallel"):
         parallel.apply(model, ctx, "zero3")
+    with pytest.raises(ValueError, match="unsynchronised"):
+        parallel.apply(model, parallel.ParallelContext(rank=0, world_size=2), "none")
 
 
 def test_shard_batch_is_disjoint_and_complete():
@@ -128,6 +130,13 @@ def test_sharded_checkpoint_single_process(tmp_path):
 
 
 # ---- two ranks (one torchrun launch) -----------------------------------------------------------
+def test_ranks_agree_on_stopping(two_ranks):
+    _, res = two_ranks
+    assert res["any"] == [True, False]  # rank 1's flag reaches rank 0
+    assert res["agree"] == "time_budget"
+    assert res["gathered"] == [{"rank": 0}, {"rank": 1}]
+
+
 def test_ddp_matches_single_process(two_ranks, reference):
     _, res = two_ranks
     assert res["world_size"] == 2
@@ -150,6 +159,15 @@ def test_resume_at_world_size_2_continues_identically(two_ranks, reference):
     _, res = two_ranks
     assert res["resumed_losses"] == pytest.approx(reference[0][2:], abs=1e-6)
     assert_same_weights(res["resumed"], reference[1])
+
+
+@pytest.mark.slow
+def test_fsdp_with_compile_and_checkpointing_matches_single_process(tmp_path, reference):
+    torchrun([str(ROOT / "tests" / "_parallel_worker.py"), str(tmp_path), "compiled"], timeout=600)
+    res = torch.load(tmp_path / "compiled.pt", weights_only=True)
+    assert res["losses"] == pytest.approx(reference[0], abs=1e-6)
+    for key, want in reference[1].items():  # inductor may reorder float64 sums
+        torch.testing.assert_close(res["weights"][key], want, rtol=1e-7, atol=1e-9)
 
 
 def test_resume_at_world_size_1_continues_identically(two_ranks, reference):

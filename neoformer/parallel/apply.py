@@ -68,6 +68,9 @@ def apply(model: nn.Module, ctx: ParallelContext, mode: str | None = None, *,
     mode = default_mode(ctx) if mode is None else mode
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel ({mode!r}) must be one of: {', '.join(PARALLEL_MODES)}")
+    if mode == "none" and ctx.world_size > 1:
+        raise ValueError(f"parallel 'none' with {ctx.world_size} processes would train {ctx.world_size} unsynchronised "
+                         "copies; use --parallel ddp or fsdp (or run one process)")
     if mode != "none" and not ctx.distributed:
         log.info("parallel %s asked for without a process group (not under torchrun): running unwrapped", mode)
         mode = "none"
