@@ -191,7 +191,8 @@ def test_missing_checkpoint_errors(tmp_path):
 
 def test_resolve_run_dir_checkpoints_dir_and_checkpoint(tmp_path):
     path = save(tmp_path / "run" / "checkpoints", 3)
-    for spec in (tmp_path / "run", tmp_path / "run" / "checkpoints", path, path.parent / "latest"):
+    for spec in (tmp_path / "run", tmp_path / "run" / "checkpoints", path, path.parent / "latest",
+                 tmp_path / "run" / "latest"):
         assert resolve_checkpoint(spec) == path
 
 

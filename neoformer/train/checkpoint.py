@@ -270,9 +270,11 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from: itself, a root holding ``latest``, or a run directory holding
-    ``checkpoints/latest``. Raises CheckpointError when none is there."""
+    """A checkpoint directory from: itself, a root holding ``latest``, a run directory holding
+    ``checkpoints/latest``, or ``RUN/latest``. Raises CheckpointError when none is there."""
     path = Path(path).expanduser()
+    if not path.exists() and path.name == LATEST and (path.parent / "checkpoints" / LATEST).is_file():
+        path = path.parent / "checkpoints"  # `runs/demo/latest` names the run's latest checkpoint
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file() and path.name == LATEST:
