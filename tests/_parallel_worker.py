@@ -18,10 +18,16 @@ PRESET = "neoformer-x-debug"
 GLOBAL_BATCH, SEQ = 4, 16
 
 
-def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(step: int, vocab: int, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids; ``masked``: most targets of the first rows ignored (-100), so ranks hold
+    different numbers of targets, as with MLM masking or padding."""
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
+    x, y = ids[:, :-1], ids[:, 1:].clone()
+    if masked:
+        keep = torch.rand(y.shape, generator=g) < torch.linspace(0.1, 0.9, GLOBAL_BATCH)[:, None]
+        y[~keep] = -100
+    return x, y
 
 
 def make(ctx, mode: str, **apply_kwargs):
@@ -32,16 +38,17 @@ def make(ctx, mode: str, **apply_kwargs):
     return model, opt
 
 
-def train(model, opt, ctx, start: int, stop: int, micro: int = 1) -> list[float]:
+def train(model, opt, ctx, start: int, stop: int, micro: int = 1, masked: bool = False) -> list[float]:
     """Steps [start, stop); ``micro`` > 1 splits this rank's rows into gradient-accumulation micro-batches."""
     losses = []
     for step in range(start, stop):
-        x, y = parallel.shard_batch(global_batch(step, model.config.vocab_size), ctx)
+        x, y = parallel.shard_batch(global_batch(step, model.config.vocab_size, masked), ctx)
         opt.zero_grad(set_to_none=True)
         xs, ys = x.chunk(micro), y.chunk(micro)
         for i in range(micro):
             parallel.set_grad_sync(model, i == micro - 1)
             loss, _ = model.loss(xs[i].to(ctx.device), ys[i].to(ctx.device))
+            loss = loss * ctx.token_share((ys[i] != -100).sum())  # as fit() does
             (loss / micro).backward()
         parallel.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -69,6 +76,9 @@ def run_distributed(out: Path) -> None:
         model, opt = make(ctx, "ddp")
         results["ddp_losses"] = train(model, opt, ctx, 0, 4)
         results["ddp"] = full_weights(model)
+        model, opt = make(ctx, "ddp")
+        results["ddp_masked_losses"] = train(model, opt, ctx, 0, 4, masked=True)
+        results["ddp_masked"] = full_weights(model)
         model, opt = make(ctx, "ddp")
         results["ddp_accum_losses"] = train(model, opt, ctx, 0, 4, micro=2)
         results["ddp_accum"] = full_weights(model)

@@ -70,6 +70,19 @@ class ParallelContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item())
 
+    def token_share(self, count: int | torch.Tensor | None) -> float:
+        """Weight of this rank's mean loss so that the gradient average over ranks is the mean over
+        *all* ranks' targets: ``world_size * count / total count`` (1.0 in one process).
+
+        Ranks hold equal numbers of rows but not of targets (MLM masks, padding), and a plain
+        average of per-rank means would weight each rank's targets differently from one process.
+        """
+        if not self.distributed or count is None:
+            return 1.0
+        local = float(count)
+        total = self.sum(local)
+        return self.world_size * local / total if total > 0 else 1.0
+
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place mean over ranks of a tensor (e.g. the RMC ``delta`` before ``apply_update``)."""
         if self.distributed:

@@ -321,6 +321,7 @@ class Trainer:
             self.consumed += 1
             with self._autocast():
                 loss, stats = self.step_fn(self.model, move_batch(batch, self.device))
+            loss = loss * self.ctx.token_share(stats.get("targets"))  # parallel: weigh ranks by their targets
             self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             tokens += int(stats.get("tokens", 0))
