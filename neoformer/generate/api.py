@@ -132,7 +132,7 @@ def token_stream(model, p: Plan, generator=None, tokenizer=None, stats: dict | N
     history = History(cfg, batch.prompts, model.config.vocab_size, batch.ids.device)
     compiled = cfg.compile and p.encoded is None
     if compiled:
-        step_fn = compiled_decode_one(model)
+        step_fn = compiled_decode_one(model, B)
         cache = StaticKVCache.for_model(model, B, bucket(p.capacity(), p.window), static=True,
                                         track_tokens=new_cache(model, p, 1).tokens is not None)
     else:

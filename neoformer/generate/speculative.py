@@ -21,7 +21,7 @@ import torch
 
 from ..model.memory import MemoryState
 from .cache import StaticKVCache
-from .engine import forward_tokens, trim_cache
+from .engine import bucket, compiled_decode_one, forward_tokens, trim_cache
 from .sampling import process
 
 
@@ -68,13 +68,24 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
     device = p.batch.ids.device
     prompt = torch.tensor([p.batch.prompts[row]], device=device)
     T = prompt.shape[1]
-    if p.window < gamma + 2:
-        raise ValueError(f"num_draft_tokens ({gamma}) does not fit the context window ({p.window})")
-    cap = min(T + cfg.max_new_tokens + gamma + 1, p.window)
-    keep_n = min(p.keep_n, cap - gamma - 2)
+    cap = min(T + cfg.max_new_tokens, p.window)
+    keep_n = p.keep_n
     track = cfg.trim == "refill" or target.config.position == "learned" or draft.config.position == "learned"
     tcache = StaticKVCache.for_model(target, 1, cap, track_tokens=track)
-    dcache = StaticKVCache.for_model(draft, 1, cap, track_tokens=track)
+    if cfg.compile:  # the draft's one-token steps compiled (static cache); the target verifies eagerly
+        dstep = compiled_decode_one(draft, 1)
+        dcache = StaticKVCache.for_model(draft, 1, bucket(cap, p.window), static=True, track_tokens=track)
+    else:
+        dcache = StaticKVCache.for_model(draft, 1, cap, track_tokens=track)
+
+    def draft_feed(ids: torch.Tensor) -> torch.Tensor:
+        """Draft reads ids (1, L) -> logits (1, V) after the last one."""
+        if not cfg.compile:
+            return _run(draft, dcache, ids)
+        for j in range(ids.shape[1]):
+            logits = dstep(draft, dcache, ids[:, j], dcache.next_pos[:, None])
+            dcache.end += 1
+        return logits
     stop = StopStrings(cfg.stop, tokenizer, 1) if cfg.stop else None
     eos = set(cfg.eos_ids)
     t0 = time.perf_counter()
@@ -82,46 +93,55 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
         positions = torch.arange(T - 1, device=device)[None]
         forward_tokens(target, tcache, prompt[:, :-1], positions)
         forward_tokens(draft, dcache, prompt[:, :-1], positions)
+        dcache.sync()
     stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - t0
     t1 = time.perf_counter()
     last = prompt[:, -1:]  # (1, 1) committed but not yet in either cache
     pending = last[:, :0]  # committed tokens the draft has not read yet (besides `last`)
     produced = proposed = accepted = rounds = 0
     while produced < cfg.max_new_tokens:
-        if tcache.end + gamma + 1 > cap or dcache.end + pending.shape[1] + gamma > cap:
+        # the target trims exactly where plain decoding would (when full), so greedy output matches
+        if tcache.end + 1 > cap:
             trim_cache(target, tcache, keep_n, cfg.trim)
-            trim_cache(draft, dcache, keep_n - pending.shape[1], cfg.trim)
-        # 1. draft proposes gamma tokens
-        d_end, d_state = dcache.end, dcache.memory_state
-        d_fed = torch.cat((pending, last), dim=1)
-        d_pos = dcache.next_pos[:, None] + torch.arange(d_fed.shape[1], device=device)
-        q_logits = _run(draft, dcache, d_fed)
+        g = min(gamma, cap - tcache.end - 1, cfg.max_new_tokens - produced - 1)
+        if g > 0 and dcache.end + pending.shape[1] + g > cap:
+            trim_cache(draft, dcache, max(keep_n - pending.shape[1], 1), cfg.trim)
+        # 1. the draft reads what it has not seen and proposes g tokens
         drafts, qs = [], []
-        for i in range(gamma):
-            q = process(q_logits, cfg, None)
-            tok = _pick(q, sampling, generator)
-            drafts.append(tok)
-            qs.append(q)
-            if i < gamma - 1:
-                q_logits = _run(draft, dcache, tok)
-        d = torch.cat(drafts, dim=1)  # (1, gamma)
-        # 2. target scores [last, d_1..d_gamma] at once
+        if g > 0:
+            d_end, d_state = dcache.end, dcache.memory_state
+            d_fed = torch.cat((pending, last), dim=1)
+            d_pos = dcache.next_pos[:, None] + torch.arange(d_fed.shape[1], device=device)
+            q_logits = draft_feed(d_fed)
+            for i in range(g):
+                q = process(q_logits, cfg, None)
+                tok = _pick(q, sampling, generator)
+                drafts.append(tok)
+                qs.append(q)
+                if i < g - 1:
+                    q_logits = draft_feed(tok)
+        d = torch.cat(drafts, dim=1) if drafts else last[:, :0]  # (1, g)
+        # 2. the target scores [last, d_1..d_g] in one forward
         t_end, t_state = tcache.end, tcache.memory_state
         t_fed = torch.cat((last, d), dim=1)
-        t_pos = tcache.next_pos[:, None] + torch.arange(gamma + 1, device=device)
-        p_logits = process(_run(target, tcache, t_fed, last_only=False)[0], cfg, None)  # (gamma + 1, V)
+        t_pos = tcache.next_pos[:, None] + torch.arange(g + 1, device=device)
+        p_logits = process(_run(target, tcache, t_fed, last_only=False)[0], cfg, None)  # (g + 1, V)
         # 3. accept / reject
-        n_ok, new = _accept(p_logits, torch.cat(qs, dim=0), d[0], sampling, generator)
-        proposed += gamma
+        n_ok, new = _accept(p_logits, torch.cat(qs, dim=0) if qs else None, d[0], sampling, generator)
+        proposed += g
         accepted += n_ok
         rounds += 1
-        # 4. rewind both caches to [.., last, d_1..d_n_ok]
+        # 4. rewind both caches to [.., last, d_1..d_n_ok]; the draft may lag (pending)
         _rewind(target, tcache, t_end + 1 + n_ok, t_state, t_fed, t_pos, 1 + n_ok)
-        d_keep = min(d_fed.shape[1] + n_ok, d_fed.shape[1] + gamma - 1)
-        d_all = torch.cat((d_fed, d[:, :gamma - 1]), dim=1)
-        d_all_pos = d_pos[:, -1:] + torch.arange(gamma, device=device)
-        _rewind(draft, dcache, d_end + d_keep, d_state, d_all, torch.cat((d_pos, d_all_pos[:, 1:]), dim=1), d_keep)
-        pending = d[:, gamma - 1:] if n_ok == gamma else d[:, :0]
+        if g > 0:
+            m = d_fed.shape[1]
+            d_keep = min(m + n_ok, m + g - 1)
+            d_all = torch.cat((d_fed, d[:, :g - 1]), dim=1)
+            d_all_pos = torch.cat((d_pos, d_pos[:, -1:] + torch.arange(1, g, device=device)), dim=1)
+            _rewind(draft, dcache, d_end + d_keep, d_state, d_all, d_all_pos, d_keep)
+            pending = d[:, g - 1:] if n_ok == g else d[:, :0]
+        else:
+            pending = torch.cat((pending, last), dim=1)
         last = torch.tensor([[new]], device=device)
         for tok in d[0, :n_ok].tolist() + [new]:
             yield tok
@@ -148,6 +168,9 @@ def _pick(logits: torch.Tensor, sampling: bool, generator) -> torch.Tensor:
 def _accept(p_logits: torch.Tensor, q_logits: torch.Tensor, d: torch.Tensor, sampling: bool, generator):
     """p_logits (gamma + 1, V), q_logits (gamma, V), d (gamma,) -> (accepted count, next token)."""
     gamma = d.shape[0]
+    if gamma == 0:  # no proposals (end of the window or of the budget): a plain step
+        return 0, int(p_logits[0].argmax() if not sampling else
+                      torch.multinomial(torch.softmax(p_logits[0], -1), 1, generator=generator))
     if not sampling:
         target_choice = p_logits.argmax(dim=-1)  # (gamma + 1,)
         match = (target_choice[:gamma] == d).long()
