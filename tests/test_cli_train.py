@@ -46,7 +46,7 @@ def test_train_eval_inspect_decoder(tmp_path, corpus, capsys):
     assert train("--preset", "neoformer-x-debug", "--data", str(corpus), "--tokenizer", "char", "--out", str(out),
                  "--samples", "1", "--train.sample_tokens", "5", *TINY) == 0
     printed = capsys.readouterr().out
-    assert "val loss" in printed and "val ppl" in printed and "--- sample 1 ---" in printed
+    assert "val loss" in printed and " ppl " in printed and "--- sample 1 ---" in printed
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]

@@ -260,11 +260,10 @@ def _run_dir_of(checkpoint: Path) -> Path:
 
 
 def _report(result, run) -> None:
-    ppl = f" | val ppl {result.val_ppl:.2f}" if result.val_ppl is not None else ""
-    val = f" | val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    val = f" | val loss {result.val_loss:.4f} ppl {result.val_ppl:.2f}" if result.val_loss is not None else ""
     train = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
     print(f"done ({result.stop_reason}): {result.step:,} steps, {result.tokens:,} tokens in {result.elapsed:.1f} s; "
-          f"{train}{val}{ppl}")
+          f"{train}{val}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
 

@@ -395,8 +395,9 @@ class Trainer:
         self.val_loss = evaluate(self.model, self.objective, source, self.cfg.eval_batches, self.device, self.amp_dtype)
         if self.val_loss is not None:
             ppl = math.exp(min(self.val_loss, 50.0))
-            train = f"train loss {self.train_loss:.4f} | " if self.train_loss is not None else ""
-            self.log(f"step {self.step:>6}: {train}val loss {self.val_loss:.4f} | val ppl {ppl:.2f}")
+            train = "" if self.train_loss is None else \
+                f"train loss {self.train_loss:.4f} ppl {math.exp(min(self.train_loss, 50.0)):.2f} | "
+            self.log(f"step {self.step:>6} | {train}val loss {self.val_loss:.4f} ppl {ppl:.2f}")
             self.metrics.write({"step": self.step, "val_loss": self.val_loss, "val_ppl": ppl, "tokens": self.tokens,
                                 "elapsed": round(self.elapsed, 3)})
             self._emit("eval", {"step": self.step, "val_loss": self.val_loss})
