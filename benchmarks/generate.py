@@ -110,7 +110,7 @@ def case_14m(args):
         "neoformer (eager)": lambda: _ours(ours, ids, n),
     }
     if args.compile:
-        t, _ = timed(lambda: ours_generate(ours, ids, 2, compile=True))
+        t, _ = timed(lambda: ours_generate(ours, ids, n, compile=True))
         print(f"14M: compiling the decode step took {t:.1f} s (once per model and batch size)")
         variants["neoformer (compile=True)"] = lambda: _ours(ours, ids, n, compile=True)
     med, outs, _ = rounds(variants, args.rounds)
@@ -138,7 +138,7 @@ def case_162m(args, models):
         "neoformer (eager)": lambda: _ours(ours, ids, n),
     }
     if args.compile:
-        t, _ = timed(lambda: ours_generate(ours, ids, 2, compile=True))
+        t, _ = timed(lambda: ours_generate(ours, ids, n, compile=True))
         print(f"162M: compiling the decode step took {t:.1f} s")
         variants["neoformer (compile=True)"] = lambda: _ours(ours, ids, n, compile=True)
     med, outs, extras = rounds(variants, args.rounds)
@@ -167,7 +167,8 @@ def case_batch(args, models):
         "one call, batch 8 (left-padded)": lambda: _batch(ours, prompts, n),
     }
     if args.compile:
-        ours_generate(ours, prompts, 2, compile=True)
+        ours_generate(ours, prompts, n, compile=True)
+        ours_generate(ours, prompts[0], n, compile=True)
         variants["8 sequential calls, compile=True"] = lambda: _seq(ours, prompts, n, compile=True)
         variants["one call, batch 8, compile=True"] = lambda: _batch(ours, prompts, n, compile=True)
     med, outs, _ = rounds(variants, args.rounds)
@@ -215,7 +216,7 @@ def case_spec(args, models):
                                                                          num_draft_tokens=gamma),
     }
     if args.compile:
-        ours_generate(target, ids, 2, compile=True)
+        ours_generate(target, ids, n, compile=True)
         variants["target alone (compile=True)"] = lambda: _ours(target, ids, n, compile=True)
     med, outs, extras = rounds(variants, args.rounds)
     base = med["target alone (eager)"]

@@ -52,7 +52,6 @@ class StaticKVCache:
         self._start = 0
         if static:
             self._slot = torch.zeros(1, dtype=torch.long, device=device)
-            self._steps = {}  # L -> arange(L), so a compiled step allocates nothing
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, *, dtype=None, device=None, **kwargs) -> "StaticKVCache":
@@ -84,9 +83,7 @@ class StaticKVCache:
         return self.pos[:, :end], (self.keep[:, :end] if self.padded else None)
 
     def _prepare_static(self, q_pos, key_keep, L):
-        if L not in self._steps:
-            self._steps[L] = torch.arange(L, device=self.pos.device)
-        idx = self._slot + self._steps[L]
+        idx = self._slot + torch.arange(L, device=self.pos.device)
         B = self.batch
         self.pos.index_copy_(1, idx, q_pos.expand(B, L))
         keep = torch.ones(B, L, dtype=torch.bool, device=q_pos.device) if key_keep is None else key_keep
