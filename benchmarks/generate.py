@@ -206,26 +206,32 @@ def case_spec(args, models):
     n, gamma = 64, args.gamma
     ids = torch.randint(0, 32000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
-    random_draft = build_model(target.config.replace(n_layers=2)).eval()
-    first_layers = shared_draft(target)
-    variants = {
-        "target alone (eager)": lambda: _ours(target, ids, n),
-        f"+ random 2-layer draft, gamma {gamma}": lambda: _ours(target, ids, n, draft_model=random_draft,
-                                                                num_draft_tokens=gamma),
-        f"+ target's first 2 layers + head, gamma {gamma}": lambda: _ours(target, ids, n, draft_model=first_layers,
-                                                                         num_draft_tokens=gamma),
-    }
-    if args.compile:
-        ours_generate(target, ids, n, compile=True)
-        variants["target alone (compile=True)"] = lambda: _ours(target, ids, n, compile=True)
-    med, outs, extras = rounds(variants, args.rounds)
-    base = med["target alone (eager)"]
-    print(f"### Speculative decoding, 162M target, greedy, {n} new tokens (identical tokens: {same(outs)})\n")
-    rows = []
-    for name, sec in med.items():
-        rate = extras[name].get("acceptance_rate") if extras[name] else None
-        rows.append([name, n / sec, base / sec, "-" if rate is None else f"{rate:.0%}"])
-    table(["variant", "tokens/s", "vs target alone (eager)", "acceptance"], rows)
+    drafts = {"random 2-layer draft": build_model(target.config.replace(n_layers=2)).eval(),
+              "target's first 2 layers + head": shared_draft(target)}
+    compiles = [False, True] if args.compile else [False]
+    for sampling in (False, True):
+        opts = dict(temperature=1.0, seed=0) if sampling else {}
+        variants = {}
+        for compiled in compiles:
+            tag = " (compile=True)" if compiled else ""
+            if compiled:  # warm up (compile) outside the timed rounds
+                ours_generate(target, ids, n, compile=True, **opts)
+                for d in drafts.values():
+                    ours_generate(target, ids, n, draft_model=d, num_draft_tokens=gamma, compile=True, **opts)
+            variants["target alone" + tag] = lambda c=compiled: _ours(target, ids, n, compile=c, **opts)
+            for name, d in drafts.items():
+                variants[f"+ {name}, gamma {gamma}{tag}"] = lambda d=d, c=compiled: _ours(
+                    target, ids, n, draft_model=d, num_draft_tokens=gamma, compile=c, **opts)
+        med, outs, extras = rounds(variants, args.rounds)
+        base = med["target alone"]
+        mode = "sampling (temperature 1)" if sampling else "greedy"
+        check = "" if sampling else f" (identical tokens: {same(outs)})"
+        print(f"### Speculative decoding, 162M target, {mode}, {n} new tokens{check}\n")
+        rows = []
+        for name, sec in med.items():
+            rate = extras[name].get("acceptance_rate") if extras[name] else None
+            rows.append([name, n / sec, base / sec, "-" if rate is None else f"{rate:.0%}"])
+        table(["variant", "tokens/s", "vs target alone (eager)", "acceptance"], rows)
 
 
 def main():

@@ -101,3 +101,11 @@ def test_sampling_is_reproducible_and_checks_vocabulary():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(target, [4, 5], max_new_tokens=3, draft_model=model(vocab=50))
+
+
+@pytest.mark.slow
+def test_compiled_speculative_greedy_equals_target_greedy():
+    kw = dict(rmc=True, rmc_mem_size=8)
+    target, draft = model(n_layers=3, **kw), model(n_layers=1, seed=1, **kw)
+    expected = generate(target, [1, 2, 3], max_new_tokens=70)
+    assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=70, draft_model=draft, compile=True), expected)

@@ -126,44 +126,69 @@ def decode_one_static(model, cache: StaticKVCache, tokens: torch.Tensor, positio
 
 # ---- torch.compile of the decode step ----------------------------------------------------------
 class RowGemv(TorchFunctionMode):
-    """Inside a compiled one-token step, compute linear layers on a single row as a fused
-    multiply-reduce, (W * x).sum(-1): inductor turns it into one vectorised pass over W at close
-    to memory bandwidth (~38 GB/s here), where BLAS GEMV reaches 16-23 GB/s for fp32 at batch 1."""
+    """Inside a compiled one-token step at batch 1, compute linear layers as a fused
+    multiply-reduce, (W * x).sum(-1): inductor turns it into one vectorised pass over W at close to
+    memory bandwidth (~35 GB/s here), where fp32 BLAS GEMV reaches 16-23 GB/s. (For 2-8 rows the
+    same trick is 2.5x *slower* than BLAS inside the model graph, so it is kept to one row.)"""
+
+    max_rows = 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.shape[-1]:  # one row
+            rows = x.numel() // x.shape[-1]
+            if rows <= self.max_rows:
                 y = (w * x.reshape(1, -1)).sum(-1).reshape(*x.shape[:-1], w.shape[0])
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 
 
 def decode_one_gemv(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """decode_one_static with one-row linears as fused multiply-reduce (batch 1, for compiling)."""
+    """decode_one_static with small-batch linears as fused multiply-reduce (for compiling on CPU)."""
     with RowGemv():
         return decode_one_static(model, cache, tokens, positions)
+
+
+def verify_static(model, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Speculative verification: ids (1, L) -> logits (1, L, V) (static-shape cache)."""
+    return forward_tokens(model, cache, ids, positions, last_only=False)
+
+
+def verify_gemv(model, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    with RowGemv():
+        return verify_static(model, cache, ids, positions)
 
 
 # CPU: inductor C++ kernels with the C++ wrapper (less Python per step); batch 1 uses RowGemv.
 # CUDA: CUDA graphs remove the per-kernel launch overhead.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
 CUDA_COMPILE_OPTIONS = {"triton.cudagraphs": True}
+_STEPS = {("decode", False): decode_one_static, ("decode", True): decode_one_gemv,
+          ("verify", False): verify_static, ("verify", True): verify_gemv}
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def compiled_decode_one(model, batch: int, options: dict | None = None):
-    """The one-token step compiled for this model (cached per model and batch size 1 / >1)."""
+def _compile(model, kind: str, rows: int):
+    """torch.compile of one step function, cached per model (and RowGemv or not)."""
     cuda = next(model.parameters()).is_cuda
-    key = (batch == 1 and not cuda, tuple(sorted((options or {}).items())))
+    key = (kind, rows <= RowGemv.max_rows and not cuda)
     entry = _compiled.setdefault(model, {})
     if key not in entry:
-        fn = decode_one_gemv if key[0] else decode_one_static
-        opts = options if options is not None else (CUDA_COMPILE_OPTIONS if cuda else CPU_COMPILE_OPTIONS)
-        entry[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+        entry[key] = torch.compile(_STEPS[key], fullgraph=True, dynamic=False,
+                                   options=CUDA_COMPILE_OPTIONS if cuda else CPU_COMPILE_OPTIONS)
     return entry[key]
+
+
+def compiled_decode_one(model, batch: int):
+    """The one-token step compiled for this model (static-shape cache); same signature as decode_one_static."""
+    return _compile(model, "decode", batch)
+
+
+def compiled_verify(model, tokens: int):
+    """The speculative verification forward of `tokens` tokens compiled for this model (batch 1)."""
+    return _compile(model, "verify", tokens)
 
 
 def bucket(n: int, window: int, step: int = 64) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from ..model.memory import MemoryState
 from .cache import StaticKVCache
-from .engine import bucket, compiled_decode_one, forward_tokens, trim_cache
+from .engine import bucket, compiled_decode_one, compiled_verify, forward_tokens, trim_cache
 from .sampling import process
 
 
@@ -47,7 +47,9 @@ def _advance_state(model, state: MemoryState | None, ids: torch.Tensor, position
 
 def _run(model, cache: StaticKVCache, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
     positions = cache.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    return forward_tokens(model, cache, ids, positions, last_only=last_only)
+    logits = forward_tokens(model, cache, ids, positions, last_only=last_only)
+    cache.sync()
+    return logits
 
 
 def _rewind(model, cache: StaticKVCache, end: int, state, fed: torch.Tensor, fed_pos: torch.Tensor, n_kept: int):
@@ -71,12 +73,21 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
     cap = min(T + cfg.max_new_tokens, p.window)
     keep_n = p.keep_n
     track = cfg.trim == "refill" or target.config.position == "learned" or draft.config.position == "learned"
-    tcache = StaticKVCache.for_model(target, 1, cap, track_tokens=track)
-    if cfg.compile:  # the draft's one-token steps compiled (static cache); the target verifies eagerly
-        dstep = compiled_decode_one(draft, 1)
+    if cfg.compile:  # draft steps and full-size verifications compiled, on static-shape caches
+        dstep, tverify = compiled_decode_one(draft, 1), compiled_verify(target, gamma + 1)
+        tcache = StaticKVCache.for_model(target, 1, bucket(cap, p.window), static=True, track_tokens=track)
         dcache = StaticKVCache.for_model(draft, 1, bucket(cap, p.window), static=True, track_tokens=track)
     else:
+        tcache = StaticKVCache.for_model(target, 1, cap, track_tokens=track)
         dcache = StaticKVCache.for_model(draft, 1, cap, track_tokens=track)
+
+    def verify(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Target reads ids (1, L) -> logits (L, V) after each."""
+        if cfg.compile and ids.shape[1] == gamma + 1:
+            logits = tverify(target, tcache, ids, positions)
+            tcache.end += ids.shape[1]
+            return logits[0]
+        return _run(target, tcache, ids, last_only=False)[0]
 
     def draft_feed(ids: torch.Tensor) -> torch.Tensor:
         """Draft reads ids (1, L) -> logits (1, V) after the last one."""
@@ -93,6 +104,7 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
         positions = torch.arange(T - 1, device=device)[None]
         forward_tokens(target, tcache, prompt[:, :-1], positions)
         forward_tokens(draft, dcache, prompt[:, :-1], positions)
+        tcache.sync()
         dcache.sync()
     stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -125,7 +137,7 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
         t_end, t_state = tcache.end, tcache.memory_state
         t_fed = torch.cat((last, d), dim=1)
         t_pos = tcache.next_pos[:, None] + torch.arange(g + 1, device=device)
-        p_logits = process(_run(target, tcache, t_fed, last_only=False)[0], cfg, None)  # (g + 1, V)
+        p_logits = process(verify(t_fed, t_pos), cfg, None)  # (g + 1, V)
         # 3. accept / reject
         n_ok, new = _accept(p_logits, torch.cat(qs, dim=0) if qs else None, d[0], sampling, generator)
         proposed += g
