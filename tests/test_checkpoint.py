@@ -261,3 +261,22 @@ def test_exact_resume_after_sigkill(tmp_path):
     final_b = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
     assert final_a.keys() == final_b.keys()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    data = _write_corpus(tmp_path / "data")
+    env = {**os.environ, "NEOFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = _train_cmd(data, tmp_path / "run", "--max-steps", "100000", "--save-every", "0")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out and "--resume" in out and "Traceback" not in err
+    step = int(resolve_checkpoint(tmp_path / "run").name.split("-")[1])
+    assert step >= 3 and load_training_state(tmp_path / "run")["step"] == step
