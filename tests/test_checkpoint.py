@@ -194,6 +194,11 @@ def test_resolve_run_dir_checkpoints_dir_and_checkpoint(tmp_path):
     for spec in (tmp_path / "run", tmp_path / "run" / "checkpoints", path, path.parent / "latest",
                  tmp_path / "run" / "latest"):
         assert resolve_checkpoint(spec) == path
+    assert (tmp_path / "run" / "latest" / "config.json").is_file()  # RUN/latest links the newest checkpoint
+    newer = save(tmp_path / "run" / "checkpoints", 4)
+    assert (tmp_path / "run" / "latest").resolve() == newer.resolve()
+    (tmp_path / "run" / "latest").unlink()  # without the link, RUN/latest still resolves
+    assert resolve_checkpoint(tmp_path / "run" / "latest") == newer
 
 
 def test_resume_with_other_model_config_is_refused(tmp_path):

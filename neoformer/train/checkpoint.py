@@ -273,6 +273,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from: itself, a root holding ``latest``, a run directory holding
     ``checkpoints/latest``, or ``RUN/latest``. Raises CheckpointError when none is there."""
     path = Path(path).expanduser()
+    if path.is_symlink() and path.exists():
+        path = path.resolve()  # runs/demo/latest -> runs/demo/checkpoints/step-N
     if not path.exists() and path.name == LATEST and (path.parent / "checkpoints" / LATEST).is_file():
         path = path.parent / "checkpoints"  # `runs/demo/latest` names the run's latest checkpoint
     if not path.exists():
@@ -311,11 +313,22 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def _write_pointer(root: Path, name: str) -> None:
+    """Point ``root/latest`` at ``name``; in a run directory also (re)link ``RUN/latest`` to it."""
     temporary = root / f".{LATEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     temporary.write_text(name + "\n")
     _fsync_file(temporary)
     os.replace(temporary, root / LATEST)
     _fsync_dir(root)
+    run_link = root.parent / LATEST
+    if root.name == "checkpoints" and (run_link.is_symlink() or not run_link.exists()):
+        # convenience for tools that take a directory: runs/demo/latest -> checkpoints/step-N
+        link = root.parent / f".{LATEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.symlink(f"{root.name}/{name}", link, target_is_directory=True)
+            os.replace(link, run_link)
+        except OSError:  # no symlinks here (e.g. Windows without privileges): `latest` files suffice
+            if link.is_symlink():
+                link.unlink()
 
 
 def _pid_alive(pid: int) -> bool:

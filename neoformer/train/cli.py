@@ -150,11 +150,12 @@ def _resume_config(checkpoint, overrides: dict[str, Any]):
 def _prepare_out_dir(out: Path, resume: bool) -> None:
     if resume:
         return
-    old = [out / name for name in ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard") if (out / name).exists()]
+    names = ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "latest")
+    old = [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
     if old:
         print(f"note: {out} held a previous run; starting over (use --resume to continue a run)")
         for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
