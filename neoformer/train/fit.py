@@ -449,7 +449,7 @@ class Trainer:
             self.metrics.write(record)
             self._emit("step", record)
             if self.progress.bar is None:
-                self.log(f"step {self.step:>6}: loss {loss:.4f} | lr {record['lr']:.2e} | {tok_rate:,.0f} tok/s")
+                self.log(f"step {self.step:>6} | loss {loss:.4f} | lr {record['lr']:.2e} | {tok_rate:,.0f} tok/s")
         estimated = None
         if cfg.time_budget:
             per_step = max(1e-9, (self.elapsed - self._elapsed_at_start) / max(1, self.step - self._start_step))
