@@ -180,6 +180,28 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
     assert "unexpected rmc" in one_line(err)
 
 
+def test_edited_config_is_checked_against_the_weights(tmp_path):
+    path = save(tmp_path, 1, tiny())
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["max_seq_len"] = 48  # a harmless edit loads
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_model(path)[0].config.max_seq_len == 48
+    config["model"]["d_model"] = 32  # a mismatched config is one clear line
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "does not fit the model" in one_line(err)
+    config["model"]["n_heads"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "invalid model config" in one_line(err)
+    (path / "config.json").write_text('{"format": "neoformer-checkpoint", "model": ')  # truncated
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "corrupt" in one_line(err)
+
+
 def test_missing_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_model(tmp_path / "nope")

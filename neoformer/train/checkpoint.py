@@ -232,7 +232,10 @@ def _manifest(directory: Path) -> dict:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check every file against manifest.json; returns the manifest or raises CheckpointError."""
+    """Check every file but config.json against manifest.json; returns the manifest or raises CheckpointError.
+
+    config.json is left out on purpose: it may be edited (a longer max_seq_len for inference);
+    a config that no longer fits the weights fails the shape check of :func:`load_weights`."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -244,6 +247,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path / MANIFEST} is corrupt; use an earlier checkpoint") from None
     for rel, info in files.items():
         file = path / rel
+        if rel == CONFIG:  # may be edited by hand (e.g. max_seq_len); parsed and shape-checked on load
+            continue
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} lacks {rel}; it is incomplete, use an earlier one")
         size = file.stat().st_size
