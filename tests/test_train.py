@@ -263,3 +263,24 @@ def test_move_batch_handles_containers():
     t = torch.zeros(2)
     moved = move_batch({"a": (t, [t]), "b": Seq2SeqBatch(t, t, t, t), "c": 3}, torch.device("cpu"))
     assert isinstance(moved["b"], Seq2SeqBatch) and moved["c"] == 3
+
+
+def test_thread_tuner_drops_to_one_thread_when_two_are_slower_and_comes_back():
+    from neoformer.train.fit import _ThreadTuner
+
+    torch.set_num_threads(2)
+    notes = []
+    tuner = _ThreadTuner(notes.append, every=0.0, probe=3, warmup=2)
+    for seconds in [5, 5, 1.0, 1.0, 1.0]:  # warm-up, then 3 steps with 2 threads
+        tuner.after_step(seconds)
+    assert torch.get_num_threads() == 1  # now probing 1 thread
+    for seconds in [0.1, 0.1, 0.1]:
+        tuner.after_step(seconds)
+    assert torch.get_num_threads() == 1 and "1 CPU thread now" in notes[-1]
+    tuner.after_step(0.1)  # idle period over (every=0): re-measure 1 thread ...
+    for seconds in [0.1, 0.1, 0.1, 0.05, 0.05, 0.05]:  # ... then 2 threads, which are faster again
+        tuner.after_step(seconds)
+    assert torch.get_num_threads() == 2 and "2 CPU threads now" in notes[-1]
+    for seconds in [0.05] + [0.05] * 3 + [0.06] * 3:  # idle over; 1 thread not faster: stay at 2
+        tuner.after_step(seconds)
+    assert torch.get_num_threads() == 2 and len(notes) == 2

@@ -27,6 +27,18 @@ FLAG_FIELDS = {
 EXIT_INTERRUPTED = {"interrupted": 130, "terminated": 143}
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
+    return value
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     """Every config field as a hidden --section.field option (values parsed like YAML scalars)."""
     for section, cls in SECTIONS.items():
@@ -86,7 +98,9 @@ def add_parser(subparsers) -> None:
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
     speed.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward (less memory, ~30%% slower)")
-    speed.add_argument("--threads", type=int, help="CPU threads for torch")
+    speed.add_argument("--threads", type=_threads, metavar="N|auto",
+                       help="CPU threads for torch (default auto: torch's count, dropped to 1 while another "
+                       "process keeps the CPU busy; pin a number for bit-reproducible runs)")
     speed.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     speed.add_argument("--parallel", choices=("ddp", "fsdp", "none"),  # parallel: see docs/scaling.md
                        help="data parallelism under torchrun (default ddp when WORLD_SIZE > 1); "
@@ -199,8 +213,10 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
             raise ConfigError("pass --preset NAME or --config FILE (see `neoformer info --list` for presets)")
         run = load_run_config(args.config, args.preset, overrides)
         out = Path(args.out or _default_out(args))
+    if run.train.threads is None and "train.threads" not in overrides:
+        run.train = run.train.replace(threads="auto")  # the command tunes CPU threads unless told
     t = run.train
-    if t.threads:
+    if isinstance(t.threads, int):
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
 

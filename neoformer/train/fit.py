@@ -205,6 +205,55 @@ class _Metrics:
             self._tb.close()
 
 
+class _ThreadTuner:
+    """``train.threads: auto`` on CPU: time a few steps with torch's thread count and with one
+    thread, keep the faster, and check again every ``every`` seconds.
+
+    Why: when another process keeps a core busy, OpenMP threads spin against it and a step
+    can get ~9x slower with 2 threads than with 1 (measured on 2 vCPUs); on an idle machine
+    2 threads are ~1.7x faster. (The thread count can change float rounding, so runs that must
+    be bit-reproducible should pin ``threads``.)
+    """
+
+    def __init__(self, log: Callable[[str], None], every: float = 60.0, probe: int = 3, warmup: int = 2):
+        self.log, self.every, self.probe, self.warmup = log, every, probe, warmup
+        self.most = torch.get_num_threads()
+        self.current = self.most
+        self.times: list[float] = []
+        self.phase, self.baseline, self.idle_since = "warmup", 0.0, 0.0
+
+    def after_step(self, seconds: float) -> None:
+        if self.most < 2:
+            return
+        if self.phase == "warmup":
+            self.warmup -= 1
+            if self.warmup <= 0:
+                self.phase, self.times = "current", []
+            return
+        if self.phase == "idle":
+            if time.perf_counter() - self.idle_since >= self.every:
+                self.phase, self.times = "current", []
+            return
+        self.times.append(seconds)
+        if len(self.times) < self.probe:
+            return
+        median = sorted(self.times)[len(self.times) // 2]
+        if self.phase == "current":
+            self.baseline, self.times, self.phase = median, [], "other"
+            torch.set_num_threads(1 if self.current == self.most else self.most)
+            return
+        other = torch.get_num_threads()
+        if median < 0.9 * self.baseline:  # the other setting is clearly faster: keep it
+            if other != self.current:
+                why = "the CPU is busy with another process" if other == 1 else "the CPU is free again"
+                self.log(f"note: {other} CPU thread{'s' if other > 1 else ''} now ({why}: "
+                         f"{self.baseline / median:.1f}x faster steps than with {self.current})")
+            self.current = other
+        else:
+            torch.set_num_threads(self.current)
+        self.phase, self.idle_since, self.times = "idle", time.perf_counter(), []
+
+
 class _Progress:
     """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget)."""
 
@@ -247,7 +296,7 @@ class Trainer:
         self.batches, self.val_batches = batches, val_batches
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_config, self.callbacks, self._log = dict(run_config or {}), list(callbacks), log
-        if cfg.threads:
+        if isinstance(cfg.threads, int):
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -477,6 +526,7 @@ class Trainer:
         self._in_update = False
         self.progress = _Progress(cfg if self.ctx.is_main else cfg.replace(progress=False), self.step, self._log)
         self._evaluated_at = None
+        self.tuner = _ThreadTuner(self.log) if cfg.threads == "auto" and self.device.type == "cpu" else None
         reason, rate = None, 0.0
         try:
             with _StopSignals() as self.signals:
@@ -492,6 +542,8 @@ class Trainer:
                     self.step += 1
                     self.tokens += tokens
                     seconds = max(time.perf_counter() - started, 1e-9)
+                    if self.tuner is not None:
+                        self.tuner.after_step(seconds)
                     rate = tokens / seconds if rate == 0.0 else 0.9 * rate + 0.1 * tokens / seconds
                     self._after_step(loss, norm, rate)
         except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed (not the main thread)

@@ -62,7 +62,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the objective (20-30 s cold start on CPU)
     gradient_checkpointing: bool = False
     device: str = "auto"
-    threads: int | None = None  # torch intra-op threads; None = torch default
+    threads: int | str | None = None  # torch intra-op threads; None = torch's; "auto" = tune on CPU (see fit)
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on GPU too)
     seed: int = 0
     # NeoFormer-X recursive memory: M += rmc_lr * mean(delta) after each optimizer step
@@ -101,7 +101,9 @@ class TrainConfig:
         choice("device", DEVICES)
         choice("sampler", SAMPLERS)
         positive("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
-        positive("seq_len", "max_tokens", "threads", allow_none=True)
+        positive("seq_len", "max_tokens", allow_none=True)
+        if self.threads != "auto":
+            positive("threads", allow_none=True)
         positive("warmup_steps", allow_none=True, allow_zero=True)
         positive("eval_every", "save_every", "samples", "sample_tokens", allow_zero=True)
         for name in ("lr", "eps"):
