@@ -47,10 +47,10 @@ def llama(width: int, layers: int, heads: int, ffn: int, vocab: int):
 
 
 def bandwidth_gbs(gib: float = 1.0) -> float:
-    """Read bandwidth: best of 5 sums over a tensor far larger than the caches."""
+    """Read bandwidth: best of 10 sums over a tensor far larger than the caches."""
     x = torch.ones(int(gib * 2**30) // 4)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
@@ -78,13 +78,22 @@ def ours_generate(model, ids, n, **kw):
 def rounds(variants: dict, n_rounds: int) -> dict:
     """variants: name -> fn() returning (seconds, tokens, extra); interleaved; median seconds."""
     times = {k: [] for k in variants}
-    outs, extras = {}, {}
+    outs, extras = {}, {k: [] for k in variants}
     for _ in range(n_rounds):
         for name, fn in variants.items():
             sec, tokens, extra = fn()
             times[name].append(sec)
-            outs[name], extras[name] = tokens, extra
-    return {k: statistics.median(v) for k, v in times.items()}, outs, extras
+            outs[name] = tokens
+            extras[name].append(extra)
+    # per-round stats: numbers are medians over rounds, like the times
+    merged = {}
+    for name, stats in extras.items():
+        if stats[0] is None:
+            merged[name] = None
+            continue
+        merged[name] = {key: statistics.median(s[key] for s in stats) for key, value in stats[0].items()
+                        if isinstance(value, (int, float))}
+    return {k: statistics.median(v) for k, v in times.items()}, outs, merged
 
 
 def table(headers: list[str], rows: list[list]) -> None:
