@@ -5,7 +5,7 @@ import torch
 
 from neoformer import ModelConfig, build_model
 from neoformer.generate import StaticKVCache, decode_one, generate, prefill
-from neoformer.generate.engine import forward_tokens, trim_cache
+from neoformer.generate.engine import trim_cache
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

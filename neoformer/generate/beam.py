@@ -26,101 +26,119 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, index, dim=1)
 
 
+class Beams:
+    """Running and finished hypotheses of every prompt: (B, num_beams, ...) tensors."""
+
+    def __init__(self, B: int, cfg, eos: torch.Tensor | None, pad_id: int, device):
+        nb, max_new = cfg.num_beams, cfg.max_new_tokens
+        self.cfg, self.eos, self.B, self.nb = cfg, eos, B, nb
+        self.K = max(2, 1 + (len(eos) if eos is not None else 0)) * nb  # candidates kept per step
+        self.top_mask = torch.arange(self.K, device=device) < nb
+        self.running_seq = torch.full((B, nb, max_new), pad_id, dtype=torch.long, device=device)
+        self.running_scores = torch.zeros(B, nb, device=device)
+        self.running_scores[:, 1:] = NEG  # only the first beam's continuations count at step 0
+        self.seqs = self.running_seq.clone()
+        self.scores = torch.full((B, nb), NEG, device=device)
+        self.lengths = torch.zeros(B, nb, dtype=torch.long, device=device)
+        self.finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
+        self.improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+        self.offsets = (torch.arange(B, device=device) * nb)[:, None]
+
+    def candidates(self, log_probs: torch.Tensor, generator):
+        """Top K continuations over all beams of each prompt -> (log-probs, origin beam, token), (B, K)."""
+        V = log_probs.shape[-1]
+        acc = (log_probs.view(self.B, self.nb, V) + self.running_scores[:, :, None]).view(self.B, self.nb * V)
+        if self.cfg.sampling:
+            idx = torch.multinomial(torch.softmax(acc, dim=-1), self.K, generator=generator)
+            top_lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
+            idx = idx.gather(1, order)
+        else:
+            top_lp, idx = torch.topk(acc, self.K)
+        return top_lp, idx // V, idx % V
+
+    def step(self, log_probs: torch.Tensor, step: int, generator) -> tuple[torch.Tensor, bool]:
+        """Advance by one token -> (flat index of the rows the running beams continue, done)."""
+        cfg, nb = self.cfg, self.nb
+        top_lp, origin, tokens = self.candidates(log_probs, generator)
+        top_seq = _gather(self.running_seq, origin)
+        top_seq[:, :, step] = tokens
+        last = step == cfg.max_new_tokens - 1
+        if last:
+            hits = torch.ones_like(tokens, dtype=torch.bool)
+        else:
+            hits = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        # the best num_beams unfinished continuations keep running
+        run_lp = top_lp + hits.float() * NEG
+        keep = torch.topk(run_lp, nb).indices
+        self.running_seq, self.running_scores = _gather(top_seq, keep), _gather(run_lp, keep)
+        flat = (_gather(origin, keep) + self.offsets).view(-1)
+        # finished ones (only among the top num_beams) compete for the n-best list
+        just = hits & self.top_mask[None]
+        fin_lp = top_lp / ((step + 1) ** cfg.length_penalty)
+        full = self.finished.all(dim=-1, keepdim=True) & (cfg.early_stopping is True)
+        fin_lp = fin_lp + (full.float() + (~self.improvable).float() + (~just).float()) * NEG
+        merged = torch.cat((self.scores, fin_lp), dim=1)
+        best = torch.topk(merged, nb).indices
+        self.seqs = _gather(torch.cat((self.seqs, top_seq), dim=1), best)
+        self.scores = _gather(merged, best)
+        self.lengths = _gather(torch.cat((self.lengths, torch.full_like(tokens, step + 1)), dim=1), best)
+        self.finished = _gather(torch.cat((self.finished, just), dim=1), best)
+        return flat, last or self._done(step, bool(hits.all()))
+
+    def _done(self, step: int, all_hit: bool) -> bool:
+        """Can a running beam still beat the worst finished one? (HF's heuristic)"""
+        cfg = self.cfg
+        lp = cfg.length_penalty
+        horizon = cfg.max_new_tokens if (cfg.early_stopping == "never" and lp > 0) else step + 1
+        best_possible = self.running_scores[:, :1] / (horizon ** lp)
+        worst = torch.where(self.finished, self.scores.min(dim=1, keepdim=True).values,
+                            torch.full_like(self.scores, NEG))
+        self.improvable = self.improvable & (best_possible > worst).any(dim=-1, keepdim=True)
+        all_full = bool(self.finished.all()) and cfg.early_stopping is True
+        return not bool(self.improvable.any()) or all_full or all_hit
+
+
 @torch.inference_mode()
 def beam_search(model, p, generator, stats: dict):
     """-> (sequences (B * n_return, T + new), scores (B * n_return,), new tokens per sequence)."""
     from .api import new_cache
 
     cfg, batch = p.cfg, p.batch
-    nb, max_new, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
-    B, T = batch.ids.shape
+    B, n_ret = batch.ids.shape[0], cfg.num_return_sequences
     device = batch.ids.device
-    n_ret = cfg.num_return_sequences
-    if max_new == 0:
+    if cfg.max_new_tokens == 0:
         seqs = batch.ids.repeat_interleave(n_ret, 0)
         return seqs, torch.zeros(len(seqs), device=device), [[] for _ in range(len(seqs))]
-    expanded = batch.repeat(nb)
-    rows = torch.arange(B, device=device).repeat_interleave(nb)
-    encoded = p.encoded.select(rows) if p.encoded is not None else None
+    expanded = batch.repeat(cfg.num_beams)
+    encoded = p.encoded.select(torch.arange(B, device=device).repeat_interleave(cfg.num_beams)) \
+        if p.encoded is not None else None
     history = History(cfg, expanded.prompts, model.config.vocab_size, device)
-    cache = new_cache(model, p, B * nb)
-    eos = p.eos
-    K = max(2, 1 + (len(eos) if eos is not None else 0)) * nb
-    top_mask = torch.arange(K, device=device) < nb
-
-    running_seq = torch.full((B, nb, max_new), p.pad_id, dtype=torch.long, device=device)
-    running_scores = torch.zeros(B, nb, device=device)
-    running_scores[:, 1:] = NEG  # only the first beam's continuations count at step 0
-    seqs = running_seq.clone()
-    scores = torch.full((B, nb), NEG, device=device)
-    lengths = torch.zeros(B, nb, dtype=torch.long, device=device)
-    finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    offsets = (torch.arange(B, device=device) * nb)[:, None]
-
+    cache = new_cache(model, p, B * cfg.num_beams)
+    beams = Beams(B, cfg, p.eos, p.pad_id, device)
     t0 = time.perf_counter()
     logits = prefill(model, cache, expanded.ids, expanded.positions, expanded.keep, encoded)
     stats["prefill_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    for step in range(max_new):
+    for step in range(cfg.max_new_tokens):
         log_probs = process(torch.log_softmax(logits.float(), dim=-1), cfg, history)
-        V = log_probs.shape[-1]
-        acc = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if cfg.sampling:
-            idx = torch.multinomial(torch.softmax(acc, dim=-1), K, generator=generator)
-            top_lp = torch.gather(acc, 1, idx)
-            top_lp, order = top_lp.sort(dim=-1, descending=True)
-            idx = idx.gather(1, order)
-        else:
-            top_lp, idx = torch.topk(acc, K)
-        origin, tokens = idx // V, idx % V  # (B, K)
-        top_seq = _gather(running_seq, origin)
-        top_seq[:, :, step] = tokens
-        last = step == max_new - 1
-        hits = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        if last:
-            hits = torch.ones_like(hits)
-
-        # the best num_beams unfinished continuations keep running
-        run_lp = top_lp + hits.float() * NEG
-        keep = torch.topk(run_lp, nb).indices
-        running_seq, running_scores = _gather(top_seq, keep), _gather(run_lp, keep)
-        running_origin = _gather(origin, keep)
-
-        # finished ones (only among the top num_beams) compete for the n-best list
-        just = hits & top_mask[None]
-        fin_lp = top_lp / ((step + 1) ** lp)
-        full = finished.all(dim=-1, keepdim=True) & (cfg.early_stopping is True)
-        fin_lp = fin_lp + full.float() * NEG + (~improvable).float() * NEG + (~just).float() * NEG
-        merged = torch.cat((scores, fin_lp), dim=1)
-        best = torch.topk(merged, nb).indices
-        seqs = _gather(torch.cat((seqs, top_seq), dim=1), best)
-        scores = _gather(merged, best)
-        lengths = _gather(torch.cat((lengths, torch.full_like(tokens, step + 1)), dim=1), best)
-        finished = _gather(torch.cat((finished, just), dim=1), best)
-
-        if last:
+        flat, done = beams.step(log_probs, step, generator)
+        if done:
             break
-        flat = (running_origin + offsets).view(-1)
         cache.reorder(flat)
+        tokens = beams.running_seq[:, :, step].reshape(-1)
         if history.active:
             history.reorder(flat)
-            history.append(running_seq[:, :, step].reshape(-1))
-
-        # can a running beam still beat the worst finished one? (HF heuristic)
-        horizon = max_new if (cfg.early_stopping == "never" and lp > 0) else step + 1
-        best_possible = running_scores[:, :1] / (horizon ** lp)
-        worst = torch.where(finished, scores.min(dim=1, keepdim=True).values, torch.full_like(scores, NEG))
-        improvable = improvable & (best_possible > worst).any(dim=-1, keepdim=True)
-        done_all = bool(finished.all()) and cfg.early_stopping is True
-        if not bool(improvable.any()) or done_all or bool(hits.all()):
-            break
+            history.append(tokens)
         if cache.end + 1 > cache.capacity:
             trim_cache(model, cache, p.keep_n, cfg.trim, encoded)
-        logits = decode_one(model, cache, running_seq[:, :, step].reshape(-1), encoded)
+        logits = decode_one(model, cache, tokens, encoded)
     stats["decode_s"] = time.perf_counter() - t1
+    return _results(beams, batch, p, n_ret)
 
-    seqs, scores, lengths = seqs[:, :n_ret], scores[:, :n_ret], lengths[:, :n_ret]
+
+def _results(beams: Beams, batch, p, n_ret: int):
+    seqs, scores, lengths = beams.seqs[:, :n_ret], beams.scores[:, :n_ret], beams.lengths[:, :n_ret]
+    B = seqs.shape[0]
     width = int(lengths.max())
     gen = seqs[:, :, :width].reshape(B * n_ret, width)
     lengths = lengths.reshape(-1).tolist()

@@ -59,6 +59,109 @@ def _rewind(model, cache: StaticKVCache, end: int, state, fed: torch.Tensor, fed
         cache.memory_state = _advance_state(model, state, fed[:, :n_kept], fed_pos[:, :n_kept]) if n_kept else state
 
 
+class _Side:
+    """One model (target or draft) with its cache; eager, or compiled over a static-shape cache."""
+
+    def __init__(self, model, cap: int, window: int, track: bool, compiled_fn=None):
+        self.model, self.fn = model, compiled_fn
+        capacity = bucket(cap, window) if compiled_fn is not None else cap
+        self.cache = StaticKVCache.for_model(model, 1, capacity, static=compiled_fn is not None, track_tokens=track)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        if ids.shape[1]:
+            forward_tokens(self.model, self.cache, ids, torch.arange(ids.shape[1], device=ids.device)[None])
+            self.cache.sync()
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Draft: read ids (1, L) one at a time -> logits (1, V) after the last one."""
+        if self.fn is None:
+            return _run(self.model, self.cache, ids)
+        for j in range(ids.shape[1]):
+            logits = self.fn(self.model, self.cache, ids[:, j], self.cache.next_pos[:, None])
+            self.cache.end += 1
+        return logits
+
+    def verify(self, ids: torch.Tensor, positions: torch.Tensor, compiled_len: int) -> torch.Tensor:
+        """Target: read ids (1, L) in one forward -> logits (L, V)."""
+        if self.fn is not None and ids.shape[1] == compiled_len:
+            logits = self.fn(self.model, self.cache, ids, positions)
+            self.cache.end += ids.shape[1]
+            return logits[0]
+        return _run(self.model, self.cache, ids, last_only=False)[0]
+
+    def keep(self, end: int, state, fed: torch.Tensor, fed_pos: torch.Tensor, n_kept: int) -> None:
+        _rewind(self.model, self.cache, end, state, fed, fed_pos, n_kept)
+
+
+class _Round:
+    """State of speculative decoding for one prompt: both caches hold every committed token
+    except ``last``; the draft may also lag by ``pending`` tokens."""
+
+    def __init__(self, target, draft, p, prompt: torch.Tensor, generator):
+        cfg = self.cfg = p.cfg
+        self.gamma, self.sampling, self.generator = cfg.num_draft_tokens, cfg.sampling, generator
+        self.cap = min(prompt.shape[1] + cfg.max_new_tokens, p.window)
+        self.keep_n = p.keep_n
+        track = cfg.trim == "refill" or "learned" in (target.config.position, draft.config.position)
+        compiled = cfg.compile  # draft steps and full-size verifications compiled, static-shape caches
+        self.t = _Side(target, self.cap, p.window, track, compiled_verify(target, self.gamma + 1) if compiled else None)
+        self.d = _Side(draft, self.cap, p.window, track, compiled_decode_one(draft, 1) if compiled else None)
+        self.t.prefill(prompt[:, :-1])
+        self.d.prefill(prompt[:, :-1])
+        self.last = prompt[:, -1:]  # (1, 1)
+        self.pending = self.last[:, :0]
+
+    def size(self, remaining: int) -> int:
+        """Draft tokens this round; trims the target exactly where plain decoding would."""
+        t, d = self.t.cache, self.d.cache
+        if t.end + 1 > self.cap:
+            trim_cache(self.t.model, t, self.keep_n, self.cfg.trim)
+        g = min(self.gamma, self.cap - t.end - 1, remaining - 1)
+        if g > 0 and d.end + self.pending.shape[1] + g > self.cap:
+            trim_cache(self.d.model, d, max(self.keep_n - self.pending.shape[1], 1), self.cfg.trim)
+        return g
+
+    def propose(self, g: int):
+        """The draft reads what it has not seen and proposes g tokens -> (d (1, g), q logits (g, V))."""
+        drafts, qs = [], []
+        self.d_fed = torch.cat((self.pending, self.last), dim=1)
+        c = self.d.cache
+        self.d_end, self.d_state = c.end, c.memory_state
+        self.d_pos = c.next_pos[:, None] + torch.arange(self.d_fed.shape[1], device=self.last.device)
+        q_logits = self.d.step(self.d_fed)
+        for i in range(g):
+            q = process(q_logits, self.cfg, None)
+            drafts.append(_pick(q, self.sampling, self.generator))
+            qs.append(q)
+            if i < g - 1:
+                q_logits = self.d.step(drafts[-1])
+        return torch.cat(drafts, dim=1), torch.cat(qs, dim=0)
+
+    def run(self, remaining: int) -> tuple[list[int], int]:
+        """One round -> (committed tokens, draft tokens proposed)."""
+        g = self.size(remaining)
+        d, q = self.propose(g) if g > 0 else (self.last[:, :0], None)
+        c = self.t.cache
+        t_end, t_state = c.end, c.memory_state
+        t_fed = torch.cat((self.last, d), dim=1)
+        t_pos = c.next_pos[:, None] + torch.arange(g + 1, device=d.device)
+        p_logits = process(self.t.verify(t_fed, t_pos, self.gamma + 1), self.cfg, None)  # (g + 1, V)
+        n_ok, new = _accept(p_logits, q, d[0], self.sampling, self.generator)
+        # rewind both caches to [.., last, d_1..d_n_ok]
+        self.t.keep(t_end + 1 + n_ok, t_state, t_fed, t_pos, 1 + n_ok)
+        if g > 0:
+            m = self.d_fed.shape[1]
+            kept = min(m + n_ok, m + g - 1)  # the draft never read d_g
+            fed = torch.cat((self.d_fed, d[:, :g - 1]), dim=1)
+            pos = torch.cat((self.d_pos, self.d_pos[:, -1:] + torch.arange(1, g, device=d.device)), dim=1)
+            self.d.keep(self.d_end + kept, self.d_state, fed, pos, kept)
+            self.pending = d[:, g - 1:] if n_ok == g else d[:, :0]
+        else:
+            self.pending = torch.cat((self.pending, self.last), dim=1)
+        self.last = torch.tensor([[new]], device=d.device)
+        return d[0, :n_ok].tolist() + [new], g
+
+
 @torch.inference_mode()
 def speculative_stream(target, draft, p, row: int, generator, stats: dict, tokenizer=None) -> Iterator[int]:
     """Tokens of one prompt (row of the plan), one at a time."""
@@ -66,96 +169,17 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
 
     cfg = p.cfg
     _check(target, draft, cfg)
-    gamma, sampling = cfg.num_draft_tokens, cfg.sampling
-    device = p.batch.ids.device
-    prompt = torch.tensor([p.batch.prompts[row]], device=device)
-    T = prompt.shape[1]
-    cap = min(T + cfg.max_new_tokens, p.window)
-    keep_n = p.keep_n
-    track = cfg.trim == "refill" or target.config.position == "learned" or draft.config.position == "learned"
-    if cfg.compile:  # draft steps and full-size verifications compiled, on static-shape caches
-        dstep, tverify = compiled_decode_one(draft, 1), compiled_verify(target, gamma + 1)
-        tcache = StaticKVCache.for_model(target, 1, bucket(cap, p.window), static=True, track_tokens=track)
-        dcache = StaticKVCache.for_model(draft, 1, bucket(cap, p.window), static=True, track_tokens=track)
-    else:
-        tcache = StaticKVCache.for_model(target, 1, cap, track_tokens=track)
-        dcache = StaticKVCache.for_model(draft, 1, cap, track_tokens=track)
-
-    def verify(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Target reads ids (1, L) -> logits (L, V) after each."""
-        if cfg.compile and ids.shape[1] == gamma + 1:
-            logits = tverify(target, tcache, ids, positions)
-            tcache.end += ids.shape[1]
-            return logits[0]
-        return _run(target, tcache, ids, last_only=False)[0]
-
-    def draft_feed(ids: torch.Tensor) -> torch.Tensor:
-        """Draft reads ids (1, L) -> logits (1, V) after the last one."""
-        if not cfg.compile:
-            return _run(draft, dcache, ids)
-        for j in range(ids.shape[1]):
-            logits = dstep(draft, dcache, ids[:, j], dcache.next_pos[:, None])
-            dcache.end += 1
-        return logits
+    t0 = time.perf_counter()
+    state = _Round(target, draft, p, torch.tensor([p.batch.prompts[row]], device=p.batch.ids.device), generator)
+    stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - t0
     stop = StopStrings(cfg.stop, tokenizer, 1) if cfg.stop else None
     eos = set(cfg.eos_ids)
-    t0 = time.perf_counter()
-    if T > 1:
-        positions = torch.arange(T - 1, device=device)[None]
-        forward_tokens(target, tcache, prompt[:, :-1], positions)
-        forward_tokens(draft, dcache, prompt[:, :-1], positions)
-        tcache.sync()
-        dcache.sync()
-    stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - t0
     t1 = time.perf_counter()
-    last = prompt[:, -1:]  # (1, 1) committed but not yet in either cache
-    pending = last[:, :0]  # committed tokens the draft has not read yet (besides `last`)
     produced = proposed = accepted = rounds = 0
     while produced < cfg.max_new_tokens:
-        # the target trims exactly where plain decoding would (when full), so greedy output matches
-        if tcache.end + 1 > cap:
-            trim_cache(target, tcache, keep_n, cfg.trim)
-        g = min(gamma, cap - tcache.end - 1, cfg.max_new_tokens - produced - 1)
-        if g > 0 and dcache.end + pending.shape[1] + g > cap:
-            trim_cache(draft, dcache, max(keep_n - pending.shape[1], 1), cfg.trim)
-        # 1. the draft reads what it has not seen and proposes g tokens
-        drafts, qs = [], []
-        if g > 0:
-            d_end, d_state = dcache.end, dcache.memory_state
-            d_fed = torch.cat((pending, last), dim=1)
-            d_pos = dcache.next_pos[:, None] + torch.arange(d_fed.shape[1], device=device)
-            q_logits = draft_feed(d_fed)
-            for i in range(g):
-                q = process(q_logits, cfg, None)
-                tok = _pick(q, sampling, generator)
-                drafts.append(tok)
-                qs.append(q)
-                if i < g - 1:
-                    q_logits = draft_feed(tok)
-        d = torch.cat(drafts, dim=1) if drafts else last[:, :0]  # (1, g)
-        # 2. the target scores [last, d_1..d_g] in one forward
-        t_end, t_state = tcache.end, tcache.memory_state
-        t_fed = torch.cat((last, d), dim=1)
-        t_pos = tcache.next_pos[:, None] + torch.arange(g + 1, device=device)
-        p_logits = process(verify(t_fed, t_pos), cfg, None)  # (g + 1, V)
-        # 3. accept / reject
-        n_ok, new = _accept(p_logits, torch.cat(qs, dim=0) if qs else None, d[0], sampling, generator)
-        proposed += g
-        accepted += n_ok
-        rounds += 1
-        # 4. rewind both caches to [.., last, d_1..d_n_ok]; the draft may lag (pending)
-        _rewind(target, tcache, t_end + 1 + n_ok, t_state, t_fed, t_pos, 1 + n_ok)
-        if g > 0:
-            m = d_fed.shape[1]
-            d_keep = min(m + n_ok, m + g - 1)
-            d_all = torch.cat((d_fed, d[:, :g - 1]), dim=1)
-            d_all_pos = torch.cat((d_pos, d_pos[:, -1:] + torch.arange(1, g, device=device)), dim=1)
-            _rewind(draft, dcache, d_end + d_keep, d_state, d_all, d_all_pos, d_keep)
-            pending = d[:, g - 1:] if n_ok == g else d[:, :0]
-        else:
-            pending = torch.cat((pending, last), dim=1)
-        last = torch.tensor([[new]], device=device)
-        for tok in d[0, :n_ok].tolist() + [new]:
+        tokens, g = state.run(cfg.max_new_tokens - produced)
+        proposed, accepted, rounds = proposed + g, accepted + len(tokens) - 1, rounds + 1
+        for tok in tokens:
             yield tok
             produced += 1
             done = tok in eos or (stop is not None and bool(stop.update(torch.tensor([tok]),
@@ -164,9 +188,8 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
                 produced = cfg.max_new_tokens
                 break
     stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - t1
-    stats["proposed"] = stats.get("proposed", 0) + proposed
-    stats["accepted"] = stats.get("accepted", 0) + accepted
-    stats["rounds"] = stats.get("rounds", 0) + rounds
+    for key, value in (("proposed", proposed), ("accepted", accepted), ("rounds", rounds)):
+        stats[key] = stats.get(key, 0) + value
     stats["acceptance_rate"] = stats["accepted"] / max(stats["proposed"], 1)
 
 
