@@ -25,14 +25,6 @@ from neoformer.train.checkpoint import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(preset="neoformer-x-debug", **overrides):
     torch.manual_seed(0)
     return build_model(preset, vocab_size=32, max_seq_len=32, **overrides)

@@ -6,13 +6,6 @@ from neoformer import ModelConfig, build_model
 from neoformer.generate import GenerationConfig, generate, stream, stream_text
 from neoformer.tokenizer import CharTokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound; a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TEXT = "the quick brown fox jumps over the lazy dog. "

@@ -7,13 +7,6 @@ from neoformer import ModelConfig, build_model
 from neoformer.generate import StaticKVCache, decode_one, generate, prefill
 from neoformer.generate.engine import trim_cache
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound; a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64,

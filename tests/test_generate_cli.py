@@ -12,14 +12,6 @@ checkpoint = pytest.importorskip("neoformer.train.checkpoint")
 TEXT = "the quick brown fox jumps over the lazy dog. "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     tok = CharTokenizer.from_texts([TEXT])

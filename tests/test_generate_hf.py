@@ -12,13 +12,6 @@ from transformers.generation.logits_process import (  # noqa: E402
 from neoformer.generate import GenerationConfig, generate  # noqa: E402
 from neoformer.generate.sampling import History, min_p_filter, process, top_k_filter, top_p_filter  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound; a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 VOCAB = 61

@@ -7,13 +7,6 @@ from neoformer import ModelConfig, build_model
 from neoformer.generate import generate
 from neoformer.generate.speculative import _accept
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound; a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 V = 8

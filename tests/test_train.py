@@ -18,15 +18,6 @@ from neoformer.train.fit import move_batch
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 QUIET = dict(progress=False, plot=False, log_every=1, eval_every=0, save_every=0)
 
 
