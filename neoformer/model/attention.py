@@ -107,6 +107,11 @@ def eager_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, trainin
 
 
 def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):
+    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)):
+        # measured: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32
+        with torch.autocast("cpu", enabled=False):
+            out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
+        return out.to(v.dtype)
     mask = ctx.mask(window)
     same_length = q.shape[2] == k.shape[2]
     # the fused causal kernel is only right when queries and keys are the same positions
@@ -114,11 +119,6 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
         and ctx.segments is None and ctx.bias is None
     if is_causal:
         mask = None
-    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)):
-        # train: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32
-        with torch.autocast("cpu", enabled=False):
-            out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
-        return out.to(v.dtype)
     if ctx.bias is not None:
         bias = ctx.bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
