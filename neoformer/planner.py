@@ -50,7 +50,7 @@ ASSUMPTIONS = [
     "training: AdamW, 16 bytes/param (fp32: weights 4 + grads 4 + moments 8; "
     "bf16 mixed: weights 2 + grads 2 + fp32 master 4 + moments 8); activations not included",
     "KV cache: self-attention K and V of every decoder layer; windowed = sliding-window layers keep "
-    "only their window; enc-dec cross-attention K/V are recomputed from the encoder output, not cached",
+    "only their window; enc-dec cross-attention K/V (the same formula at the source length) are not included",
     "fsdp: FSDP2, one unit per block plus the root unit (embeddings, head, final norm, memory layer); "
     "state sharded along dim 0 with padding; root + the largest block gathered at the compute dtype; "
     "prefetch of the next block not included",

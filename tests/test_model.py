@@ -402,3 +402,18 @@ def test_unknown_field_and_preset_get_suggestions():
         ModelConfig.from_dict({"n_layer": 3})
     with pytest.raises(ConfigError, match="did you mean 'lumi-tiny'"):
         build_model("lumi-tiy")
+
+
+def test_precomputed_cross_kv_equals_encoder_memory_and_selects_rows():
+    model = build(tiny(kind="encoder_decoder", n_encoder_layers=2, n_kv_heads=2))
+    src, tgt = ids(3, 9, seed=1), ids(3, 5, seed=2)
+    src_mask = torch.ones_like(src)
+    src_mask[1, 5:] = 0
+    memory = model.encode(src, src_mask)
+    cross = model.cross_kv(memory)
+    assert len(cross) == 3 and cross[0][0].shape == (3, 2, 9, 8)
+    expected, _ = model.decode(tgt, memory, src_mask)
+    torch.testing.assert_close(model.decode(tgt, cross, src_mask)[0], expected, atol=1e-12, rtol=1e-12)
+    rows = torch.tensor([2, 1])
+    picked, _ = model.decode(tgt[rows], cross.index_select(0, rows), src_mask[rows])
+    torch.testing.assert_close(picked, expected[rows], atol=1e-12, rtol=1e-12)

@@ -76,7 +76,7 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
             raise ValueError(f"source of {longest} tokens is longer than the model takes ({mcfg.max_seq_len})")
         src = left_pad(prompts, pad_id, device)
         mask = src.keep.long() if src.keep is not None else None
-        encoded = Encoded(model.encode(src.ids, mask), mask)
+        encoded = Encoded(model.cross_kv(model.encode(src.ids, mask)), mask)
         start = cfg.decoder_start_token_id
         if start is None:
             start = next(i for i in (mcfg.pad_token_id, getattr(tokenizer, "bos_id", None), 0) if i is not None)

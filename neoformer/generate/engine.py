@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..model.transformer import CrossKV
 from .cache import StaticKVCache
 
 
@@ -23,7 +24,7 @@ from .cache import StaticKVCache
 class Encoded:
     """Encoder-decoder: the encoder output every decoder step attends to."""
 
-    memory: torch.Tensor  # (B, S, D)
+    memory: CrossKV  # per-layer cross-attention K/V of the encoder output (B, H_kv, S, Dh)
     src_mask: torch.Tensor | None  # (B, S) 1 = token
 
     def select(self, index: torch.Tensor) -> "Encoded":

@@ -188,19 +188,27 @@ class Attention(nn.Module):
             self.qk_scale = nn.Parameter(torch.ones(self.head_dim))
         self.scale = math.sqrt(self.head_dim) if cfg.ngpt else 1.0 / math.sqrt(self.head_dim)
 
-    def project(self, x: torch.Tensor, memory: torch.Tensor | None):
-        """x (B, L, D) -> q (B, H, L, Dh), k, v (B, Hkv, Lk, Dh)."""
-        B, L, _ = x.shape
+    def split_heads(self, t: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """(B, L, n_heads * Dh) -> (B, n_heads, L, Dh)."""
+        return t.view(t.shape[0], t.shape[1], n_heads, self.head_dim).transpose(1, 2)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K, V of the encoder output (B, S, D) -> each (B, Hkv, S, Dh); computed
+        once per source during generation instead of once per decoded token."""
+        return self.split_heads(self.k_proj(memory), self.n_kv_heads), self.split_heads(self.v_proj(memory), self.n_kv_heads)
+
+    def project(self, x: torch.Tensor, memory):
+        """x (B, L, D) -> q (B, H, L, Dh), k, v (B, Hkv, Lk, Dh). ``memory``: encoder output
+        (B, S, D), its precomputed (K, V), or None for self-attention."""
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.fused:
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        else:
-            source = x if memory is None else memory
-            q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
-        Lk = k.shape[1]
-        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), \
+                self.split_heads(v, self.n_kv_heads)
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        if isinstance(memory, tuple):
+            return (q, *memory)
+        k, v = self.memory_kv(x if memory is None else memory)
         return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, past=None, memory: torch.Tensor | None = None,

@@ -36,6 +36,24 @@ class Past(tuple):
         return past
 
 
+class CrossKV:
+    """Cross-attention (K, V) of every decoder layer, each (B, H_kv, S, Dh), computed once from
+    the encoder output. Passed as ``memory`` to ``EncoderDecoderLM.decode``; rows can be selected
+    like a tensor's (beam search, rows leaving a batch)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = layers
+
+    def __len__(self) -> int:  # batch size, as for the (B, S, D) memory tensor it replaces
+        return self.layers[0][0].shape[0]
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer]
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "CrossKV":
+        return CrossKV([(k.index_select(dim, index), v.index_select(dim, index)) for k, v in self.layers])
+
+
 @dataclass
 class StackOutput:
     hidden: torch.Tensor  # (B, L, D) after the final norm
@@ -101,10 +119,12 @@ class BlockStack(nn.Module):
         kvs, aux_total = [], None
         for i, block in enumerate(self.blocks):
             layer_past = past[i] if past is not None else None
+            layer_memory = memory[i] if isinstance(memory, CrossKV) else memory
             if self.cfg.gradient_checkpointing and self.training:
-                h, kv, aux = checkpoint(block, h, ctx, layer_past, memory, memory_ctx, kv_cache, use_reentrant=False)
+                h, kv, aux = checkpoint(block, h, ctx, layer_past, layer_memory, memory_ctx, kv_cache,
+                                        use_reentrant=False)
             else:
-                h, kv, aux = block(h, ctx, layer_past, memory, memory_ctx, kv_cache)
+                h, kv, aux = block(h, ctx, layer_past, layer_memory, memory_ctx, kv_cache)
             if use_cache:
                 kvs.append(kv)
             if aux is not None:
@@ -314,8 +334,12 @@ class EncoderDecoderLM(NeoFormerModel):
         self.encoder_aux_loss = aux
         return h
 
+    def cross_kv(self, memory: torch.Tensor) -> CrossKV:
+        """Encoder output (B, S, D) -> per-layer cross-attention K/V, reusable by every decode step."""
+        return CrossKV([block.cross_attn.memory_kv(memory) for block in self.decoder.blocks])
+
     def decode(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None, kv_cache=None):
-        """(B, L) target ids + memory (B, S, D) -> (logits (B, L, V), new_past)."""
+        """(B, L) target ids + memory (B, S, D) or its ``cross_kv`` -> (logits (B, L, V), new_past)."""
         B, L = tgt_ids.shape
         use_cache = (not self.training) if use_cache is None else use_cache
         past_len = past[0][0].shape[2] if past else 0
