@@ -257,11 +257,11 @@ def test_move_batch_handles_containers():
 
 
 def test_thread_tuner_drops_to_one_thread_when_two_are_slower_and_comes_back():
-    from neoformer.train.fit import _ThreadTuner
+    from neoformer.train.monitor import ThreadTuner
 
     torch.set_num_threads(2)
     notes = []
-    tuner = _ThreadTuner(notes.append, every=0.0, probe=3, warmup=2)
+    tuner = ThreadTuner(notes.append, every=0.0, probe=3, warmup=2)
     for seconds in [5, 5, 1.0, 1.0, 1.0]:  # warm-up, then 3 steps with 2 threads
         tuner.after_step(seconds)
     assert torch.get_num_threads() == 1  # now probing 1 thread

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from .checkpoint import (
     CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
     save_checkpoint, unwrap,
 )
+from .monitor import MetricsLog, ProgressBar, StopSignals, ThreadTuner
 from .objectives import Objective
 from .optim import WarmupCosine, build_optimizer, set_lr
 from .run_config import TrainConfig
@@ -141,142 +140,6 @@ def evaluate(model: nn.Module, objective: Objective, batches: Iterable, max_batc
     finally:
         model.train(was_training)
     return total / weight if weight else None
-
-
-class _StopSignals:
-    """SIGINT / SIGTERM set a flag that the loop checks between steps (a second Ctrl-C raises)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-class _Metrics:
-    """metrics.jsonl (one JSON object per line) and, when installed, TensorBoard."""
-
-    def __init__(self, out_dir: Path | None, resume_step: int | None):
-        self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
-        self.history: list[dict] = []
-        self._tb = None
-        if self.path is None:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            self._tb = None
-
-    def write(self, record: dict) -> None:
-        self.history.append(record)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record.get("step", 0))
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-class _ThreadTuner:
-    """``train.threads: auto`` on CPU: time a few steps with torch's thread count and with one
-    thread, keep the faster, and check again every ``every`` seconds.
-
-    Why: when another process keeps a core busy, OpenMP threads spin against it and a step
-    can get ~9x slower with 2 threads than with 1 (measured on 2 vCPUs); on an idle machine
-    2 threads are ~1.7x faster. (The thread count can change float rounding, so runs that must
-    be bit-reproducible should pin ``threads``.)
-    """
-
-    def __init__(self, log: Callable[[str], None], every: float = 60.0, probe: int = 3, warmup: int = 2):
-        self.log, self.every, self.probe, self.warmup = log, every, probe, warmup
-        self.most = torch.get_num_threads()
-        self.current = self.most
-        self.times: list[float] = []
-        self.phase, self.baseline, self.idle_since = "warmup", 0.0, 0.0
-
-    def after_step(self, seconds: float) -> None:
-        if self.most < 2:
-            return
-        if self.phase == "warmup":
-            self.warmup -= 1
-            if self.warmup <= 0:
-                self.phase, self.times = "current", []
-            return
-        if self.phase == "idle":
-            if time.perf_counter() - self.idle_since >= self.every:
-                self.phase, self.times = "current", []
-            return
-        self.times.append(seconds)
-        if len(self.times) < self.probe:
-            return
-        median = sorted(self.times)[len(self.times) // 2]
-        if self.phase == "current":
-            self.baseline, self.times, self.phase = median, [], "other"
-            torch.set_num_threads(1 if self.current == self.most else self.most)
-            return
-        other = torch.get_num_threads()
-        if median < 0.9 * self.baseline:  # the other setting is clearly faster: keep it
-            if other != self.current:
-                why = "the CPU is busy with another process" if other == 1 else "the CPU is free again"
-                self.log(f"note: {other} CPU thread{'s' if other > 1 else ''} now ({why}: "
-                         f"{self.baseline / median:.1f}x faster steps than with {self.current})")
-            self.current = other
-        else:
-            torch.set_num_threads(self.current)
-        self.phase, self.idle_since, self.times = "idle", time.perf_counter(), []
-
-
-class _Progress:
-    """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget)."""
-
-    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None]):
-        self.bar = None
-        self.log = log
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
-            self.log = self.bar.write
-
-    def update(self, step: int, postfix: dict, estimated_total: int | None = None) -> None:
-        if self.bar is None:
-            return
-        if estimated_total is not None and estimated_total != self.bar.total:
-            self.bar.total = estimated_total
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -518,18 +381,18 @@ class Trainer:
             if resume_path is None:
                 raise ValueError("resume=True needs out_dir (the run directory holding checkpoints/)")
             self.resume_from(resume_path)
-        self.metrics = _Metrics(self.out_dir if self.ctx.is_main else None,  # parallel: rank 0 writes
+        self.metrics = MetricsLog(self.out_dir if self.ctx.is_main else None,  # parallel: rank 0 writes
                                 self.step if resume_path is not None else None)
         self.model.train()
         self._t0 = time.perf_counter()
         self._start_step, self._elapsed_at_start = self.step, self.elapsed_before
         self._in_update = False
-        self.progress = _Progress(cfg if self.ctx.is_main else cfg.replace(progress=False), self.step, self._log)
+        self.progress = ProgressBar(cfg if self.ctx.is_main else cfg.replace(progress=False), self.step, self._log)
         self._evaluated_at = None
-        self.tuner = _ThreadTuner(self.log) if cfg.threads == "auto" and self.device.type == "cpu" else None
+        self.tuner = ThreadTuner(self.log) if cfg.threads == "auto" and self.device.type == "cpu" else None
         reason, rate = None, 0.0
         try:
-            with _StopSignals() as self.signals:
+            with StopSignals() as self.signals:
                 if self.step == 0 and cfg.eval_every:
                     self.run_eval()
                 while (reason := self.stop_reason()) is None:

@@ -1,0 +1,149 @@
+"""Bookkeeping around the training loop: stop signals, metrics log, CPU thread tuning, progress bar."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .run_config import TrainConfig
+
+
+class StopSignals:
+    """SIGINT / SIGTERM set a flag that the loop checks between steps (a second Ctrl-C raises)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, when installed, TensorBoard."""
+
+    def __init__(self, out_dir: Path | None, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
+        self.history: list[dict] = []
+        self._tb = None
+        if self.path is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ThreadTuner:
+    """``train.threads: auto`` on CPU: time a few steps with torch's thread count and with one
+    thread, keep the faster, and check again every ``every`` seconds.
+
+    Why: when another process keeps a core busy, OpenMP threads spin against it and a step
+    can get ~9x slower with 2 threads than with 1 (measured on 2 vCPUs); on an idle machine
+    2 threads are ~1.7x faster. (The thread count can change float rounding, so runs that must
+    be bit-reproducible should pin ``threads``.)
+    """
+
+    def __init__(self, log: Callable[[str], None], every: float = 60.0, probe: int = 3, warmup: int = 2):
+        self.log, self.every, self.probe, self.warmup = log, every, probe, warmup
+        self.most = torch.get_num_threads()
+        self.current = self.most
+        self.times: list[float] = []
+        self.phase, self.baseline, self.idle_since = "warmup", 0.0, 0.0
+
+    def after_step(self, seconds: float) -> None:
+        if self.most < 2:
+            return
+        if self.phase == "warmup":
+            self.warmup -= 1
+            if self.warmup <= 0:
+                self.phase, self.times = "current", []
+            return
+        if self.phase == "idle":
+            if time.perf_counter() - self.idle_since >= self.every:
+                self.phase, self.times = "current", []
+            return
+        self.times.append(seconds)
+        if len(self.times) < self.probe:
+            return
+        median = sorted(self.times)[len(self.times) // 2]
+        if self.phase == "current":
+            self.baseline, self.times, self.phase = median, [], "other"
+            torch.set_num_threads(1 if self.current == self.most else self.most)
+            return
+        other = torch.get_num_threads()
+        if median < 0.9 * self.baseline:  # the other setting is clearly faster: keep it
+            if other != self.current:
+                why = "the CPU is busy with another process" if other == 1 else "the CPU is free again"
+                self.log(f"note: {other} CPU thread{'s' if other > 1 else ''} now ({why}: "
+                         f"{self.baseline / median:.1f}x faster steps than with {self.current})")
+            self.current = other
+        else:
+            torch.set_num_threads(self.current)
+        self.phase, self.idle_since, self.times = "idle", time.perf_counter(), []
+
+
+class ProgressBar:
+    """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget)."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None]):
+        self.bar = None
+        self.log = log
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+            self.log = self.bar.write
+
+    def update(self, step: int, postfix: dict, estimated_total: int | None = None) -> None:
+        if self.bar is None:
+            return
+        if estimated_total is not None and estimated_total != self.bar.total:
+            self.bar.total = estimated_total
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
