@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "neoformer.generate.cli",
     "tokenizer": "neoformer.tokenizer_cli",
     "checkpoint": "neoformer.train.checkpoint_cli",
+    "export": "neoformer.hf.cli",
 }
 
 

@@ -330,3 +330,29 @@ def test_folder_loading_needs_no_transformers(tmp_path, monkeypatch):
     expected = hf_logits(hf, ids)
     monkeypatch.setitem(sys.modules, "transformers", None)  # any `import transformers` now fails
     torch.testing.assert_close(our_logits(from_hf(tmp_path), ids), expected, **TOL)
+
+
+def test_export_command_writes_a_folder_transformers_loads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from neoformer import build_model
+    from neoformer.cli import main
+    from neoformer.tokenizer import CharTokenizer
+    from neoformer.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.from_texts(["hello world"])
+    model = build_model("nexus-debug", vocab_size=tokenizer.vocab_size).eval()
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, tokenizer=tokenizer)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-5, rtol=1e-5)
+
+    capsys.readouterr()  # drop transformers' loading output
+    memory_model = build_model("neoformer-x-debug").eval()
+    ckpt = save_checkpoint(tmp_path / "x", 1, memory_model)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "x_hf")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and "\n" not in error and "rmc" in error.lower()

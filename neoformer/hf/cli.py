@@ -1,0 +1,28 @@
+"""`neoformer export CKPT --out DIR`: a training checkpoint as a Hugging Face transformers folder."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export a checkpoint to a Hugging Face transformers folder",
+        description="Write config.json + model.safetensors (+ the tokenizer) that "
+                    "transformers.AutoModelForCausalLM.from_pretrained loads with identical logits. "
+                    "Llama-, Mistral- and GPT-2-shaped decoders export; other features (RMC/NSB, MoE, ALiBi, "
+                    "T5 bias, nGPT, encoders) are refused with the reason.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint or run directory (from `neoformer train`)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from ..train.checkpoint import load_model, resolve_checkpoint
+    from . import to_hf
+
+    model, _ = load_model(args.checkpoint)
+    tokenizer_dir = resolve_checkpoint(args.checkpoint) / "tokenizer"
+    out = to_hf(model, args.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
+    print(f"exported {model.config.name} ({model.num_parameters():,} parameters) to {out}")
+    return 0
