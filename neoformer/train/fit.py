@@ -37,7 +37,7 @@ from torch import nn
 
 from ..parallel import (  # parallel: DDP / FSDP2 under torchrun (no-ops in one process)
     ParallelContext, ShardedBatches, clip_grad_norm_, is_fsdp, is_sharded_checkpoint, load_train_checkpoint,
-    save_train_checkpoint,
+    save_train_checkpoint, set_grad_sync,
 )
 from ..parallel import apply as apply_parallel
 from .checkpoint import (
@@ -225,15 +225,18 @@ class Trainer:
         cfg = self.cfg
         set_lr(self.optimizer, self.lr)
         loss_sum, tokens, deltas = None, 0, []
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             try:
                 batch = next(self._iter)
             except StopIteration:
+                set_grad_sync(self.raw, True)
                 return None
             self.consumed += 1
             with self._autocast():
                 loss, stats = self.step_fn(self.model, move_batch(batch, self.device))
             loss = loss * self.ctx.token_share(stats.get("targets"))  # parallel: weigh ranks by their targets
+            # parallel: gradients are reduced once per step, after the last micro-batch (no-op in one process)
+            set_grad_sync(self.raw, micro == cfg.grad_accum - 1)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             tokens += int(stats.get("tokens", 0))
