@@ -119,13 +119,18 @@ def case_14m(args):
         "neoformer (eager)": lambda: _ours(ours, ids, n),
     }
     if args.compile:
-        t, _ = timed(lambda: ours_generate(ours, ids, n, compile=True))
-        print(f"14M: compiling the decode step took {t:.1f} s (once per model and batch size)")
-        variants["neoformer (compile=True)"] = lambda: _ours(ours, ids, n, compile=True)
+        add_compiled(variants, ours, ids, n, "14M")
     med, outs, _ = rounds(variants, args.rounds)
     base = med["transformers generate"]
     print(f"### 14M model, batch 1, {n} new tokens (identical tokens: {same(outs)})\n")
     table(["variant", "tokens/s", "vs transformers"], [[k, n / v, base / v] for k, v in med.items()])
+
+
+def add_compiled(variants, model, ids, n, label):
+    """Compile once (timed and reported), then add the compiled engine as a variant."""
+    t, _ = timed(lambda: ours_generate(model, ids, n, compile=True))
+    print(f"{label}: compiling the decode step took {t:.1f} s (once per model and batch size)")
+    variants["neoformer (compile=True)"] = lambda: _ours(model, ids, n, compile=True)
 
 
 def _ours(model, ids, n, **kw):
@@ -147,9 +152,7 @@ def case_162m(args, models):
         "neoformer (eager)": lambda: _ours(ours, ids, n),
     }
     if args.compile:
-        t, _ = timed(lambda: ours_generate(ours, ids, n, compile=True))
-        print(f"162M: compiling the decode step took {t:.1f} s")
-        variants["neoformer (compile=True)"] = lambda: _ours(ours, ids, n, compile=True)
+        add_compiled(variants, ours, ids, n, "162M")
     med, outs, extras = rounds(variants, args.rounds)
     hf_one = med.pop("transformers, 1 token")
     outs.pop("transformers, 1 token")

@@ -225,16 +225,6 @@ def test_resume_with_other_model_config_is_refused(tmp_path):
 
 
 # ---- exact resume after SIGKILL ---------------------------------------------------------------
-def _write_corpus(directory: Path) -> Path:
-    directory.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran past small red houses".split()
-    for i in range(4):
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(150))
-        (directory / f"doc{i}.txt").write_text(text)
-    return directory
-
-
 def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "neoformer.cli", "train", "--preset", "neoformer-x-debug", "--data", str(data),
             "--tokenizer", "char", "--out", str(out), "--max-steps", "40", "--batch", "4", "--seq", "32",
@@ -248,8 +238,8 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
 
 
-def test_exact_resume_after_sigkill(tmp_path):
-    data = _write_corpus(tmp_path / "data")
+def test_exact_resume_after_sigkill(tmp_path, word_corpus):
+    data = word_corpus(tmp_path / "data", docs=4, lines=150, words_per_line=9)
     env = {**os.environ, "NEOFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     straight = subprocess.run(_train_cmd(data, tmp_path / "a"), env=env, capture_output=True, text=True, timeout=120)
     assert straight.returncode == 0, straight.stderr
@@ -282,8 +272,8 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
-    data = _write_corpus(tmp_path / "data")
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, word_corpus):
+    data = word_corpus(tmp_path / "data", docs=4, lines=150, words_per_line=9)
     env = {**os.environ, "NEOFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = _train_cmd(data, tmp_path / "run", "--max-steps", "100000", "--save-every", "0")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

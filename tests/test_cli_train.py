@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,8 @@ def one_thread_and_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def corpus(tmp_path) -> Path:
-    directory = tmp_path / "corpus"
-    directory.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran past small red houses".split()
-    for i in range(5):
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(7)) for _ in range(80))
-        (directory / f"doc{i}.txt").write_text(text)
-    return directory
+def corpus(tmp_path, word_corpus) -> Path:
+    return word_corpus(tmp_path / "corpus", docs=5, lines=80, words_per_line=7)
 
 
 def train(*args: str) -> int:
