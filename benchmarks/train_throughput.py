@@ -138,8 +138,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; model {n_ours:,} params, batch {B} x {T}; median of {args.rounds} rounds "
           f"x {args.steps} steps")
-    print(f"| variant | neoformer tok/s | HF Llama tok/s | ratio |")
-    print(f"|---|---:|---:|---:|")
+    print("| variant | neoformer tok/s | HF Llama tok/s | ratio |")
+    print("|---|---:|---:|---:|")
     for name, (ours, hf) in results.items():
         o, h = statistics.median(ours), statistics.median(hf)
         print(f"| {name} | {o:,.0f} | {h:,.0f} | {o / h:.2f}x |")

@@ -7,8 +7,6 @@ appears once, as the token embedding); everything else is arithmetic on that lis
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,34 +494,6 @@ def load_config(target: str) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "info", help="exact parameter count and memory plan (no model is built)",
-        description="Exact parameters per component, weight / training / KV-cache memory and per-rank "
-                    "estimates of a preset, checkpoint directory or config file. See docs/planner.md.")
-    p.add_argument("target", nargs="?", help="preset name, checkpoint directory or config .json/.yaml")
-    p.add_argument("--batch", type=int, default=1, help="KV-cache batch size (default 1)")
-    p.add_argument("--seq", type=int, default=None, help="KV-cache length (default max_seq_len)")
-    p.add_argument("--world-size", type=int, default=1, help="ranks for the per-rank estimate (default 1)")
-    p.add_argument("--parallel", choices=PARALLEL, default="ddp", help="data parallelism (default ddp)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--list", action="store_true", help="list all presets with their exact parameter counts")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.list:
-        items = list_presets()
-        print(json.dumps(items, indent=2) if args.json else format_presets(items))
-        return 0
-    if not args.target:
-        raise ValueError("give a preset name, checkpoint directory or config file (or --list)")
-    cfg = load_config(args.target)
-    result = plan(cfg, args.batch, args.seq, args.world_size, args.parallel, source=args.target)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0
-
-
 __all__ = ["ParamSpec", "ParamCount", "param_specs", "buffer_specs", "count_parameters", "num_parameters",
            "weight_bytes", "training_bytes", "kv_cache_bytes", "per_rank_bytes", "claim", "plan",
-           "format_plan", "list_presets", "load_config", "add_parser"]
+           "format_plan", "list_presets", "load_config"]

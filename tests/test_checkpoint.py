@@ -17,7 +17,7 @@ import torch
 from neoformer import build_model
 from neoformer.tokenizer import CharTokenizer
 from neoformer.train import CheckpointError, TrainConfig, causal_lm, fit, list_checkpoints, load_model, save_checkpoint
-from neoformer.train.checkpoint import (
+from neoformer.checkpoint import (
     capture_rng_state, decode_state, encode_state, load_training_state, load_weights, resolve_checkpoint,
     restore_rng_state,
 )

@@ -7,7 +7,7 @@ from neoformer.cli import main
 from neoformer.generate import generate
 from neoformer.tokenizer import CharTokenizer
 
-checkpoint = pytest.importorskip("neoformer.train.checkpoint")
+from neoformer import checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. "
 

@@ -338,7 +338,7 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path, capsys):
     from neoformer import build_model
     from neoformer.cli import main
     from neoformer.tokenizer import CharTokenizer
-    from neoformer.train.checkpoint import save_checkpoint
+    from neoformer.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     tokenizer = CharTokenizer.from_texts(["hello world"])

@@ -13,7 +13,7 @@ from neoformer.train import (
     Lion, TrainConfig, TrainingDiverged, WarmupCosine, build_optimizer, causal_lm, fit, list_checkpoints,
     load_model, masked_lm, objective_for, seq2seq,
 )
-from neoformer.train.checkpoint import read_config
+from neoformer.checkpoint import read_config
 from neoformer.train.fit import move_batch
 
 

@@ -14,7 +14,7 @@ Typical use (works unchanged in one process and under ``torchrun --nproc_per_nod
 """
 from .apply import (PARALLEL_MODES, apply, apply_activation_checkpointing, apply_compile, clip_grad_norm_,
                     default_mode, is_fsdp, no_sync, set_grad_sync)
-from .checkpoint import (consolidate, is_sharded_checkpoint, load_full_state, load_sharded, load_train_checkpoint,
+from ..checkpoint.sharded import (consolidate, is_sharded_checkpoint, load_full_state, load_sharded, load_train_checkpoint,
                          read_full_state, read_trainer_state, save_sharded, save_train_checkpoint)
 from .setup import (ParallelContext, ShardedBatches, env_world_size, main_process_output, rank0_first, setup, shard_batch,
                     shard_range, teardown, torchrun_env_present)

@@ -4,7 +4,7 @@
     result = fit(model, objective_for(model), batches, TrainConfig(max_steps=100), out_dir="runs/x")
     model, tokenizer = load_model("runs/x")
 """
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError, inspect_checkpoint, list_checkpoints, load_model, load_training_state, load_weights,
     resolve_checkpoint, save_checkpoint,
 )

@@ -40,7 +40,7 @@ from ..parallel import (  # parallel: DDP / FSDP2 under torchrun (no-ops in one 
     save_train_checkpoint, set_grad_sync,
 )
 from ..parallel import apply as apply_parallel
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
     save_checkpoint, unwrap,
 )

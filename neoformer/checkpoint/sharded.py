@@ -4,7 +4,7 @@ Every rank writes its own shards of the model and optimizer state in parallel; n
 the full model. A save at world size N loads at world size M (FSDP, DDP or one process):
 DCP stores each tensor's global shape and offsets and reads back whatever pieces the loading
 ranks need. A sharded checkpoint is the training package's checkpoint directory
-(:mod:`neoformer.train.checkpoint`) with the weights and optimizer in DCP files instead of
+(:mod:`neoformer.checkpoint.plain`) with the weights and optimizer in DCP files instead of
 ``model.safetensors``::
 
     step-000200/
@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict, set_state_dict,
 )
 
-from .setup import ParallelContext
+from . import plain
 
 FORMAT = "neoformer-sharded"
 VERSION = 1
@@ -47,10 +47,17 @@ MARKER = "sharded.json"
 RANKS_DIR = "ranks"
 
 
-def _ckpt():
-    from ..train import checkpoint  # imported late: neoformer.train imports neoformer.parallel
+class SingleProcess:
+    """The process context when no process group is up (``neoformer.parallel.ParallelContext`` has the
+    same members; this package sits below ``parallel`` and must not import it)."""
 
-    return checkpoint
+    rank, world_size, is_main = 0, 1, True
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj):
+        return obj
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -59,7 +66,7 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     if (path / MARKER).is_file():
         return True
     try:
-        return (_ckpt().resolve_checkpoint(path) / MARKER).is_file()
+        return (plain.resolve_checkpoint(path) / MARKER).is_file()
     except (ValueError, OSError):
         return False
 
@@ -71,19 +78,19 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not (path / MARKER).is_file():
         try:
-            path = _ckpt().resolve_checkpoint(path)
+            path = plain.resolve_checkpoint(path)
         except ValueError:
             pass
     marker = path / MARKER
     if not marker.is_file():
-        raise _ckpt().CheckpointError(f"{path} is not a complete sharded checkpoint (no {MARKER}); "
+        raise plain.CheckpointError(f"{path} is not a complete sharded checkpoint (no {MARKER}); "
                                       "was the save interrupted?")
     meta = json.loads(marker.read_text())
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise _ckpt().CheckpointError(f"{path}: unsupported sharded checkpoint format "
+        raise plain.CheckpointError(f"{path}: unsupported sharded checkpoint format "
                                       f"{meta.get('format')!r} v{meta.get('version')}")
-    if not (path / _ckpt().MANIFEST).is_file():
-        raise _ckpt().CheckpointError(f"{path} is not a complete checkpoint (no manifest.json); it was probably "
+    if not (path / plain.MANIFEST).is_file():
+        raise plain.CheckpointError(f"{path} is not a complete checkpoint (no manifest.json); it was probably "
                                       "cut off mid-save, use an earlier one")
     return path, meta
 
@@ -99,7 +106,7 @@ def _write_state(directory: Path, stem: str, state: Any) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    encoded = _ckpt().encode_state(state, tensors)
+    encoded = plain.encode_state(state, tensors)
     save_file(tensors, str(directory / f"{stem}.safetensors"))
     (directory / f"{stem}.json").write_text(json.dumps(encoded, indent=2, allow_nan=True) + "\n")
 
@@ -110,7 +117,7 @@ def _read_state(directory: Path, stem: str) -> Any:
     if not (directory / f"{stem}.json").is_file():
         return None
     tensors = load_file(str(directory / f"{stem}.safetensors"))
-    return _ckpt().decode_state(json.loads((directory / f"{stem}.json").read_text()), tensors)
+    return plain.decode_state(json.loads((directory / f"{stem}.json").read_text()), tensors)
 
 
 @contextlib.contextmanager
@@ -123,7 +130,7 @@ def _quiet_no_dist():
 
 # ---- save --------------------------------------------------------------------------------------
 def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 ctx: ParallelContext | None = None, *, extra: dict | None = None, rank_state: Any = None,
+                 ctx=None, *, extra: dict | None = None, rank_state: Any = None,
                  config: dict | None = None, tokenizer=None) -> Path:
     """Collective (every rank calls it): write a sharded checkpoint directory at ``path``.
 
@@ -131,8 +138,7 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     ``rank_state``: each rank's own state, returned by :func:`load_sharded` at the same world size.
     ``config``: the JSON settings for config.json (default: the model config and ``extra["step"]``).
     """
-    ckpt = _ckpt()
-    ctx = ctx or ParallelContext()
+    ctx = ctx or SingleProcess()
     path = Path(path)
     tmp = None
     if ctx.is_main:
@@ -159,27 +165,26 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     return path
 
 
-def _finish_save(path: Path, tmp: Path, model: nn.Module, optims: list, ctx: ParallelContext, extra: dict | None,
+def _finish_save(path: Path, tmp: Path, model: nn.Module, optims: list, ctx, extra: dict | None,
                  has_rank_states: bool, config: dict | None, tokenizer) -> None:
     """Rank 0: config, tokenizer, training state, marker, manifest, then rename into place."""
-    ckpt = _ckpt()
     mode = getattr(model, "parallel_mode", "none")
     data = dict(config or {})
     if "model" not in data and hasattr(model, "config"):
         data["model"] = model.config.to_dict()
     if tokenizer is not None:
-        tokenizer.save(tmp / ckpt.TOKENIZER_DIR)
-        data["tokenizer"] = json.loads((tmp / ckpt.TOKENIZER_DIR / "tokenizer_meta.json").read_text())
+        tokenizer.save(tmp / plain.TOKENIZER_DIR)
+        data["tokenizer"] = json.loads((tmp / plain.TOKENIZER_DIR / "tokenizer_meta.json").read_text())
     step = int((extra or {}).get("step", data.get("step", 0)))
-    data = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "step": step, **data,
+    data = {"format": plain.FORMAT, "format_version": plain.FORMAT_VERSION, "step": step, **data,
             "sharded": {"world_size": ctx.world_size, "parallel": mode}}
-    (tmp / ckpt.CONFIG).write_text(json.dumps(data, indent=2) + "\n")
+    (tmp / plain.CONFIG).write_text(json.dumps(data, indent=2) + "\n")
     if extra is not None:
-        _write_state(tmp, Path(ckpt.STATE_JSON).stem, extra)
+        _write_state(tmp, Path(plain.STATE_JSON).stem, extra)
     meta = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "parallel": mode,
             "optimizer": bool(optims), "rank_states": has_rank_states}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / ckpt.MANIFEST).write_text(json.dumps(ckpt._manifest(tmp), indent=2) + "\n")
+    (tmp / plain.MANIFEST).write_text(json.dumps(plain._manifest(tmp), indent=2) + "\n")
     if path.exists():
         old = path.parent / f".tmp-old-{path.name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
@@ -189,31 +194,30 @@ def _finish_save(path: Path, tmp: Path, model: nn.Module, optims: list, ctx: Par
         os.rename(tmp, path)
 
 
-def save_train_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer, ctx: ParallelContext, *,
+def save_train_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer, ctx, *,
                           config: dict | None = None, tokenizer=None, training_state: dict | None = None,
                           keep_last: int = 3) -> Path:
-    """Collective twin of ``neoformer.train.checkpoint.save_checkpoint`` for sharded models:
+    """Collective twin of ``neoformer.checkpoint.save_checkpoint`` for sharded models:
     writes ``root/step-NNNNNN`` (sharded), points ``root/latest`` at it and prunes old ones.
     ``training_state`` must not hold the optimizer (it goes into the DCP files)."""
-    ckpt = _ckpt()
     root = Path(root)
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        ckpt._clean_stale(root)
+        plain._clean_stale(root)
     state = {k: v for k, v in (training_state or {}).items() if k != "optimizer"}
     state.setdefault("step", step)
     path = save_sharded(root / f"step-{step:06d}", model, optimizer, ctx, extra=state, config=config,
                         tokenizer=tokenizer)
     if ctx.is_main:
-        ckpt._write_pointer(root, path.name)
-        ckpt.prune_checkpoints(root, keep_last)
+        plain._write_pointer(root, path.name)
+        plain.prune_checkpoints(root, keep_last)
     ctx.barrier()
     return path
 
 
 # ---- load --------------------------------------------------------------------------------------
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 ctx: ParallelContext | None = None, *, strict: bool = True, verify: bool = True) -> dict:
+                 ctx=None, *, strict: bool = True, verify: bool = True) -> dict:
     """Collective: load a sharded checkpoint into ``model`` (and ``optimizer``) as they are
     sharded *now*, whatever world size saved it. Build the optimizer (after ``parallel.apply``)
     first. ``path``: the checkpoint, or a root / run directory with ``latest``.
@@ -222,14 +226,14 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     rank's saved state when the world size is unchanged, else None. ``verify``: rank 0 checks
     the manifest (sizes and sha256) first.
     """
-    ctx = ctx or ParallelContext()
+    ctx = ctx or SingleProcess()
     path, meta = _resolve(path)
     if verify and ctx.is_main:
-        _ckpt().verify_checkpoint(path)
+        plain.verify_checkpoint(path)
     ctx.barrier()
     optims = _optimizers(optimizer)
     if optims and not meta.get("optimizer"):
-        raise _ckpt().CheckpointError(f"{path} holds no optimizer state; load the model only (optimizer=None)")
+        raise plain.CheckpointError(f"{path} holds no optimizer state; load the model only (optimizer=None)")
     model_sd, optim_sd = get_state_dict(model, optims)
     state = {"model": model_sd, **({"optim": optim_sd} if optims else {})}
     with _quiet_no_dist():
@@ -238,7 +242,7 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
                    options=StateDictOptions(strict=strict))
     same_world = meta["world_size"] == ctx.world_size
     return {
-        "extra": _read_state(path, Path(_ckpt().STATE_JSON).stem) or {},
+        "extra": _read_state(path, Path(plain.STATE_JSON).stem) or {},
         "rank_state": _read_state(path / RANKS_DIR, f"rank{ctx.rank}") if same_world else None,
         "world_size": meta["world_size"],
         "parallel": meta.get("parallel"),
@@ -246,16 +250,15 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     }
 
 
-def load_train_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, ctx: ParallelContext) -> dict:
+def load_train_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, ctx) -> dict:
     """Collective: the training state of a checkpoint, with weights and optimizer loaded into a
     (possibly sharded) model. Sharded checkpoints load at any world size; a normal
     (single-file) checkpoint is loaded into an FSDP model by sharding the full tensors."""
-    ckpt = _ckpt()
     if is_sharded_checkpoint(path):
         return load_sharded(path, model, optimizer, ctx)["extra"]
-    path = ckpt.resolve_checkpoint(path)
-    state = ckpt.load_training_state(path)  # verifies the manifest
-    weights, metadata = ckpt._read_safetensors(path / ckpt.WEIGHTS)
+    path = plain.resolve_checkpoint(path)
+    state = plain.load_training_state(path)  # verifies the manifest
+    weights, metadata = plain._read_safetensors(path / plain.WEIGHTS)
     for alias, target in json.loads(metadata.get("aliases", "{}")).items():
         weights[alias] = weights[target]
     load_full_state(model, optimizer, weights, state.get("optimizer"))
@@ -275,7 +278,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
     numbered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     saved_ids = [i for group in optim_state["param_groups"] for i in group["params"]]
     if len(saved_ids) != len(numbered):
-        raise _ckpt().CheckpointError(f"optimizer state has {len(saved_ids)} parameters, the model's optimizer "
+        raise plain.CheckpointError(f"optimizer state has {len(saved_ids)} parameters, the model's optimizer "
                                       f"{len(numbered)}; resume with the same model config and optimizer")
     fqn = dict(zip(saved_ids, numbered))
     named = {"state": {fqn[i]: s for i, s in optim_state["state"].items()},
@@ -299,7 +302,7 @@ def read_full_state(path: str | os.PathLike, keys: tuple[str, ...] = ("model",))
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
     path, _ = _resolve(path)
-    return _read_state(path, Path(_ckpt().STATE_JSON).stem) or {}
+    return _read_state(path, Path(plain.STATE_JSON).stem) or {}
 
 
 def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -310,30 +313,29 @@ def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     from ..config import ModelConfig
     from ..model import build_model
 
-    ckpt = _ckpt()
     path, _ = _resolve(sharded_dir)
     out_dir = Path(out_dir)
     if out_dir.resolve() == path.resolve():
         raise ValueError("consolidate needs an output directory different from the sharded checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new one")
-    ckpt.verify_checkpoint(path)
-    config = ckpt.read_config(path)
+    plain.verify_checkpoint(path)
+    config = plain.read_config(path)
     weights = read_full_state(path, ("model",))["model"]
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), None)
     # built on CPU (not meta): non-persistent buffers such as RoPE tables are rebuilt, ties kept
     model = build_model(ModelConfig.from_dict(config["model"]), dtype=dtype)
     model.load_state_dict(weights, strict=True)
     tokenizer = None
-    if (path / ckpt.TOKENIZER_DIR).is_dir():
+    if (path / plain.TOKENIZER_DIR).is_dir():
         from ..tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(path / ckpt.TOKENIZER_DIR)
+        tokenizer = load_tokenizer(path / plain.TOKENIZER_DIR)
     settings = {k: v for k, v in config.items() if k not in ("format", "format_version", "step", "sharded", "tokenizer")}
     step = int(config.get("step", 0))
     staging = out_dir.parent / f".tmp-consolidate-{out_dir.name}-{uuid.uuid4().hex[:8]}"
     try:
-        written = ckpt.save_checkpoint(staging, step, model, config=settings, tokenizer=tokenizer, keep_last=1)
+        written = plain.save_checkpoint(staging, step, model, config=settings, tokenizer=tokenizer, keep_last=1)
         if out_dir.exists():
             out_dir.rmdir()
         os.rename(written, out_dir)

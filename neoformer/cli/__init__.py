@@ -12,13 +12,13 @@ import sys
 
 # command name -> module that defines add_parser(); imported only when needed (fast --help)
 COMMANDS = {
-    "info": "neoformer.planner",
-    "train": "neoformer.train.cli",
-    "eval": "neoformer.train.cli",
-    "generate": "neoformer.generate.cli",
-    "tokenizer": "neoformer.tokenizer_cli",
-    "checkpoint": "neoformer.train.checkpoint_cli",
-    "export": "neoformer.hf.cli",
+    "info": "neoformer.cli.info",
+    "train": "neoformer.cli.train",
+    "eval": "neoformer.cli.eval",
+    "generate": "neoformer.cli.generate",
+    "tokenizer": "neoformer.cli.tokenizer",
+    "checkpoint": "neoformer.cli.checkpoint",
+    "export": "neoformer.cli.export",
 }
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .config import ConfigError
+    from ..config import ConfigError
 
     try:
         return int(args.func(args) or 0)

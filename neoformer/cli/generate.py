@@ -66,18 +66,13 @@ def _options(args) -> dict:
 
 
 def _load(path: str, device, dtype):
-    try:
-        from ..train.checkpoint import load_model
-    except ImportError:
-        from ..cli import UserError
+    import torch
 
-        raise UserError("checkpoint loading (neoformer.train.checkpoint.load_model) is not available") from None
-    model, tokenizer = load_model(path, device=device)
-    if dtype is not None:
-        import torch
+    from ..checkpoint import load_checkpoint
 
-        model = model.to(getattr(torch, dtype))
-    return model.eval(), tokenizer
+    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                          kinds=("decoder", "encoder_decoder"), command="generate")
+    return model, tokenizer
 
 
 def _prompts(args) -> list[str]:
@@ -105,7 +100,7 @@ def _report(stats: dict) -> None:
 def run(args) -> int:
     import torch
 
-    from .api import generate, stream_text
+    from ..generate.api import generate, stream_text
 
     if args.threads:
         torch.set_num_threads(args.threads)

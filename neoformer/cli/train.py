@@ -1,10 +1,8 @@
-"""`neoformer train` and `neoformer eval`: parse flags, build the run, call fit() / evaluate()."""
+"""`neoformer train`: parse flags, build the run, call fit()."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import shutil
 import sys
 import time
@@ -12,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ModelConfig
-from .run_config import DataConfig, TokenizerConfig, TrainConfig, _coerce, dump_yaml, load_run_config
+from ..train.run_config import DataConfig, TokenizerConfig, TrainConfig, _coerce, dump_yaml, load_run_config
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "tokenizer": TokenizerConfig}
 # plain flags -> dotted config fields (seed 000 spellings --batch --seq --max_tokens included)
@@ -108,20 +106,6 @@ def add_parser(subparsers) -> None:
     _add_overrides(p)
     p.set_defaults(func=run_train)
 
-    eval_help = "evaluate a checkpoint: loss and perplexity on a data split"
-    e = subparsers.add_parser("eval", help=eval_help, description=eval_help + " (MLM loss for encoders, "
-                              "teacher-forced target loss for encoder-decoders).", allow_abbrev=False)
-    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
-    e.add_argument("--data", metavar="SPEC", help="data source (default: the one the checkpoint was trained on)")
-    e.add_argument("--split", choices=("val", "train", "all"), default="val")
-    e.add_argument("--batches", type=int, default=50, help="batches to average (default 50; 0 = the whole split)")
-    e.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per batch")
-    e.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(func=run_eval)
-
 
 # ---- building the run ------------------------------------------------------------------------
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,8 +128,8 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _resume_config(checkpoint, overrides: dict[str, Any]):
     """Run config of a checkpoint plus overrides; model fields may not change on resume."""
-    from .checkpoint import read_config, resolve_checkpoint
-    from .run_config import RunConfig
+    from ..checkpoint import read_config, resolve_checkpoint
+    from ..train.run_config import RunConfig
 
     path = resolve_checkpoint(checkpoint)
     saved = read_config(path)
@@ -199,8 +183,8 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
 
     from .. import parallel
     from ..model import build_model
-    from .batches import build_task_data, steps_for_epochs
-    from .fit import TrainingDiverged, fit, seed_everything
+    from ..train.batches import build_task_data, steps_for_epochs
+    from ..train.fit import TrainingDiverged, fit, seed_everything
 
     overrides = collect_overrides(args)
     resume_path = None
@@ -250,7 +234,7 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
         return 1
     _report(result, run)
     if t.samples and result.stop_reason not in EXIT_INTERRUPTED and ctx.is_main and not parallel.is_fsdp(model):
-        from .sampling import print_samples
+        from ..train.sampling import print_samples
 
         print_samples(model, task, run)
     return EXIT_INTERRUPTED.get(result.stop_reason, 0)
@@ -285,45 +269,4 @@ def _report(result, run) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
-# ---- eval ------------------------------------------------------------------------------------
-def run_eval(args: argparse.Namespace) -> int:
-    from .batches import build_eval_batches
-    from .checkpoint import load_model, read_config, resolve_checkpoint
-    from .fit import evaluate, resolve_device, resolve_precision
-    from .objectives import objective_for
-    from .run_config import RunConfig
-
-    path = resolve_checkpoint(args.checkpoint)
-    saved = read_config(path)
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(path, device=device)
-    if tokenizer is None:
-        raise ConfigError(f"{path} holds no tokenizer; evaluate it from Python with your own batches")
-    overrides = {}
-    if args.data:
-        overrides["data.source"] = args.data
-    if args.batch:
-        overrides["train.batch_size"] = args.batch
-    if args.seq:
-        overrides["train.seq_len"] = args.seq
-    train_fields = {k: v for k, v in (saved.get("train") or {}).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    run = RunConfig.from_dict({"model": saved["model"], "train": train_fields, "data": saved.get("data") or {}},
-                              overrides)
-    batches = build_eval_batches(run, tokenizer, args.split)
-    started = time.perf_counter()
-    loss = evaluate(model, objective_for(model), batches(), args.batches or None, device,
-                    resolve_precision(args.precision, device))
-    if loss is None:
-        raise ValueError(f"no {args.split} batches in {run.data.source}; lower --seq or pick another split")
-    ppl = math.exp(min(loss, 50.0))
-    record = {"checkpoint": str(path), "step": saved.get("step"), "data": run.data.source, "split": args.split,
-              "loss": loss, "perplexity": ppl, "seconds": round(time.perf_counter() - started, 2)}
-    if args.json:
-        print(json.dumps(record))
-    else:
-        print(f"{path} (step {saved.get('step')}) on {run.data.source} [{args.split}]: "
-              f"loss {loss:.4f} | perplexity {ppl:.2f}")
-    return 0
-
-
-__all__ = ["add_parser", "run_train", "run_eval", "collect_overrides"]
+__all__ = ["add_parser", "run_train", "collect_overrides"]

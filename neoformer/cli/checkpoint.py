@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
                        "needs memory for the whole model. Resume training from the sharded directory itself.")
     c.add_argument("sharded", metavar="SHARDED_DIR", help="sharded checkpoint, or a run directory (uses its latest)")
     c.add_argument("out", metavar="OUT_DIR", help="new checkpoint directory to write")
-    c.set_defaults(func=run_consolidate)  # parallel: implemented in neoformer.parallel.checkpoint
+    c.set_defaults(func=run_consolidate)  # parallel: implemented in neoformer.checkpoint.sharded
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -36,7 +36,7 @@ def _size(n: int) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import STATE_JSON, inspect_checkpoint
+    from ..checkpoint.plain import STATE_JSON, inspect_checkpoint
 
     info = inspect_checkpoint(args.path)
     cfg, model = info.config, info.config["model"]
@@ -67,7 +67,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .checkpoint import LATEST, CheckpointError, list_checkpoints
+    from ..checkpoint.plain import LATEST, CheckpointError, list_checkpoints
 
     root = Path(args.path)
     if (root / "checkpoints").is_dir():
@@ -83,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
-    from ..parallel import consolidate
+    from ..checkpoint.sharded import consolidate
 
     out = consolidate(args.sharded, args.out)
     print(f"consolidated {args.sharded} -> {out}")

@@ -35,8 +35,8 @@ def add_parser(subparsers) -> None:
 def train_tokenizer(data: str, kind: str, vocab_size: int, max_chars: int = DEFAULT_MAX_CHARS,
                     val_fraction: float = 0.02):
     """A tokenizer trained on the train split of ``data`` (at most ``max_chars`` characters)."""
-    from .data import load_documents
-    from .tokenizer import CharTokenizer, TokenizerError, train_bpe, train_sentencepiece
+    from ..data import load_documents
+    from ..tokenizer import CharTokenizer, TokenizerError, train_bpe, train_sentencepiece
 
     if max_chars < 1:
         raise TokenizerError(f"--max-chars must be positive, got {max_chars}")
@@ -56,7 +56,7 @@ def train_tokenizer(data: str, kind: str, vocab_size: int, max_chars: int = DEFA
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .data import load_documents
+    from ..data import load_documents
 
     started = time.perf_counter()
     tok = train_tokenizer(args.data, args.kind, args.vocab_size, args.max_chars, args.val_fraction)
@@ -79,7 +79,7 @@ def _first_chars(texts, limit: int):
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(args.text)

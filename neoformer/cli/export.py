@@ -18,11 +18,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from ..train.checkpoint import load_model, resolve_checkpoint
-    from . import to_hf
+    from ..checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+    from ..hf import to_hf
 
-    model, _ = load_model(args.checkpoint)
-    tokenizer_dir = resolve_checkpoint(args.checkpoint) / "tokenizer"
+    model, _, _ = load_checkpoint(args.checkpoint, command="export")
+    tokenizer_dir = resolve_checkpoint(args.checkpoint) / TOKENIZER_DIR
     out = to_hf(model, args.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
     print(f"exported {model.config.name} ({model.num_parameters():,} parameters) to {out}")
     return 0

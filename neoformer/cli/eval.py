@@ -1,0 +1,69 @@
+"""`neoformer eval CKPT`: loss and perplexity of a checkpoint on a data split."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+from ..config import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    eval_help = "evaluate a checkpoint: loss and perplexity on a data split"
+    e = subparsers.add_parser("eval", help=eval_help, description=eval_help + " (MLM loss for encoders, "
+                              "teacher-forced target loss for encoder-decoders).", allow_abbrev=False)
+    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
+    e.add_argument("--data", metavar="SPEC", help="data source (default: the one the checkpoint was trained on)")
+    e.add_argument("--split", choices=("val", "train", "all"), default="val")
+    e.add_argument("--batches", type=int, default=50, help="batches to average (default 50; 0 = the whole split)")
+    e.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per batch")
+    e.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..train.batches import build_eval_batches
+    from ..checkpoint import load_checkpoint
+    from ..train.fit import evaluate, resolve_device, resolve_precision
+    from ..train.objectives import objective_for
+    from ..checkpoint import resolve_checkpoint
+    from ..train.run_config import RunConfig, TrainConfig
+
+    device = resolve_device(args.device)
+    model, tokenizer, saved = load_checkpoint(args.checkpoint, device=device, command="eval")
+    path = resolve_checkpoint(args.checkpoint)
+    if tokenizer is None:
+        raise ConfigError(f"{path} holds no tokenizer; evaluate it from Python with your own batches")
+    overrides = {}
+    if args.data:
+        overrides["data.source"] = args.data
+    if args.batch:
+        overrides["train.batch_size"] = args.batch
+    if args.seq:
+        overrides["train.seq_len"] = args.seq
+    train_fields = {k: v for k, v in (saved.get("train") or {}).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    run = RunConfig.from_dict({"model": saved["model"], "train": train_fields, "data": saved.get("data") or {}},
+                              overrides)
+    batches = build_eval_batches(run, tokenizer, args.split)
+    started = time.perf_counter()
+    loss = evaluate(model, objective_for(model), batches(), args.batches or None, device,
+                    resolve_precision(args.precision, device))
+    if loss is None:
+        raise ValueError(f"no {args.split} batches in {run.data.source}; lower --seq or pick another split")
+    ppl = math.exp(min(loss, 50.0))
+    record = {"checkpoint": str(path), "step": saved.get("step"), "data": run.data.source, "split": args.split,
+              "loss": loss, "perplexity": ppl, "seconds": round(time.perf_counter() - started, 2)}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{path} (step {saved.get('step')}) on {run.data.source} [{args.split}]: "
+              f"loss {loss:.4f} | perplexity {ppl:.2f}")
+    return 0
+
+
+__all__ = ["add_parser", "run_eval"]
