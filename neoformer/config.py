@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-KINDS = ("decoder", "encoder", "encoder_decoder")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "glu", "swiglu", "geglu")
@@ -33,7 +32,7 @@ class ModelConfig:
     """Architecture of one model. See docs/config.md for the paper behind each option."""
 
     name: str = "custom"
-    kind: str = "decoder"  # decoder | encoder (MLM) | encoder_decoder (seq2seq)
+    kind: str = "decoder"  # decoder | encoder (MLM) | encoder_decoder (seq2seq); registry: neoformer/kinds.py
     vocab_size: int = 256
     d_model: int = 256
     n_layers: int = 4  # decoder layers (encoder layers for kind=encoder)
@@ -111,7 +110,9 @@ class ModelConfig:
 
     @property
     def causal(self) -> bool:
-        return self.kind != "encoder"
+        from .kinds import get
+
+        return get(self.kind).causal
 
     def layer_window(self, layer_idx: int) -> int | None:
         """Sliding window of one layer (None = global attention)."""
@@ -145,7 +146,9 @@ class ModelConfig:
                 if not 0.0 <= value < 1.0:
                     raise ConfigError(f"{name} ({value}) must be in [0, 1)")
 
-        choice("kind", KINDS)
+        from .kinds import get as model_kind
+
+        kind = model_kind(self.kind)  # unknown: one line naming the registered kinds
         choice("norm", NORMS)
         choice("norm_position", NORM_POSITIONS)
         choice("activation", ACTIVATIONS)
@@ -187,7 +190,7 @@ class ModelConfig:
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
 
-        if self.kind == "encoder_decoder":
+        if kind.encoder_layers:
             positive("n_encoder_layers")
         elif self.n_encoder_layers:
             raise ConfigError(f"n_encoder_layers ({self.n_encoder_layers}) is only for kind='encoder_decoder'")
@@ -209,7 +212,7 @@ class ModelConfig:
                 raise ConfigError(f"moe_aux_weight ({self.moe_aux_weight}) must be >= 0")
 
         if self.rmc or self.nsb:
-            if self.kind != "decoder":
+            if not kind.memory_layer:
                 raise ConfigError(f"rmc/nsb (the NeoFormer-X memory layer) need kind='decoder', not {self.kind!r}")
             if self.rmc:
                 positive("rmc_mem_size")
@@ -223,7 +226,7 @@ class ModelConfig:
                 raise ConfigError("ngpt=True is not supported with moe_experts > 0")
             if self.bias:
                 raise ConfigError("ngpt=True needs bias=False (normalized weights have no bias)")
-        if self.kind == "encoder_decoder" and self.position == "learned" and self.learned_pos_offset:
+        if kind.encoder_layers and self.position == "learned" and self.learned_pos_offset:
             raise ConfigError("learned_pos_offset is only for encoder/decoder-only models")
 
     # ---- serialisation --------------------------------------------------------------------

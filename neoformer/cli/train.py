@@ -217,7 +217,7 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
 
     seed_everything(t.seed)
     model = build_model(run.model)
-    seq = "" if run.model.kind == "encoder_decoder" else f" x {run.seq_len}"
+    seq = f" x {task.row_tokens}" if task.row_tokens else ""  # pairs (seq2seq) vary in length
     print(f"model: {run.preset or run.model.name} ({run.model.kind}), {model.num_parameters():,} parameters; "
           f"batch {t.batch_size}{seq} x {t.grad_accum} accum; {_limits(t)}")
     if ctx.is_main:  # parallel: rank 0 owns the run directory

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from ..kinds import get as model_kind
 from .cache import StaticKVCache
 from .config import GenerationConfig
 from .engine import (Encoded, PromptBatch, as_prompts, bucket, compiled_decode_one, decode_one, left_pad, prefill,
@@ -44,15 +45,11 @@ class Plan:
         return min(self.batch.ids.shape[1] + self.cfg.max_new_tokens + extra, self.window)
 
 
-def _is_encoder_decoder(model) -> bool:
-    return model.config.kind == "encoder_decoder"
-
-
 @torch.inference_mode()
 def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer=None) -> Plan:
-    mcfg = model.config
-    if mcfg.kind == "encoder":
-        raise ValueError("an encoder (MLM) model cannot generate; use a decoder or encoder-decoder model")
+    mcfg, cache_layout = model.config, model_kind(model).cache
+    if not cache_layout.generates:
+        raise ValueError(f"a model of kind {mcfg.kind!r} cannot generate; use a decoder or encoder-decoder model")
     if cfg.eos_token_id is None and tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
         cfg.eos_token_id = tokenizer.eos_id
     if cfg.stop and tokenizer is None:
@@ -71,7 +68,7 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
     if keep_n >= window:
         raise ValueError(f"trim_keep ({keep_n}) must be smaller than the context window ({window})")
     encoded = None
-    if _is_encoder_decoder(model):
+    if cache_layout.cross_attention:  # encode the source once; the decoder starts from one start token
         if longest > mcfg.max_seq_len:
             raise ValueError(f"source of {longest} tokens is longer than the model takes ({mcfg.max_seq_len})")
         src = left_pad(prompts, pad_id, device)
@@ -130,7 +127,7 @@ def token_stream(model, p: Plan, generator=None, tokenizer=None, stats: dict | N
     if cfg.max_new_tokens == 0:
         return
     history = History(cfg, batch.prompts, model.config.vocab_size, batch.ids.device)
-    compiled = cfg.compile and p.encoded is None
+    compiled = cfg.compile and model_kind(model).compiled_decode
     if compiled:
         step_fn = compiled_decode_one(model, B)
         cache = StaticKVCache.for_model(model, B, bucket(p.capacity(), p.window), static=True,

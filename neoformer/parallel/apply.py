@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.transformer import BlockStack, DecoderLM
+from ..kinds import get as model_kind
+from ..model.transformer import BlockStack
 from .setup import ParallelContext
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                    "float16": torch.float16}
-# methods that run a training forward without going through ``__call__`` (so without the
-# DDP/FSDP forward hooks); they are routed through the hooks explicitly. EncoderMLM.loss and
-# EncoderDecoderLM.loss call ``self(...)`` and need nothing.
-FORWARD_METHODS: dict[type, tuple[str, ...]] = {DecoderLM: ("loss",)}
 
 
 def default_mode(ctx: ParallelContext) -> str:
@@ -215,10 +212,11 @@ def _use_all_params(model: nn.Module) -> None:
 
 # ---- helpers -----------------------------------------------------------------------------------
 def _forward_methods(model: nn.Module) -> tuple[str, ...]:
-    for cls, names in FORWARD_METHODS.items():
-        if isinstance(model, cls):
-            return names
-    return ()
+    """Methods that run a training forward without going through ``__call__`` (so without the
+    DDP/FSDP forward hooks), routed through the hooks explicitly: the model kind's
+    ``forward_methods`` (DecoderLM.loss; EncoderMLM.loss and EncoderDecoderLM.loss call ``self(...)``)."""
+    config = getattr(model, "config", None)
+    return model_kind(config).forward_methods if config is not None else ()
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""From a run config to batches: the glue between neoformer.data and fit(), one builder per objective.
+"""From a run config to batches: the glue between neoformer.data and fit(), one builder per model
+kind (registered in neoformer/kinds.py; ``build_task_data`` / ``build_eval_batches`` look it up).
 
 * causal LM (kind=decoder): packed windows of ``seq_len`` tokens (``data.make_sampler``).
 * MLM (kind=encoder): the same windows, BERT-masked (``data.MLMMasker``; 15% by default).
@@ -27,7 +28,8 @@ from ..data import (
 )
 from ..data.pipelines import prepare_tokenizer
 from ..tokenizer import Tokenizer
-from .objectives import OBJECTIVE_OF_KIND, OBJECTIVES, Objective
+from ..kinds import get as model_kind
+from .objectives import Objective
 from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,12 @@ class TaskData:
     """What `neoformer train` hands to fit()."""
 
     tokenizer: Tokenizer
-    objective: Objective
+    objective: Objective | None  # the model kind's (set by build_task_data)
     train: Any  # iterator of batches with state_dict / load_state_dict
     val: Callable[[], Iterable] | None
     train_size: int  # tokens (LM, MLM) or pairs (seq2seq) in the train split, for --epochs
     description: str
+    row_tokens: int | None = None  # tokens per batch row (fixed windows), None when rows vary (pairs)
 
 
 class MaskedBatches:
@@ -134,8 +137,9 @@ def _split_pairs(pairs: list[tuple[str, str]], val_fraction: float) -> tuple[lis
     return pairs[:-n_val], pairs[-n_val:]
 
 
-def _seq2seq_data(run: RunConfig, tokenizer_spec, vocab_size: int, seq_len: int) -> TaskData:
-    d, t = run.data, run.train
+def seq2seq_data(run: RunConfig, tokenizer_spec) -> TaskData:
+    """kind=encoder_decoder: length-bucketed (source, target) pairs."""
+    d, t, seq_len = run.data, run.train, run.seq_len
     if is_pair_file(d.source):
         train_pairs, val_pairs = _split_pairs(load_pairs(d.source), d.val_fraction)
         what = f"pairs from {d.source}"
@@ -148,17 +152,29 @@ def _seq2seq_data(run: RunConfig, tokenizer_spec, vocab_size: int, seq_len: int)
         what = f"synthetic {d.seq2seq_task} pairs from {d.source}"
         if not train_pairs or not val_pairs:
             raise DataError(f"{d.source} gives no {d.seq2seq_task} pairs; it needs files with several non-empty lines")
-    tokenizer = prepare_tokenizer(tokenizer_spec, _pairs_corpus(d.source, train_pairs), vocab_size, d.cache_dir)
+    tokenizer = prepare_tokenizer(tokenizer_spec, _pairs_corpus(d.source, train_pairs), _vocab_size(run), d.cache_dir)
     train_set = Seq2SeqDataset(train_pairs, tokenizer, seq_len, seq_len)
     val_set = Seq2SeqDataset(val_pairs[:VAL_PAIRS], tokenizer, seq_len, seq_len)
-    batch = t.batch_size
-
-    def val():
-        for start in range(0, len(val_set), batch):
-            yield val_set.collate(range(start, min(start + batch, len(val_set))))
-
     desc = f"seq2seq: {len(train_set):,} train / {len(val_set):,} val {what}"
-    return TaskData(tokenizer, OBJECTIVES["seq2seq"], PairBatches(train_set, batch, t.seed), val, len(train_set), desc)
+    return TaskData(tokenizer, None, PairBatches(train_set, t.batch_size, t.seed),
+                    lambda: _pair_batches(val_set, t.batch_size), len(train_set), desc, row_tokens=None)
+
+
+def _pair_batches(dataset: Seq2SeqDataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.collate(range(start, min(start + batch_size, len(dataset))))
+
+
+def seq2seq_eval_batches(run: RunConfig, tokenizer: Tokenizer, split: str) -> Callable[[], Iterable]:
+    d = run.data
+    if is_pair_file(d.source):
+        train_pairs, val_pairs = _split_pairs(load_pairs(d.source), d.val_fraction)
+        pairs = {"train": train_pairs, "val": val_pairs, "all": train_pairs + val_pairs}[split]
+    else:
+        docs = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
+        pairs = text_pairs(docs, d.seq2seq_task, d.max_pairs)
+    dataset = Seq2SeqDataset(pairs, tokenizer, run.seq_len, run.seq_len)
+    return lambda: _pair_batches(dataset, run.train.batch_size)
 
 
 # ---- token streams (causal LM, MLM) ----------------------------------------------------------
@@ -172,76 +188,92 @@ def _windows_or_none(tokens, seq_len: int, split: str) -> CausalWindows | None:
         return None
 
 
+@dataclass
+class _Windows:
+    """A token stream cut into ``seq_len`` windows (causal LM and MLM share it)."""
+
+    tokenizer: Tokenizer
+    sampler: Any
+    val: CausalWindows | None
+    train_tokens: int
+    split: str  # "N train / M val tokens of SOURCE"
+
+
+def _token_windows(run: RunConfig, tokenizer_spec) -> _Windows:
+    d, t = run.data, run.train
+    data = prepare_data(d.source, tokenizer=tokenizer_spec, vocab_size=_vocab_size(run), cache_dir=d.cache_dir,
+                        val_fraction=d.val_fraction, text_field=d.text_field)
+    train_windows = _windows_or_none(data.train, run.seq_len, "train")
+    sampler = make_sampler(train_windows, t.batch_size, t.sampler, t.seed)
+    split = f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val tokens of {d.source}"
+    return _Windows(data.tokenizer, sampler, _windows_or_none(data.val, run.seq_len, "val"),
+                    data.train.num_tokens, split)
+
+
+def causal_lm_data(run: RunConfig, tokenizer_spec) -> TaskData:
+    """kind=decoder: packed windows of ``seq_len`` tokens."""
+    w, batch = _token_windows(run, tokenizer_spec), run.train.batch_size
+    val = (lambda: sequential_batches(w.val, batch)) if w.val is not None else None
+    return TaskData(w.tokenizer, None, w.sampler, val, w.train_tokens, f"causal LM: {w.split}", run.seq_len)
+
+
+def causal_lm_eval_batches(run: RunConfig, tokenizer: Tokenizer, split: str) -> Callable[[], Iterable]:
+    windows = _eval_windows(run, tokenizer, split)
+    return lambda: sequential_batches(windows, run.train.batch_size)
+
+
+def masked_lm_data(run: RunConfig, tokenizer_spec) -> TaskData:
+    """kind=encoder: the same windows, BERT-masked."""
+    d, t = run.data, run.train
+    w = _token_windows(run, tokenizer_spec)
+    train = MaskedBatches(w.sampler, MLMMasker.from_tokenizer(w.tokenizer, d.mask_prob, seed=t.seed))
+
+    def val():
+        val_masker = MLMMasker.from_tokenizer(w.tokenizer, d.mask_prob, seed=t.seed + 1)
+        return MaskedBatches(iter(sequential_batches(w.val, t.batch_size)), val_masker)
+
+    desc = f"masked LM ({d.mask_prob:.0%} masked): {w.split}"
+    return TaskData(w.tokenizer, None, train, val if w.val is not None else None, w.train_tokens, desc, run.seq_len)
+
+
+def masked_lm_eval_batches(run: RunConfig, tokenizer: Tokenizer, split: str) -> Callable[[], Iterable]:
+    windows, t = _eval_windows(run, tokenizer, split), run.train
+    return lambda: MaskedBatches(iter(sequential_batches(windows, t.batch_size)),
+                                 MLMMasker.from_tokenizer(tokenizer, run.data.mask_prob, seed=t.seed + 1))
+
+
+def _eval_windows(run: RunConfig, tokenizer: Tokenizer, split: str) -> CausalWindows:
+    from ..data import tokenize_corpus
+
+    d = run.data
+    corpus = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
+    return CausalWindows(tokenize_corpus(corpus, tokenizer, d.cache_dir), run.seq_len)
+
+
+def _vocab_size(run: RunConfig) -> int:
+    return run.tokenizer.vocab_size or run.model.vocab_size
+
+
+# ---- what the CLI calls: the model kind picks the builders (neoformer/kinds.py) -------------------
 def build_task_data(run: RunConfig, tokenizer: str | Tokenizer | None = None) -> TaskData:
     """Tokenizer, objective and batch sources for ``run`` (the tokenizer is trained when needed)."""
-    kind = run.model.kind
-    spec = tokenizer if tokenizer is not None else run.tokenizer.kind
-    vocab_size = run.tokenizer.vocab_size or run.model.vocab_size
-    seq_len = run.seq_len
-    if kind == "encoder_decoder":
-        return _seq2seq_data(run, spec, vocab_size, seq_len)
-    d, t = run.data, run.train
-    data = prepare_data(d.source, tokenizer=spec, vocab_size=vocab_size, cache_dir=d.cache_dir,
-                        val_fraction=d.val_fraction, text_field=d.text_field)
-    train_windows = _windows_or_none(data.train, seq_len, "train")
-    val_windows = _windows_or_none(data.val, seq_len, "val")
-    sampler = make_sampler(train_windows, t.batch_size, t.sampler, t.seed)
-    objective = OBJECTIVES[OBJECTIVE_OF_KIND[kind]]
-    split = f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val tokens of {d.source}"
-    if kind == "encoder":
-        masker = MLMMasker.from_tokenizer(data.tokenizer, d.mask_prob, seed=t.seed)
-        train = MaskedBatches(sampler, masker)
-
-        def val():
-            val_masker = MLMMasker.from_tokenizer(data.tokenizer, d.mask_prob, seed=t.seed + 1)
-            return MaskedBatches(iter(sequential_batches(val_windows, t.batch_size)), val_masker)
-
-        desc = f"masked LM ({d.mask_prob:.0%} masked): {split}"
-    else:
-        train = sampler
-
-        def val():
-            return sequential_batches(val_windows, t.batch_size)
-
-        desc = f"causal LM: {split}"
-    return TaskData(data.tokenizer, objective, train, val if val_windows is not None else None,
-                    data.train.num_tokens, desc)
-
-
-def steps_for_epochs(epochs: float, task: TaskData, run: RunConfig) -> int:
-    """Optimizer steps that cover ``epochs`` passes over the train split."""
-    per_step = run.train.batch_size * run.train.grad_accum
-    if run.model.kind != "encoder_decoder":
-        per_step *= run.seq_len
-    return max(1, int(np.ceil(epochs * task.train_size / per_step)))
-
-
-__all__ = ["TaskData", "build_task_data", "build_eval_batches", "MaskedBatches", "PairBatches", "text_pairs", "is_pair_file",
-           "steps_for_epochs"]
+    kind = model_kind(run.model)
+    task = kind.load("train_data")(run, tokenizer if tokenizer is not None else run.tokenizer.kind)
+    task.objective = kind.load("objective")
+    return task
 
 
 def build_eval_batches(run: RunConfig, tokenizer: Tokenizer, split: str = "val") -> Callable[[], Iterable]:
     """Sequential batches of one split of ``run.data.source``, tokenized with ``tokenizer``."""
-    from ..data import tokenize_corpus
+    return model_kind(run.model).load("eval_batches")(run, tokenizer, split)
 
-    d, t = run.data, run.train
-    if run.model.kind == "encoder_decoder":
-        if is_pair_file(d.source):
-            train_pairs, val_pairs = _split_pairs(load_pairs(d.source), d.val_fraction)
-            pairs = {"train": train_pairs, "val": val_pairs, "all": train_pairs + val_pairs}[split]
-        else:
-            docs = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
-            pairs = text_pairs(docs, d.seq2seq_task, d.max_pairs)
-        dataset = Seq2SeqDataset(pairs, tokenizer, run.seq_len, run.seq_len)
 
-        def pair_batches():
-            for start in range(0, len(dataset), t.batch_size):
-                yield dataset.collate(range(start, min(start + t.batch_size, len(dataset))))
+def steps_for_epochs(epochs: float, task: TaskData, run: RunConfig) -> int:
+    """Optimizer steps that cover ``epochs`` passes over the train split."""
+    per_step = run.train.batch_size * run.train.grad_accum * (task.row_tokens or 1)
+    return max(1, int(np.ceil(epochs * task.train_size / per_step)))
 
-        return pair_batches
-    corpus = load_documents(d.source, split, val_fraction=d.val_fraction, text_field=d.text_field)
-    windows = CausalWindows(tokenize_corpus(corpus, tokenizer, d.cache_dir), run.seq_len)
-    if run.model.kind == "encoder":
-        return lambda: MaskedBatches(iter(sequential_batches(windows, t.batch_size)),
-                                     MLMMasker.from_tokenizer(tokenizer, d.mask_prob, seed=t.seed + 1))
-    return lambda: sequential_batches(windows, t.batch_size)
+
+__all__ = ["TaskData", "build_task_data", "build_eval_batches", "MaskedBatches", "PairBatches", "text_pairs",
+           "is_pair_file", "steps_for_epochs", "causal_lm_data", "masked_lm_data", "seq2seq_data",
+           "causal_lm_eval_batches", "masked_lm_eval_batches", "seq2seq_eval_batches"]

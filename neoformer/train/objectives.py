@@ -71,15 +71,14 @@ def seq2seq(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
 
 
 OBJECTIVES: dict[str, Objective] = {"causal_lm": causal_lm, "mlm": masked_lm, "seq2seq": seq2seq}
-OBJECTIVE_OF_KIND = {"decoder": "causal_lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
 
 
-def objective_for(kind_or_model: str | nn.Module) -> Objective:
-    """The default objective of a model kind: decoder -> causal LM, encoder -> MLM, encoder_decoder -> seq2seq."""
-    kind = kind_or_model if isinstance(kind_or_model, str) else kind_or_model.config.kind
-    if kind not in OBJECTIVE_OF_KIND:
-        raise ValueError(f"no default objective for model kind {kind!r}; pass one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[OBJECTIVE_OF_KIND[kind]]
+def objective_for(kind_or_model) -> Objective:
+    """The default objective of a model kind (its registration in neoformer/kinds.py): decoder ->
+    causal LM, encoder -> MLM, encoder_decoder -> seq2seq. Takes a kind name, config or model."""
+    from ..kinds import get
+
+    return get(kind_or_model).load("objective")
 
 
 __all__ = ["Objective", "causal_lm", "masked_lm", "seq2seq", "OBJECTIVES", "objective_for"]

@@ -1,81 +1,49 @@
 """Samples printed at the end of `neoformer train` (``train.samples``): text continuations for
 decoders, greedy predictions for encoder-decoders, masked-token accuracy for encoders.
 
-Uses :func:`neoformer.generate.generate` when it is available; otherwise a minimal
-temperature / top-k loop over the seed API ``forward(x, past) -> (logits, past, delta)``.
+Each model kind names its printer in neoformer/kinds.py; :func:`print_samples` looks it up.
+Generation goes through :func:`neoformer.generate.generate` (one sampling loop in the package).
 """
 from __future__ import annotations
 
 import torch
 
+from ..generate import generate
+from ..kinds import get as model_kind
+
 STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
 
 
-@torch.no_grad()
 def sample_tokens(model, ids: list[int], max_new: int, temperature: float = 0.8, top_k: int | None = 50,
                   seed: int = 0, eos_id: int | None = None) -> list[int]:
-    """New token ids after ``ids`` (decoder models); uses neoformer.generate when present."""
-    try:
-        from ..generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        out = generate(model, [ids], max_new, temperature=temperature, top_k=top_k, seed=seed,
-                       eos_token_id=eos_id, return_dict=True)
-        return list(out.new_tokens[0])
-    return _fallback_sample(model, ids, max_new, temperature, top_k, seed, eos_id)
-
-
-def _fallback_sample(model, ids, max_new, temperature, top_k, seed, eos_id) -> list[int]:
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    x = torch.tensor([ids], device=device)
-    past, new = None, []
-    window = model.config.max_seq_len
-    try:
-        for _ in range(max_new):
-            if past is not None and past[0][0].shape[2] >= window:  # full window: recompute on the last half
-                past, x = None, torch.tensor([(ids + new)[-window // 2:]], device=device)
-            logits, past, _ = model(x, past, use_cache=True)
-            logits = logits[0, -1].float() / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-            if token == eos_id:
-                break
-            new.append(token)
-            x = torch.tensor([[token]], device=device)
-    finally:
-        model.train(was_training)
-    return new
+    """New token ids after ``ids`` (decoder models)."""
+    out = generate(model, [ids], max_new, temperature=temperature, top_k=top_k, seed=seed, eos_token_id=eos_id,
+                   return_dict=True)
+    return list(out.new_tokens[0])
 
 
 def print_samples(model, task, run) -> None:
-    kind = run.model.kind
+    """What the model kind prints after training (its ``sample_printer``)."""
+    model_kind(run.model).load("sample_printer")(model, task, run)
+
+
+def print_continuations(model, task, run) -> None:
+    """kind=decoder: ``train.samples`` continuations of short prompts."""
     n, max_new, tok = run.train.samples, run.train.sample_tokens, task.tokenizer
-    if kind == "decoder":
-        prompts = STDLIB_PROMPTS if run.data.source == "stdlib" else ("\n",)
-        print(f"samples (temperature 0.8, top-k 50, {max_new} new tokens):")
-        for i in range(n):
-            prompt = prompts[i % len(prompts)]
-            new = sample_tokens(model, tok.encode(prompt), max_new, seed=i, eos_id=tok.eos_id)
-            print(f"--- sample {i + 1} ---\n{prompt}{tok.decode(new)}")
-    elif kind == "encoder_decoder":
-        _seq2seq_samples(model, task, n, max_new)
-    elif task.val is not None:
-        _mlm_accuracy(model, task)
+    prompts = STDLIB_PROMPTS if run.data.source == "stdlib" else ("\n",)
+    print(f"samples (temperature 0.8, top-k 50, {max_new} new tokens):")
+    for i in range(n):
+        prompt = prompts[i % len(prompts)]
+        new = sample_tokens(model, tok.encode(prompt), max_new, seed=i, eos_id=tok.eos_id)
+        print(f"--- sample {i + 1} ---\n{prompt}{tok.decode(new)}")
 
 
 @torch.no_grad()
-def _seq2seq_samples(model, task, n: int, max_new: int) -> None:
+def print_translations(model, task, run) -> None:
+    """kind=encoder_decoder: greedy predictions for validation sources, beside their targets."""
     if task.val is None:
         return
-    from ..generate import generate
-
-    tok = task.tokenizer
+    n, max_new, tok = run.train.samples, run.train.sample_tokens, task.tokenizer
     batch = next(iter(task.val()))
     print("samples (greedy):")
     for i in range(min(n, batch.src_ids.shape[0])):
@@ -87,7 +55,10 @@ def _seq2seq_samples(model, task, n: int, max_new: int) -> None:
 
 
 @torch.no_grad()
-def _mlm_accuracy(model, task) -> None:
+def print_mlm_accuracy(model, task, run) -> None:
+    """kind=encoder: masked-token accuracy on one validation batch."""
+    if task.val is None:
+        return
     batch = next(iter(task.val()))
     device = next(model.parameters()).device
     was_training = model.training
@@ -102,4 +73,4 @@ def _mlm_accuracy(model, task) -> None:
     print(f"masked-token accuracy on a validation batch: {accuracy:.1%} ({int(chosen.sum())} masked tokens)")
 
 
-__all__ = ["sample_tokens", "print_samples"]
+__all__ = ["sample_tokens", "print_samples", "print_continuations", "print_translations", "print_mlm_accuracy"]
