@@ -1,19 +1,24 @@
 """Exact parameter count and memory plan from a ModelConfig alone (`neoformer info`).
 
-Nothing is instantiated. ``param_specs(cfg)`` lists every parameter tensor the model would
-have, with the same names and shapes as ``build_model(cfg).named_parameters()`` (a tied LM head
-appears once, as the token embedding); everything else is arithmetic on that list, so the
-93B-parameter ``nexus-base`` plans as fast as a debug model. Assumptions: docs/planner.md.
+The module tree is read off the model itself, built on the meta device (no memory is allocated,
+so a 93B-parameter preset plans in about a second): ``param_specs(cfg)`` lists every parameter
+tensor of ``build_model(cfg).named_parameters()`` (a tied LM head appears once, as the token
+embedding) with its component, whether it is an nn.Linear weight and its FSDP unit; the KV-cache
+layers come from the model kind's cache layout (neoformer/kinds.py). Everything else is
+arithmetic on that list, so an attention or FFN change needs no second edit here.
+Assumptions: docs/planner.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ModelConfig
-from .presets import PRESET_CLAIMS, PRESETS, get_preset
+from .kinds import get as model_kind
+from .presets import PRESET_CLAIM_HINTS, PRESET_CLAIMS, PRESETS, get_preset
 
 GiB, MiB = 2 ** 30, 2 ** 20
 NF4_BLOCK = 64  # weights per fp32 absmax (bitsandbytes default, no double quantisation)
@@ -38,6 +43,7 @@ COMPONENTS = {
     "final_norm": "final norm(s)",
     "lm_head": "LM head",
     "ngpt_logit_scale": "nGPT logit scale",
+    "other": "other (not classified: see planner._component)",
 }
 
 ASSUMPTIONS = [
@@ -71,110 +77,98 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
-# ---- parameter list mirroring neoformer/model/*.py -------------------------------------------
-class _Specs(list):
-    def add(self, name, shape, component, linear=False, unit="root"):
-        self.append(ParamSpec(name, tuple(shape), component, linear, unit))
+# ---- the parameter list, read off a meta-device model ---------------------------------------
+@dataclass(frozen=True)
+class _Tree:
+    """What the planner needs from the module tree (kept instead of the model itself)."""
 
-    def linear(self, name, d_in, d_out, bias, component, unit="root"):
-        self.add(f"{name}.weight", (d_out, d_in), component, True, unit)
-        if bias:
-            self.add(f"{name}.bias", (d_out,), component, False, unit)
-
-    def norm(self, cfg: ModelConfig, name, component, unit="root"):
-        if cfg.ngpt:  # nGPT replaces norms by nn.Identity (no parameters)
-            return
-        self.add(f"{name}.weight", (cfg.d_model,), component, unit=unit)
-        if cfg.norm == "layernorm" and cfg.bias:
-            self.add(f"{name}.bias", (cfg.d_model,), component, unit=unit)
+    params: tuple[ParamSpec, ...]
+    buffers: tuple[ParamSpec, ...]
+    kv_layers: tuple[tuple[int, int | None], ...] | None  # per cached layer: (K/V width, window); None: no cache
 
 
-def _attention(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool, unit: str) -> None:
-    component = "cross_attention" if cross else "attention"
-    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
-    if cfg.ngpt:
-        s.add(f"{prefix}.qk_scale", (cfg.dim_head,), component, unit=unit)
-    if cfg.fused_qkv and not cross:
-        s.linear(f"{prefix}.qkv", d, q_dim + 2 * kv_dim, cfg.bias, component, unit)
-    else:
-        s.linear(f"{prefix}.q_proj", d, q_dim, cfg.bias, component, unit)
-        s.linear(f"{prefix}.k_proj", d, kv_dim, cfg.bias, component, unit)
-        s.linear(f"{prefix}.v_proj", d, kv_dim, cfg.bias, component, unit)
-    s.linear(f"{prefix}.o_proj", q_dim, d, cfg.bias, component, unit)
+def _tree(cfg: ModelConfig) -> _Tree:
+    kind = model_kind(cfg.kind)
+    return _tree_of(cfg.to_json(), kind)
 
 
-def _feed_forward(s: _Specs, cfg: ModelConfig, prefix: str, component: str, unit: str) -> None:
-    d, hidden = cfg.d_model, cfg.ffn_dim
-    if cfg.ngpt:  # s_u and s_v exist even for a plain FFN
-        s.add(f"{prefix}.up_scale", (hidden,), component, unit=unit)
-        s.add(f"{prefix}.gate_scale", (hidden,), component, unit=unit)
-    if cfg.gated_ffn:
-        s.linear(f"{prefix}.gate", d, hidden, cfg.bias, component, unit)
-    s.linear(f"{prefix}.up", d, hidden, cfg.bias, component, unit)
-    s.linear(f"{prefix}.down", hidden, d, cfg.bias, component, unit)
+@functools.lru_cache(maxsize=64)
+def _tree_of(cfg_json: str, kind) -> _Tree:
+    """Build the model of ``kind`` on the meta device (no memory; 93B parameters in ~1 s) and list
+    its parameters, persistent buffers and cached attention layers."""
+    import json
+
+    import torch
+
+    from .model.block import Block
+
+    cfg = ModelConfig.from_dict(json.loads(cfg_json))
+    with torch.device("meta"):
+        model = kind.build(cfg)
+    modules = dict(model.named_modules())
+
+    def spec(name: str, shape, is_param: bool) -> ParamSpec:
+        prefixes = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        chain = [modules[prefix] for prefix in prefixes]  # the modules holding it, outermost first
+        unit = next((u for u, m in zip(reversed(prefixes), reversed(chain)) if isinstance(m, Block)), "root")
+        attribute = name.rpartition(".")[2]
+        linear = is_param and bool(chain) and isinstance(chain[-1], torch.nn.Linear) and attribute == "weight"
+        return ParamSpec(name, tuple(shape), _component(model, chain, attribute, unit != "root"), linear, unit)
+
+    params = tuple(spec(name, p.shape, True) for name, p in model.named_parameters())  # tied weights: once
+    persistent = set(model.state_dict())
+    buffers = tuple(spec(name, b.shape, False) for name, b in model.named_buffers() if name in persistent)
+    kv_layers = None
+    if kind.cache.self_attention is not None:
+        stack = getattr(model, kind.cache.self_attention)
+        kv_layers = tuple((block.attn.n_kv_heads * block.attn.head_dim, block.attn.window) for block in stack.blocks)
+    return _Tree(params, buffers, kv_layers)
 
 
-def _block(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool) -> None:
-    unit = prefix
-    if cfg.ngpt:
-        for name in ("attn_alpha", "ffn_alpha") + (("cross_alpha",) if cross else ()):
-            s.add(f"{prefix}.{name}", (cfg.d_model,), "ngpt_alphas", unit=unit)
-    s.norm(cfg, f"{prefix}.attn_norm", "norms", unit)
-    _attention(s, cfg, f"{prefix}.attn", False, unit)
-    if cross:
-        s.norm(cfg, f"{prefix}.cross_norm", "norms", unit)
-        _attention(s, cfg, f"{prefix}.cross_attn", True, unit)
-    s.norm(cfg, f"{prefix}.ffn_norm", "norms", unit)
-    if cfg.moe_experts:
-        s.linear(f"{prefix}.ffn.router", cfg.d_model, cfg.moe_experts, False, "moe_router", unit)
-        for e in range(cfg.moe_experts):
-            _feed_forward(s, cfg, f"{prefix}.ffn.experts.{e}", "moe_experts", unit)
-    else:
-        _feed_forward(s, cfg, f"{prefix}.ffn", "ffn", unit)
+def _component(model, chain: list, attribute: str, in_block: bool) -> str:
+    """The COMPONENTS key of a parameter, from the modules that hold it (outermost first)."""
+    from torch import nn
 
+    from .model.attention import Attention
+    from .model.ffn import FeedForward, MixtureOfExperts
+    from .model.memory import NeuralSymbolicBridge, RecursiveMemoryCore
+    from .model.norms import RMSNorm
+    from .model.positions import RelativePositionBias
+    from .model.transformer import Embeddings
 
-def _stack(s: _Specs, cfg: ModelConfig, prefix: str, n_layers: int, cross: bool) -> None:
-    for i in range(n_layers):
-        _block(s, cfg, f"{prefix}.blocks.{i}", cross)
-    if cfg.position == "relative":  # one T5 bias table per stack, shared by its layers
-        s.add(f"{prefix}.bias.bias.weight", (cfg.relative_buckets, cfg.n_heads), "relative_bias")
-    if cfg.norm_position == "pre":
-        s.norm(cfg, f"{prefix}.norm", "final_norm")
+    for i, m in enumerate(chain):
+        if isinstance(m, RecursiveMemoryCore):
+            return "rmc"
+        if isinstance(m, MixtureOfExperts):
+            return "moe_experts" if any(isinstance(x, FeedForward) for x in chain[i + 1:]) else "moe_router"
+        if isinstance(m, FeedForward):
+            return "ffn"
+        if isinstance(m, Attention):
+            return "cross_attention" if m.cross else "attention"
+        if isinstance(m, NeuralSymbolicBridge):
+            return "nsb"
+        if isinstance(m, RelativePositionBias):
+            return "relative_bias"
+        if isinstance(m, Embeddings):
+            return "token_embedding" if chain[i + 1] is m.tokens else "position_embedding"
+    owner = chain[-1] if chain else model
+    if isinstance(owner, (RMSNorm, nn.LayerNorm)):
+        return "norms" if in_block else "final_norm"
+    if in_block:
+        return "ngpt_alphas" if attribute.endswith("_alpha") else "other"  # a block's own parameters
+    if owner is getattr(model, "lm_head", None):
+        return "lm_head"
+    return "ngpt_logit_scale" if owner is model and attribute == "logit_scale" else "other"
 
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter of ``build_model(cfg)``: name, shape, component, Linear or not, FSDP unit."""
-    s, d = _Specs(), cfg.d_model
-    s.add("embed.tokens.weight", (cfg.vocab_size, d), "token_embedding")
-    if cfg.position == "learned":
-        s.add("embed.positions.weight", (cfg.max_seq_len + cfg.learned_pos_offset, d), "position_embedding")
-    if cfg.rmc:
-        s.add("rmc.memory", (cfg.rmc_mem_size, d), "rmc")
-        s.linear("rmc.read_query", d, d, False, "rmc")
-        s.linear("rmc.out", 2 * d, d, False, "rmc")
-    if cfg.nsb:
-        r = cfg.nsb_rule_dim
-        s.add("nsb.rules", (cfg.nsb_rules, r), "nsb")
-        s.linear("nsb.to_rule", d, r, False, "nsb")
-        s.linear("nsb.fuse_in", d + r, d, False, "nsb")
-        s.linear("nsb.fuse_out", d, d, False, "nsb")
-    if cfg.kind == "decoder":
-        _stack(s, cfg, "decoder", cfg.n_layers, cross=False)
-    elif cfg.kind == "encoder":
-        _stack(s, cfg, "encoder", cfg.n_layers, cross=False)
-    else:
-        _stack(s, cfg, "encoder", cfg.n_encoder_layers, cross=False)
-        _stack(s, cfg, "decoder", cfg.n_layers, cross=True)
-    if not cfg.tie_embeddings:
-        s.linear("lm_head", d, cfg.vocab_size, False, "lm_head")
-    if cfg.ngpt:
-        s.add("logit_scale", (cfg.vocab_size,), "ngpt_logit_scale")
-    return list(s)
+    return list(_tree(cfg).params)
 
 
 def buffer_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Persistent buffers (in the state dict, not trained): the RMC episodic memory."""
-    return [ParamSpec("rmc.episodic", (cfg.rmc_mem_size, cfg.d_model), "rmc")] if cfg.rmc else []
+    return list(_tree(cfg).buffers)
 
 
 # ---- counts ----------------------------------------------------------------------------------
@@ -260,18 +254,16 @@ def training_bytes(cfg: ModelConfig, precision: str = "fp32") -> dict[str, int]:
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int = 1, seq: int | None = None, dtype_bytes: int = 2,
                    windowed: bool = False) -> int | None:
-    """K and V of every decoder self-attention layer for ``batch`` x ``seq`` tokens (default
-    max_seq_len): 2 * layers * kv_heads * head_dim * tokens * batch * bytes. ``windowed``: a
-    sliding-window layer keeps only min(window, seq) tokens. None for an encoder (no cache)."""
-    if cfg.kind == "encoder":
+    """K and V of every cached self-attention layer (the model kind's cache layout) for ``batch`` x
+    ``seq`` tokens (default max_seq_len): 2 * kv_heads * head_dim * tokens * batch * bytes per layer.
+    ``windowed``: a sliding-window layer keeps only min(window, seq) tokens. None for a kind
+    without a cache (an encoder)."""
+    layers = _tree(cfg).kv_layers
+    if layers is None:
         return None
     seq = cfg.max_seq_len if seq is None else seq
-    first = cfg.n_encoder_layers  # enc-dec decoder layers are numbered after the encoder's
-    tokens = 0
-    for i in range(cfg.n_layers):
-        window = cfg.layer_window(first + i)
-        tokens += min(window, seq) if windowed and window else seq
-    return 2 * cfg.kv_heads * cfg.dim_head * tokens * batch * dtype_bytes
+    return sum(2 * width * (min(window, seq) if windowed and window else seq) for width, window in layers) \
+        * batch * dtype_bytes
 
 
 def per_rank_bytes(cfg: ModelConfig, world_size: int = 1, parallel: str = "ddp",
@@ -309,12 +301,23 @@ def claim(name: str, true_total: int) -> dict[str, Any] | None:
         return None
     ratio = true_total / stated
     note = ""
-    if name == "nexus-base":
-        note = (f"96 layers x 8192 wide is ~{true_total / 1e9:.0f}B parameters, not 405B "
-                "(405B needs e.g. Llama-3.1's 126 layers x 16384)")
-    elif not 0.8 <= ratio <= 1.25:
-        note = "the seed's figure is wrong for this architecture"
+    if not 0.8 <= ratio <= 1.25:
+        cfg = PRESETS[name]
+        layers = f"{cfg.n_encoder_layers} + {cfg.n_layers}" if cfg.n_encoder_layers else str(cfg.n_layers)
+        note = (f"{layers} layers x {cfg.d_model} wide is ~{_approx(true_total)} parameters, "
+                f"not {human_count(stated)}")
+        if name in PRESET_CLAIM_HINTS:
+            note += f" ({PRESET_CLAIM_HINTS[name]})"
     return {"stated": int(stated), "true": true_total, "ratio": ratio, "note": note}
+
+
+def _approx(n: float) -> str:
+    """93098352640 -> '93B', 2352416768 -> '2.4B' (two significant figures)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.0f}{unit}" if value >= 10 else f"{value:.1f}{unit}"
+    return str(int(n))
 
 
 # ---- the plan (JSON-ready) and its table -------------------------------------------------------
@@ -327,7 +330,7 @@ def plan(cfg: ModelConfig, batch: int = 1, seq: int | None = None, world_size: i
     counts = count_parameters(cfg)
     seq = cfg.max_seq_len if seq is None else seq
     kv = None
-    if cfg.kind != "encoder":
+    if kv_cache_bytes(cfg, batch, seq) is not None:
         kv = {"batch": batch, "seq": seq,
               "full": {"fp32": kv_cache_bytes(cfg, batch, seq, 4), "bf16": kv_cache_bytes(cfg, batch, seq, 2)},
               "windowed": None}

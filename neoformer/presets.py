@@ -2,10 +2,13 @@
 
 ``PRESET_CLAIMS`` keeps the parameter counts the seed documents state, so ``neoformer info``
 can show them next to the true count (several are wrong, e.g. Nexus and Lumi).
+``PRESET_RUN_DEFAULTS``: the training settings a preset brings (only the demo has any); they are
+printed wherever they apply (``neoformer info PRESET``, the ``neoformer train`` header).
 """
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from .config import ConfigError, ModelConfig
 
@@ -78,6 +81,20 @@ PRESETS.update({
     "nexus-debug": _p(_NEXUS, "nexus-debug", n_kv_heads=2, **_DEBUG),
 })
 
+# Run defaults of presets meant to be trained as they are (`make demo`). `neoformer train --preset`
+# applies them beneath the user's config and flags; `neoformer info PRESET` and the train header
+# print them, so no preset changes a training setting out of sight. Other presets have none.
+PRESET_RUN_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "neoformer-x-demo": {
+        # ~3 min on 2 CPU cores: the time budget sets the cosine horizon (docs/training.md)
+        "train": dict(lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=100_000, time_budget=180.0, batch_size=16,
+                      seq_len=128, eval_every=100, eval_batches=8, log_every=10, save_every=200, samples=3,
+                      sample_tokens=80, weight_decay=0.1),
+        # a 4,096-token BPE trains in seconds and sets the model's vocabulary
+        "tokenizer": dict(kind="bpe", vocab_size=4096),
+    },
+}
+
 # parameter counts as the seed documents state them (shown beside the truth by `neoformer info`)
 PRESET_CLAIMS: dict[str, float] = {
     "neoformer-x-125m": 125e6, "neoformer-x-350m": 350e6, "neoformer-x-760m": 760e6,
@@ -85,6 +102,25 @@ PRESET_CLAIMS: dict[str, float] = {
     "lumi-tiny": 6e6, "lumi-small": 42e6, "lumi-base": 124e6,
     "nexus-base": 405e9, "nexus-standard": 13e9, "nexus-nano": 1.5e9,
 }
+# what a wrong claim would take, shown after the planner's "N layers x D wide is ~X, not Y"
+PRESET_CLAIM_HINTS: dict[str, str] = {
+    "nexus-base": "405B needs e.g. Llama-3.1's 126 layers x 16384",
+}
+
+
+def run_defaults(name: str | None) -> dict[str, dict[str, Any]]:
+    """The run config sections a preset sets (``{"train": {...}, "tokenizer": {...}}``; {} for most)."""
+    return {section: dict(values) for section, values in PRESET_RUN_DEFAULTS.get(name or "", {}).items()}
+
+
+def format_run_defaults(name: str | None) -> str | None:
+    """One line naming every run default of a preset, or None when it has none."""
+    defaults = run_defaults(name)
+    if not defaults:
+        return None
+    values = " ".join(f"{section}.{key}={value:g}" if isinstance(value, float) else f"{section}.{key}={value}"
+                      for section, fields in defaults.items() for key, value in fields.items())
+    return f"preset {name} sets: {values} (your config and flags override them)"
 
 
 def get_preset(name: str) -> ModelConfig:

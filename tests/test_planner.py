@@ -290,3 +290,34 @@ def test_cli_user_errors_are_one_line(capsys, argv, message, tmp_path, monkeypat
 def test_cli_checkpoint_dir_without_config(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+# ---- the module tree comes from the model; claims need no special case -------------------------
+def test_planner_follows_a_model_change_without_an_edit(monkeypatch):
+    """A parameter added to the attention module is counted where it lives (the planner reads the
+    meta-device model instead of a copy of the architecture)."""
+    from neoformer.model.attention import Attention
+
+    original = Attention.__init__
+
+    def with_gate(self, cfg, layer_idx, cross=False):
+        original(self, cfg, layer_idx, cross)
+        self.head_gate = nn.Parameter(torch.ones(cfg.n_heads))
+
+    monkeypatch.setattr(Attention, "__init__", with_gate)
+    cfg = ModelConfig(**{**TINY, "n_layers": 3, "name": "tiny-gated"})  # a config not planned before (cached)
+    model = build_model(cfg)
+    assert_matches_model(cfg, model)
+    assert count_parameters(cfg).by_component["attention"] == sum(
+        p.numel() for n, p in model.named_parameters() if ".attn." in n)
+
+
+def test_claim_notes_come_from_the_architecture_not_the_preset_name(monkeypatch):
+    import neoformer.planner as planner
+
+    monkeypatch.setattr(planner, "PRESET_CLAIM_HINTS", {})
+    total = num_parameters(PRESETS["nexus-base"])
+    assert planner.claim("nexus-base", total)["note"] == "96 layers x 8192 wide is ~93B parameters, not 405B"
+    lumi = planner.claim("lumi-base", num_parameters(PRESETS["lumi-base"]))
+    assert lumi["note"] == "24 layers x 768 wide is ~277M parameters, not 124M"
+    assert planner.claim("nima-small", num_parameters(PRESETS["nima-small"]))["note"] == ""

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..planner import format_plan, format_presets, list_presets, load_config, plan
+    from ..presets import PRESETS, format_run_defaults, run_defaults
 
     if args.list:
         items = list_presets()
@@ -31,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a preset name, checkpoint directory or config file (or --list)")
     cfg = load_config(args.target)
     result = plan(cfg, args.batch, args.seq, args.world_size, args.parallel, source=args.target)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    preset = args.target if args.target in PRESETS else None
+    if args.json:
+        print(json.dumps({**result, "run_defaults": run_defaults(preset)}, indent=2))
+        return 0
+    print(format_plan(result))
+    if format_run_defaults(preset):  # training settings the preset brings to `neoformer train --preset`
+        print(f"\n{format_run_defaults(preset)}")
     return 0
 
 

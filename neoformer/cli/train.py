@@ -183,6 +183,7 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
 
     from .. import parallel
     from ..model import build_model
+    from ..presets import format_run_defaults
     from ..train.batches import build_task_data, steps_for_epochs
     from ..train.fit import TrainingDiverged, fit, seed_everything
 
@@ -220,6 +221,8 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
     seq = f" x {task.row_tokens}" if task.row_tokens else ""  # pairs (seq2seq) vary in length
     print(f"model: {run.preset or run.model.name} ({run.model.kind}), {model.num_parameters():,} parameters; "
           f"batch {t.batch_size}{seq} x {t.grad_accum} accum; {_limits(t)}")
+    if format_run_defaults(run.preset):
+        print(format_run_defaults(run.preset))
     if ctx.is_main:  # parallel: rank 0 owns the run directory
         _prepare_out_dir(out, resume_path is not None)
         (out / "config.yaml").write_text(dump_yaml(run))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ModelConfig, coerce_value
-from ..presets import PRESETS, get_preset
+from ..presets import PRESETS, get_preset, run_defaults
 
 OPTIMIZERS = ("adamw", "lion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -197,19 +197,6 @@ def _checked_fields(cls, data: dict[str, Any], section: str) -> dict[str, Any]:
     return out
 
 
-# train defaults of presets that are meant to be trained as they are (`make demo`)
-PRESET_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    # ~3 min on 2 CPU cores: time budget sets the cosine horizon; see docs/training.md
-    "neoformer-x-demo": dict(lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=100_000, time_budget=180.0,
-                             batch_size=16, seq_len=128, eval_every=100, eval_batches=8, log_every=10,
-                             save_every=200, samples=3, sample_tokens=80, weight_decay=0.1),
-}
-# tokenizer defaults per preset: the demo caps training text so the tokenizer trains in seconds
-PRESET_TOKENIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "neoformer-x-demo": dict(kind="bpe", vocab_size=4096),
-}
-
-
 @dataclass
 class RunConfig:
     """Everything a `neoformer train` run needs; saved in every checkpoint's config.json."""
@@ -248,8 +235,9 @@ class RunConfig:
             base = get_preset(preset).to_dict()
             base.update(model_fields)
             model_fields = base
-            train_fields = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **(data.get("train") or {})}
-            tok_fields = {**PRESET_TOKENIZER_DEFAULTS.get(preset, {}), **(data.get("tokenizer") or {})}
+            defaults = run_defaults(preset)  # shown by `neoformer info PRESET` and the train header
+            train_fields = {**defaults.get("train", {}), **(data.get("train") or {})}
+            tok_fields = {**defaults.get("tokenizer", {}), **(data.get("tokenizer") or {})}
         else:
             train_fields, tok_fields = dict(data.get("train") or {}), dict(data.get("tokenizer") or {})
         return cls(model=ModelConfig.from_dict(model_fields), train=TrainConfig.from_dict(train_fields),
@@ -337,4 +325,4 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 __all__ = ["TrainConfig", "DataConfig", "TokenizerConfig", "RunConfig", "load_run_config", "parse_overrides",
-           "load_yaml", "dump_yaml", "PRESET_TRAIN_DEFAULTS", "PRESETS"]
+           "load_yaml", "dump_yaml", "PRESETS"]
