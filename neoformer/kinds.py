@@ -90,8 +90,9 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+def names(*, generating: bool = False) -> tuple[str, ...]:
+    """Registered kind names (``generating=True``: only kinds that can generate, for `neoformer generate`)."""
+    return tuple(name for name, kind in _REGISTRY.items() if kind.cache.generates or not generating)
 
 
 def get(which: Any) -> ModelKind:

@@ -116,6 +116,7 @@ def test_unknown_kind_from_the_cli(tmp_path, capsys):
 
 def test_builtin_kinds_and_their_facts():
     assert kinds.names()[:3] == ("decoder", "encoder", "encoder_decoder")
+    assert kinds.names(generating=True)[:2] == ("decoder", "encoder_decoder")
     decoder, encoder, enc_dec = (kinds.get(n) for n in ("decoder", "encoder", "encoder_decoder"))
     assert decoder.cache.generates and not encoder.cache.generates and enc_dec.cache.cross_attention
     assert not encoder.causal and enc_dec.encoder_layers and decoder.memory_layer
