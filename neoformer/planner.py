@@ -91,9 +91,9 @@ class _Specs(list):
 
 def _attention(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool, unit: str) -> None:
     component = "cross_attention" if cross else "attention"
-    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.resolved_n_kv_heads * cfg.resolved_head_dim
     if cfg.ngpt:
-        s.add(f"{prefix}.qk_scale", (cfg.dim_head,), component, unit=unit)
+        s.add(f"{prefix}.qk_scale", (cfg.resolved_head_dim,), component, unit=unit)
     if cfg.fused_qkv and not cross:
         s.linear(f"{prefix}.qkv", d, q_dim + 2 * kv_dim, cfg.bias, component, unit)
     else:
@@ -104,7 +104,7 @@ def _attention(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool, unit: str)
 
 
 def _feed_forward(s: _Specs, cfg: ModelConfig, prefix: str, component: str, unit: str) -> None:
-    d, hidden = cfg.d_model, cfg.ffn_dim
+    d, hidden = cfg.d_model, cfg.resolved_ffn_hidden
     if cfg.ngpt:  # s_u and s_v exist even for a plain FFN
         s.add(f"{prefix}.up_scale", (hidden,), component, unit=unit)
         s.add(f"{prefix}.gate_scale", (hidden,), component, unit=unit)
@@ -271,7 +271,7 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int = 1, seq: int | None = None, dty
     for i in range(cfg.n_layers):
         window = cfg.layer_window(first + i)
         tokens += min(window, seq) if windowed and window else seq
-    return 2 * cfg.kv_heads * cfg.dim_head * tokens * batch * dtype_bytes
+    return 2 * cfg.resolved_n_kv_heads * cfg.resolved_head_dim * tokens * batch * dtype_bytes
 
 
 def per_rank_bytes(cfg: ModelConfig, world_size: int = 1, parallel: str = "ddp",
@@ -337,8 +337,8 @@ def plan(cfg: ModelConfig, batch: int = 1, seq: int | None = None, world_size: i
     return {
         "name": cfg.name, "source": source or cfg.name, "kind": cfg.kind,
         "config": {"n_layers": cfg.n_layers, "n_encoder_layers": cfg.n_encoder_layers, "d_model": cfg.d_model,
-                   "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads, "head_dim": cfg.dim_head,
-                   "ffn_hidden": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+                   "n_heads": cfg.n_heads, "n_kv_heads": cfg.resolved_n_kv_heads, "head_dim": cfg.resolved_head_dim,
+                   "ffn_hidden": cfg.resolved_ffn_hidden, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
                    "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k if cfg.moe_experts else 0,
                    "tie_embeddings": cfg.tie_embeddings, "sliding_window": cfg.sliding_window},
         "parameters": {"total": counts.total, "active_per_token": counts.active_per_token,

@@ -5,9 +5,7 @@ can show them next to the true count (several are wrong, e.g. Nexus and Lumi).
 """
 from __future__ import annotations
 
-import difflib
-
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, did_you_mean
 
 # NeoFormer-X (seed 000): decoder, GQA, RoPE, RMC + NSB, tied embeddings, cl100k_base vocabulary
 _NEOFORMER_X = ModelConfig(
@@ -89,7 +87,5 @@ PRESET_CLAIMS: dict[str, float] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; run `neoformer info --list` to see all presets")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; run `neoformer info --list` to see all presets")
     return PRESETS[name]

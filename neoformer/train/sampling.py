@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.transformer import IGNORE_INDEX
+
 STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
 
 
@@ -97,7 +99,7 @@ def _mlm_accuracy(model, task) -> None:
     finally:
         model.train(was_training)
     labels = batch["labels"].to(device)
-    chosen = labels != -100
+    chosen = labels != IGNORE_INDEX
     accuracy = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean().item()
     print(f"masked-token accuracy on a validation batch: {accuracy:.1%} ({int(chosen.sum())} masked tokens)")
 
