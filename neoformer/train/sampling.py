@@ -1,8 +1,7 @@
 """Samples printed at the end of `neoformer train` (``train.samples``): text continuations for
 decoders, greedy predictions for encoder-decoders, masked-token accuracy for encoders.
 
-Uses :func:`neoformer.generate.generate` when it is available; otherwise a minimal
-temperature / top-k loop over the seed API ``forward(x, past) -> (logits, past, delta)``.
+Text comes from :func:`neoformer.generate.generate` (one sampling loop, one stop/EOS rule).
 """
 from __future__ import annotations
 
@@ -16,43 +15,12 @@ STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
 @torch.no_grad()
 def sample_tokens(model, ids: list[int], max_new: int, temperature: float = 0.8, top_k: int | None = 50,
                   seed: int = 0, eos_id: int | None = None) -> list[int]:
-    """New token ids after ``ids`` (decoder models); uses neoformer.generate when present."""
-    try:
-        from ..generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        out = generate(model, [ids], max_new, temperature=temperature, top_k=top_k, seed=seed,
-                       eos_token_id=eos_id, return_dict=True)
-        return list(out.new_tokens[0])
-    return _fallback_sample(model, ids, max_new, temperature, top_k, seed, eos_id)
+    """New token ids after ``ids`` (decoder models), from :func:`neoformer.generate.generate`."""
+    from ..generate import generate
 
-
-def _fallback_sample(model, ids, max_new, temperature, top_k, seed, eos_id) -> list[int]:
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    x = torch.tensor([ids], device=device)
-    past, new = None, []
-    window = model.config.max_seq_len
-    try:
-        for _ in range(max_new):
-            if past is not None and past[0][0].shape[2] >= window:  # full window: recompute on the last half
-                past, x = None, torch.tensor([(ids + new)[-window // 2:]], device=device)
-            logits, past, _ = model(x, past, use_cache=True)
-            logits = logits[0, -1].float() / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-            if token == eos_id:
-                break
-            new.append(token)
-            x = torch.tensor([[token]], device=device)
-    finally:
-        model.train(was_training)
-    return new
+    out = generate(model, [ids], max_new, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_token_id=eos_id, return_dict=True)
+    return list(out.new_tokens[0])
 
 
 def print_samples(model, task, run) -> None:
