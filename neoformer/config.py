@@ -22,6 +22,9 @@ POSITIONS = ("rope", "sinusoidal", "learned", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "ntk")
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "eager")
 INITS = ("normal", "xavier")
+# label value the models' loss skips (padding, unmasked MLM positions); data/ writes it, train/ counts with it.
+# It lives here, below model/ and data/, which may not import each other.
+IGNORE_INDEX = -100
 
 
 class ConfigError(ValueError):
@@ -296,4 +299,4 @@ def coerce_value(value: Any) -> Any:
         return value
 
 
-__all__ = ["ModelConfig", "ConfigError", "coerce_value", "check_field_names", "did_you_mean", "field"]
+__all__ = ["ModelConfig", "ConfigError", "IGNORE_INDEX", "coerce_value", "check_field_names", "did_you_mean", "field"]

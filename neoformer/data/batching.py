@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..model.transformer import IGNORE_INDEX  # noqa: F401  (re-exported: the label value the loss skips)
+from ..config import IGNORE_INDEX  # noqa: F401  (re-exported: the label value the loss skips)
 from .sources import DataError
 
 

@@ -13,14 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo
 from .block import Block
 from .memory import MemoryState, NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
 from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
-
-IGNORE_INDEX = -100  # label the loss skips (padding, unmasked MLM positions); data/ and train/ import it
 
 
 class Past(tuple):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.transformer import IGNORE_INDEX
+from ..config import IGNORE_INDEX
 
 STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
 
