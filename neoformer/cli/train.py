@@ -13,6 +13,7 @@ from ..config import ConfigError, ModelConfig
 from ..train.run_config import (
     DataConfig, TokenizerConfig, TrainConfig, add_override_flags, dump_yaml, load_run_config, overrides_from_args,
 )  # fmt: skip
+
 # plain flags -> dotted config fields (seed 000 spellings --batch --seq --max_tokens included)
 FLAG_FIELDS = {
     "data": "data.source", "tokenizer": "tokenizer.kind", "vocab_size": "tokenizer.vocab_size",
