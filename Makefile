@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test docs clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3' with Python >= 3.10"; exit 1; }
@@ -27,6 +27,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" tests
+
+docs: $(VENV)/.installed  # docs/config.md from the config dataclasses (a test checks it is current)
+	$(PY) docs/gen_config_md.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

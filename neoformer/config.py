@@ -11,7 +11,7 @@ import difflib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
@@ -21,15 +21,27 @@ POSITIONS = ("rope", "sinusoidal", "learned", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "ntk")
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "eager")
 INITS = ("normal", "xavier")
+# label value the models' loss skips (padding, unmasked MLM positions); data/ writes it, train/ counts with it.
+# It lives here, below model/ and data/, which may not import each other.
+IGNORE_INDEX = -100
 
 
 class ConfigError(ValueError):
     """A config value or combination is invalid. The message names the field."""
 
 
-@dataclass
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or ``""``: the hint every unknown-name error adds."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one model. See docs/config.md for the paper behind each option."""
+    """Architecture of one model (immutable: change it with ``dataclasses.replace`` or ``.replace``).
+
+    Every field, its default and its rules: docs/config.md.
+    """
 
     name: str = "custom"
     kind: str = "decoder"  # decoder | encoder (MLM) | encoder_decoder (seq2seq); registry: neoformer/kinds.py
@@ -91,17 +103,17 @@ class ModelConfig:
 
     gradient_checkpointing: bool = False
 
-    # ---- derived values -------------------------------------------------------------------
+    # ---- derived values: the field's value, or its default when the field is None ------------
     @property
-    def kv_heads(self) -> int:
+    def resolved_n_kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def dim_head(self) -> int:
+    def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
-    def ffn_dim(self) -> int:
+    def resolved_ffn_hidden(self) -> int:
         return self.ffn_hidden or 4 * self.d_model
 
     @property
@@ -162,13 +174,14 @@ class ModelConfig:
                 positive(name)
         probability("attn_dropout", "hidden_dropout", "embed_dropout")
 
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.n_heads % self.resolved_n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.resolved_n_kv_heads})")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
-        if self.position == "rope" and self.dim_head % 2:
-            raise ConfigError(f"head_dim ({self.dim_head}) must be even for rope")
+        if self.position == "rope" and self.resolved_head_dim % 2:
+            raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rope")
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"d_model ({self.d_model}) must be even for sinusoidal positions")
         if self.rope_scaling is not None and self.position != "rope":
@@ -235,17 +248,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"unknown model config field {key!r}{hint}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a mapping of fields, got {type(data).__name__}")
+        check_field_names(cls, data, "model config")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with some fields changed (validated again)."""
-        return ModelConfig.from_dict({**self.to_dict(), **changes})
+        """A copy with some fields changed (validated again); unknown names get a "did you mean"."""
+        check_field_names(type(self), changes, "model config")
+        return dataclasses.replace(self, **changes)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -265,14 +276,30 @@ class ModelConfig:
         return cls.from_dict(data.get("model", data))
 
 
-def coerce_value(text: str) -> Any:
-    """Parse a command-line override value: ints, floats, bools, null, lists, else the string."""
+def check_field_names(cls, data: dict[str, Any], what: str) -> None:
+    """Refuse a key that is not a field of the dataclass ``cls``, naming the closest field."""
+    known = [f.name for f in fields(cls) if f.init]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown {what} field {key!r}{did_you_mean(key, known)}")
+
+
+def coerce_value(value: Any) -> Any:
+    """A value typed on the command line (or a YAML string): int, float, else YAML (bools, null, lists),
+    else the string. ``3e-4`` becomes a float (YAML 1.1 would read it as a string)."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(value)
     except yaml.YAMLError:
-        return text
+        return value
 
 
-__all__ = ["ModelConfig", "ConfigError", "coerce_value", "field"]
+__all__ = ["ModelConfig", "ConfigError", "IGNORE_INDEX", "coerce_value", "check_field_names", "did_you_mean", "field"]

@@ -7,10 +7,14 @@ printed wherever they apply (``neoformer info PRESET``, the ``neoformer train`` 
 """
 from __future__ import annotations
 
+<<<<<<< HEAD
 import difflib
 from typing import Any
 
 from .config import ConfigError, ModelConfig
+=======
+from .config import ConfigError, ModelConfig, did_you_mean
+>>>>>>> configs
 
 # NeoFormer-X (seed 000): decoder, GQA, RoPE, RMC + NSB, tied embeddings, cl100k_base vocabulary
 _NEOFORMER_X = ModelConfig(
@@ -125,7 +129,5 @@ def format_run_defaults(name: str | None) -> str | None:
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; run `neoformer info --list` to see all presets")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; run `neoformer info --list` to see all presets")
     return PRESETS[name]

@@ -10,7 +10,6 @@ drops special tokens. Nothing here touches the network.
 from __future__ import annotations
 
 import base64
-import difflib
 import functools
 import hashlib
 import importlib
@@ -22,6 +21,8 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+from .config import did_you_mean
 
 META_FILE = "tokenizer_meta.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -508,11 +509,9 @@ def load_tokenizer(directory_or_spec: str | os.PathLike) -> Tokenizer:
     if path.exists():
         raise TokenizerError(f"cannot tell the tokenizer type of {path}; expected tokenizer.json, .model or .tiktoken")
     choices = (*TRAINABLE_KINDS, *NAMED_ENCODINGS)
-    hint = difflib.get_close_matches(spec, choices, n=1)
     raise TokenizerError(
-        f"unknown tokenizer {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        + f"; use one of {', '.join(choices)} or a path to tokenizer.json / .model / .tiktoken / a saved directory"
-    )
+        f"unknown tokenizer {spec!r}{did_you_mean(spec, choices)}; use one of {', '.join(choices)} "
+        "or a path to tokenizer.json / .model / .tiktoken / a saved directory")
 
 
 def get_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:

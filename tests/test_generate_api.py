@@ -48,7 +48,7 @@ def test_seed_api_and_aliases(model):
     (dict(temprature=0.5), "did you mean 'temperature'"),
     (dict(stop=["x"]), "tokenizer"),
     (dict(trim="drop"), "trim"),
-    (dict(max_seq_len=16, trim_keep=16), "trim_keep"),
+    (dict(context_window=16, trim_keep=16), "trim_keep"),
 ])
 def test_bad_arguments_raise_one_clear_error(model, options, message):
     with pytest.raises(ValueError, match=message):

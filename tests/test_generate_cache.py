@@ -141,7 +141,7 @@ def seed_style_trimmed_generate(model, prompt, n_new, window, keep):
 def test_trimming_keeps_generating_like_the_seed(name):
     model = tiny(**VARIANTS[name])
     prompt = rand_ids(10, 30)
-    out = generate(model, prompt, max_new_tokens=40, max_seq_len=16, trim_keep=8, return_dict=True)
+    out = generate(model, prompt, max_new_tokens=40, context_window=16, trim_keep=8, return_dict=True)
     assert len(out.new_tokens[0]) == 40 and out.stats["trims"] > 0
     assert out.new_tokens[0] == seed_style_trimmed_generate(model, prompt, 40, 16, 8)
 

@@ -43,7 +43,7 @@ def test_rmc_target_and_trimming():
     assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=15, draft_model=draft), expected)
     # past the window: the target is trimmed where plain decoding trims it, so greedy output still matches
     for mode in ("slice", "refill"):
-        opts = dict(max_new_tokens=40, max_seq_len=20, trim_keep=10, trim=mode)
+        opts = dict(max_new_tokens=40, context_window=20, trim_keep=10, trim=mode)
         out = generate(target, [1, 2, 3], draft_model=draft, return_dict=True, **opts)
         assert out.new_tokens[0] == generate(target, [1, 2, 3], return_dict=True, **opts).new_tokens[0]
 

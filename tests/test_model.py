@@ -82,7 +82,7 @@ def naive_causal_reference(model, tokens):
     h = model.embed.tokens(tokens)
     L = tokens.shape[1]
     pos = torch.arange(L)
-    inv = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.dim_head, 2).double() / cfg.dim_head)
+    inv = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.resolved_head_dim, 2).double() / cfg.resolved_head_dim)
     ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)
     cos, sin = ang.cos(), ang.sin()
 
@@ -138,7 +138,7 @@ def test_kv_cache_decode_equals_full_recompute(option):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-10, rtol=1e-10)
     assert isinstance(past, tuple) and len(past) == 2
     k, v = past[0]
-    assert k.shape == (2, model.config.kv_heads, 14, model.config.dim_head) and v.shape == k.shape
+    assert k.shape == (2, model.config.resolved_n_kv_heads, 14, model.config.resolved_head_dim) and v.shape == k.shape
 
 
 def test_left_padding_with_attention_mask_matches_unpadded_rows():

@@ -5,6 +5,7 @@ print whole results. Speed goes to stderr: tokens/s, prefill time, draft accepta
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -37,7 +38,9 @@ def add_parser(subparsers) -> None:
     d.add_argument("--draft", help="checkpoint of a smaller draft model with the same vocabulary")
     d.add_argument("--num-draft-tokens", type=int, default=4)
     c = p.add_argument_group("context and runtime")
-    c.add_argument("--max-seq-len", type=int, help="context window before trimming (default: the model's)")
+    c.add_argument("--context-window", type=int, metavar="TOKENS",
+                   help="tokens kept in the cache before trimming (default: the model's max_seq_len)")
+    c.add_argument("--max-seq-len", dest="context_window", type=int, help=argparse.SUPPRESS)  # its old name
     c.add_argument("--trim-keep", type=int, help="tokens kept when the window is full (default: half)")
     c.add_argument("--trim", choices=["slice", "refill"], default="slice")
     c.add_argument("--device", default=None)
@@ -54,7 +57,7 @@ def _options(args) -> dict:
                 no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, num_beams=args.num_beams,
                 length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
                 early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
-                num_draft_tokens=args.num_draft_tokens, max_seq_len=args.max_seq_len, trim_keep=args.trim_keep,
+                num_draft_tokens=args.num_draft_tokens, context_window=args.context_window, trim_keep=args.trim_keep,
                 trim=args.trim, compile=args.compile)
     if args.greedy:
         opts["do_sample"] = False

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ModelConfig
-from ..train.run_config import DataConfig, TokenizerConfig, TrainConfig, _coerce, dump_yaml, load_run_config
+from ..train.run_config import (
+    DataConfig, TokenizerConfig, TrainConfig, add_override_flags, dump_yaml, load_run_config, overrides_from_args,
+)  # fmt: skip
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "tokenizer": TokenizerConfig}
 # plain flags -> dotted config fields (seed 000 spellings --batch --seq --max_tokens included)
 FLAG_FIELDS = {
     "data": "data.source", "tokenizer": "tokenizer.kind", "vocab_size": "tokenizer.vocab_size",
@@ -35,14 +36,6 @@ def _threads(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
     return value
-
-
-def _add_overrides(p: argparse.ArgumentParser) -> None:
-    """Every config field as a hidden --section.field option (values parsed like YAML scalars)."""
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            p.add_argument(f"--{section}.{f.name}", dest=f"override:{section}.{f.name}", default=argparse.SUPPRESS,
-                           metavar="VALUE", help=argparse.SUPPRESS)
 
 
 def _field_list(cls) -> str:
@@ -103,7 +96,7 @@ def add_parser(subparsers) -> None:
     speed.add_argument("--parallel", choices=("ddp", "fsdp", "none"),  # parallel: see docs/scaling.md
                        help="data parallelism under torchrun (default ddp when WORLD_SIZE > 1); "
                        "--batch is the global batch, split evenly over the ranks")
-    _add_overrides(p)
+    add_override_flags(p)
     p.set_defaults(func=run_train)
 
 
@@ -120,9 +113,7 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["train.gradient_checkpointing"] = True
     if getattr(args, "no_progress", False):
         out["train.progress"] = False
-    for key, value in vars(args).items():
-        if key.startswith("override:"):
-            out[key.split(":", 1)[1]] = _coerce(value)
+    out.update(overrides_from_args(args))
     return out
 
 
@@ -141,8 +132,7 @@ def _resume_config(checkpoint, overrides: dict[str, Any]):
     data = {"preset": saved.get("preset"), "model": saved["model"], "train": saved.get("train") or {},
             "data": saved.get("data") or {}, "tokenizer": saved.get("tokenizer_config") or {}}
     run = RunConfig.from_dict({k: v for k, v in data.items() if k != "preset"}, overrides)
-    run.preset = saved.get("preset")
-    return run, path
+    return dataclasses.replace(run, preset=saved.get("preset")), path
 
 
 def _prepare_out_dir(out: Path, resume: bool) -> None:
@@ -199,7 +189,7 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
         run = load_run_config(args.config, args.preset, overrides)
         out = Path(args.out or _default_out(args))
     if run.train.threads is None and "train.threads" not in overrides:
-        run.train = run.train.replace(threads="auto")  # the command tunes CPU threads unless told
+        run = dataclasses.replace(run, train=run.train.replace(threads="auto"))  # tune CPU threads unless told
     t = run.train
     if isinstance(t.threads, int):
         torch.set_num_threads(t.threads)
@@ -212,9 +202,10 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
     print(f"data: {task.description}")
     print(f"tokenizer: {task.tokenizer.kind}, vocab {task.tokenizer.vocab_size:,} "
           f"(ready in {time.perf_counter() - started:.1f} s)")
-    run.model = _adapt_model_to_tokenizer(run.model, task.tokenizer)
+    run = dataclasses.replace(run, model=_adapt_model_to_tokenizer(run.model, task.tokenizer))
     if args.epochs is not None:
-        run.train = t = t.replace(max_steps=steps_for_epochs(args.epochs, task, run))
+        run = dataclasses.replace(run, train=t.replace(max_steps=steps_for_epochs(args.epochs, task, run)))
+        t = run.train
 
     seed_everything(t.seed)
     model = build_model(run.model)

@@ -13,9 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..config import IGNORE_INDEX  # noqa: F401  (re-exported: the label value the loss skips)
 from .sources import DataError
-
-IGNORE_INDEX = -100  # label value the models' cross-entropy skips
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, length: int | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ beam search (beam.py) and speculative decoding (speculative.py) plug in beside i
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -17,6 +18,7 @@ from .config import GenerationConfig
 from .engine import (Encoded, PromptBatch, as_prompts, bucket, compiled_decode_one, decode_one, left_pad, prefill,
                      trim_cache)
 from .sampling import History, choose, make_generator, process
+from .stops import StopStrings, cut_at_stop, held_back
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Plan:
     cfg: GenerationConfig
     batch: PromptBatch
     encoded: Encoded | None
-    window: int  # tokens the cache may hold (max_seq_len)
+    window: int  # tokens the cache may hold (context_window)
     keep_n: int  # tokens kept when trimming
     pad_id: int
     eos: torch.Tensor | None  # (n_eos,)
@@ -51,7 +53,7 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
     if not cache_layout.generates:
         raise ValueError(f"a model of kind {mcfg.kind!r} cannot generate; use a decoder or encoder-decoder model")
     if cfg.eos_token_id is None and tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
-        cfg.eos_token_id = tokenizer.eos_id
+        cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_id)  # a copy: the caller's config is theirs
     if cfg.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer (pass tokenizer=...)")
     eos_ids = cfg.eos_ids
@@ -61,9 +63,9 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    window = cfg.max_seq_len or mcfg.max_seq_len
+    window = cfg.context_window or mcfg.max_seq_len
     if mcfg.position == "learned" and window > mcfg.max_seq_len:
-        raise ValueError(f"max_seq_len ({window}) exceeds the learned position table ({mcfg.max_seq_len})")
+        raise ValueError(f"context_window ({window}) exceeds the learned position table ({mcfg.max_seq_len})")
     keep_n = cfg.trim_keep or window // 2
     if keep_n >= window:
         raise ValueError(f"trim_keep ({keep_n}) must be smaller than the context window ({window})")
@@ -80,7 +82,7 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
         prompts = [[start] for _ in prompts]
     elif longest > window:
         raise ValueError(f"prompt of {longest} tokens is longer than the model can take without trimming "
-                         f"(max_seq_len {window}); shorten the prompt")
+                         f"(context window {window}); shorten the prompt")
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None
     for tok in eos_ids + [pad_id]:
         if not 0 <= tok < mcfg.vocab_size:
@@ -91,30 +93,6 @@ def plan(model, input_ids, cfg: GenerationConfig, attention_mask=None, tokenizer
 def new_cache(model, p: Plan, batch: int, extra: int = 0, **kwargs) -> StaticKVCache:
     track = p.cfg.trim == "refill" or model.config.position == "learned"
     return StaticKVCache.for_model(model, batch, p.capacity(extra), track_tokens=track, **kwargs)
-
-
-class StopStrings:
-    """Finishes a row once its generated text contains a stop string."""
-
-    def __init__(self, stops: list[str], tokenizer, batch: int):
-        self.stops, self.tokenizer = stops, tokenizer
-        self.window = 4 * max(len(s) for s in stops) + 4  # tokens enough to hold the longest stop string
-        self.generated: list[list[int]] = [[] for _ in range(batch)]
-
-    def update(self, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        hit = torch.zeros_like(finished)
-        for row, tok in enumerate(tokens.tolist()):
-            if finished[row]:
-                continue
-            self.generated[row].append(tok)
-            tail = self.tokenizer.decode(self.generated[row][-self.window:])
-            hit[row] = any(s in tail for s in self.stops)
-        return hit
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    cuts = [text.find(s) for s in stops if s in text]
-    return text[:min(cuts)] if cuts else text
 
 
 @torch.inference_mode()
@@ -201,16 +179,8 @@ def _stop_cut(tokens: list[list[int]], p: Plan, tokenizer) -> list[list[int]]:
     """Stop strings: keep tokens up to the one that completed the stop string."""
     if not p.cfg.stop:
         return tokens
-    checker = StopStrings(p.cfg.stop, tokenizer, 1)
-    out = []
-    for toks in tokens:
-        checker.generated = [[]]
-        for i, tok in enumerate(toks):
-            if checker.update(torch.tensor([tok]), torch.zeros(1, dtype=torch.bool))[0]:
-                toks = toks[:i + 1]
-                break
-        out.append(toks)
-    return out
+    checker = StopStrings(p.cfg.stop, tokenizer)
+    return [checker.cut_tokens(toks) for toks in tokens]
 
 
 def generate(model, input_ids, max_new_tokens: int | None = None, *, attention_mask=None, tokenizer=None,
@@ -297,12 +267,11 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int | None = None
     """Text pieces of one prompt as they are generated (stop strings and EOS end the stream;
     a stop string itself is not yielded)."""
     ids = tokenizer.encode(prompt)
-    stops = options.get("stop") or options.get("stop_strings") or []
-    stops = [stops] if isinstance(stops, str) else list(stops)
-    given = {k: v for k, v in options.items() if k in ("eos_token_id", "eos_id")}
-    eos = set(GenerationConfig.build(**given).eos_ids)
-    if not given and getattr(tokenizer, "eos_id", None) is not None:
+    cfg = GenerationConfig.build(**options)  # stop strings and EOS, aliases resolved as generate() does
+    eos = set(cfg.eos_ids)
+    if cfg.eos_token_id is None and getattr(tokenizer, "eos_id", None) is not None:
         eos = {tokenizer.eos_id}
+    stops = cfg.stop
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
     for piece in _text_pieces(model, tokenizer, ids, max_new_tokens, draft_model, stats, stops, eos, options):
@@ -316,7 +285,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int | None = None
 def _text_pieces(model, tokenizer, ids, max_new_tokens, draft_model, stats, stops, eos, options):
     generated: list[int] = []
     shown = ""
-    hold = max((len(s) for s in stops), default=1) - 1  # text that may be the start of a stop string
+    hold = held_back(stops)
     for tok in stream(model, ids, max_new_tokens, tokenizer=tokenizer, draft_model=draft_model, stats=stats,
                       **options):
         t = int(tok[0])

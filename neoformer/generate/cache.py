@@ -59,8 +59,8 @@ class StaticKVCache:
         cfg = model.config
         weight = next(model.parameters())
         offset = cfg.n_encoder_layers if cfg.kind == "encoder_decoder" else 0
-        return cls(cfg.n_layers, batch, cfg.kv_heads, cfg.dim_head, capacity, device=device or weight.device,
-                   dtype=dtype or weight.dtype, layer_offset=offset, **kwargs)
+        return cls(cfg.n_layers, batch, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, capacity,
+                   device=device or weight.device, dtype=dtype or weight.dtype, layer_offset=offset, **kwargs)
 
     # ---- the protocol the model calls ---------------------------------------------------------
     def prepare(self, q_pos: torch.Tensor, key_keep: torch.Tensor | None):

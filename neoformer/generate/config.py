@@ -1,4 +1,4 @@
-"""Every generation option in one validated dataclass (HF ``generate`` names and semantics).
+"""Every generation option in one validated, immutable dataclass (HF ``generate`` names and semantics).
 
 Seed-API aliases: ``max_new`` = ``max_new_tokens``, ``temp`` = ``temperature``.
 Decoding mode: greedy unless a sampling option is given (``temperature > 0``, ``top_k``,
@@ -7,16 +7,21 @@ Decoding mode: greedy unless a sampling option is given (``temperature > 0``, ``
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
+
+from ..config import did_you_mean
 
 ALIASES = {"max_new": "max_new_tokens", "temp": "temperature", "max_tokens": "max_new_tokens",
-           "eos_id": "eos_token_id", "beams": "num_beams", "stop_strings": "stop"}
+           "eos_id": "eos_token_id", "beams": "num_beams", "stop_strings": "stop",
+           "max_seq_len": "context_window"}  # max_seq_len: this option's name before 2027-01
 TRIM_MODES = ("slice", "refill")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
+    """Immutable: derive a changed copy with ``dataclasses.replace`` (or ``build(generation_config=cfg, ...)``)."""
+
     max_new_tokens: int = 64
     do_sample: bool | None = None  # None: sample iff a sampling option is set
     temperature: float | None = None
@@ -27,7 +32,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (needs a tokenizer)
+    stop: tuple[str, ...] = ()  # stop strings (needs a tokenizer); a str or list is stored as a tuple
     seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -36,26 +41,38 @@ class GenerationConfig:
     num_draft_tokens: int = 4  # speculative decoding: tokens the draft proposes per round
     trim_keep: int | None = None  # context trimming: tokens kept when the window is full (default half)
     trim: str = "slice"  # slice: k[:, :, -keep:] (seed) | refill: re-prefill the kept window
-    max_seq_len: int | None = None  # window for trimming (default: the model's max_seq_len)
+    context_window: int | None = None  # tokens the cache holds before trimming (default: the model's max_seq_len)
     decoder_start_token_id: int | None = None  # encoder-decoder: first target token
     compile: bool = False  # torch.compile the one-token decode step
 
     @classmethod
-    def build(cls, **options) -> "GenerationConfig":
+    def build(cls, generation_config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
+        """A config from keyword options (aliases accepted), on top of ``generation_config`` if given
+        (which is left unchanged: the result is a new object)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {}
         for name, value in options.items():
             target = ALIASES.get(name, name)
+            if name == "max_seq_len":
+                warnings.warn("generation option max_seq_len is now context_window (the trimming window, "
+                              "not the model's max_seq_len)", DeprecationWarning, stacklevel=3)
             if target not in known:
-                close = difflib.get_close_matches(name, list(known) + list(ALIASES), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown generation option {name!r}{hint}")
+                raise ValueError(f"unknown generation option {name!r}{did_you_mean(name, [*known, *ALIASES])}")
             if target in values and values[target] != value:
                 raise ValueError(f"{name!r} and {target!r} both given; pass only one")
             values[target] = value
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        if generation_config is None:
+            return cls(**values)
+        if not isinstance(generation_config, GenerationConfig):
+            raise ValueError(f"generation_config must be a GenerationConfig, not {type(generation_config).__name__}")
+        return dataclasses.replace(generation_config, **values)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))  # frozen: normalise once, while being built
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
 
     @property
     def sampling(self) -> bool:
@@ -104,11 +121,9 @@ class GenerationConfig:
             bad(f"trim ({self.trim!r}) must be one of: {', '.join(TRIM_MODES)}")
         if self.trim_keep is not None and (not isinstance(self.trim_keep, int) or self.trim_keep < 1):
             bad(f"trim_keep ({self.trim_keep!r}) must be an integer >= 1")
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
-            bad(f"max_seq_len ({self.max_seq_len!r}) must be an integer >= 2")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if self.context_window is not None and (not isinstance(self.context_window, int) or self.context_window < 2):
+            bad(f"context_window ({self.context_window!r}) must be an integer >= 2")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
         if self.num_beams > 1 and self.stop:
             bad("stop strings are not supported with beam search (num_beams > 1); use eos_token_id")

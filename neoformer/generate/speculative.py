@@ -23,6 +23,7 @@ from ..model.memory import MemoryState
 from .cache import StaticKVCache
 from .engine import bucket, compiled_decode_one, compiled_verify, forward_tokens, trim_cache
 from .sampling import process
+from .stops import StopStrings
 
 
 def _check(target, draft, cfg) -> None:
@@ -165,8 +166,6 @@ class _Round:
 @torch.inference_mode()
 def speculative_stream(target, draft, p, row: int, generator, stats: dict, tokenizer=None) -> Iterator[int]:
     """Tokens of one prompt (row of the plan), one at a time."""
-    from .api import StopStrings
-
     cfg = p.cfg
     _check(target, draft, cfg)
     t0 = time.perf_counter()
@@ -182,8 +181,7 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
         for tok in tokens:
             yield tok
             produced += 1
-            done = tok in eos or (stop is not None and bool(stop.update(torch.tensor([tok]),
-                                                                        torch.zeros(1, dtype=torch.bool))[0]))
+            done = tok in eos or (stop is not None and stop.push(tok))
             if done or produced >= cfg.max_new_tokens:
                 produced = cfg.max_new_tokens
                 break

@@ -48,7 +48,7 @@ def fuse_qkv(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
 
 def split_qkv(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """attn.qkv -> separate attn.{q,k,v}_proj (the layout every exporter reads)."""
-    q_dim, kv_dim = cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    q_dim, kv_dim = cfg.n_heads * cfg.resolved_head_dim, cfg.resolved_n_kv_heads * cfg.resolved_head_dim
     out = dict(sd)
     for i in range(cfg.n_layers):
         p = f"decoder.blocks.{i}.attn."

@@ -77,8 +77,10 @@ def check_exportable(cfg: ModelConfig) -> str:
         (cfg.norm != "layernorm", f"norm='layernorm' (got {cfg.norm!r})"),
         (not cfg.bias, "bias=True (GPT-2 has bias on every linear and LayerNorm)"),
         (cfg.activation not in _ACT_OUT, f"activation in {', '.join(_ACT_OUT)} (got {cfg.activation!r})"),
-        (cfg.kv_heads != cfg.n_heads, f"n_kv_heads == n_heads (got {cfg.kv_heads} K/V heads, GQA/MQA)"),
-        (cfg.dim_head * cfg.n_heads != cfg.d_model, f"head_dim == d_model / n_heads (got {cfg.dim_head})"),
+        (cfg.resolved_n_kv_heads != cfg.n_heads,
+         f"n_kv_heads == n_heads (got {cfg.resolved_n_kv_heads} K/V heads, GQA/MQA)"),
+        (cfg.resolved_head_dim * cfg.n_heads != cfg.d_model,
+         f"head_dim == d_model / n_heads (got {cfg.resolved_head_dim})"),
         (cfg.sliding_window is not None, "no sliding_window"),
         (cfg.learned_pos_offset != 0, f"learned_pos_offset=0 (got {cfg.learned_pos_offset})"),
     ]
@@ -91,7 +93,8 @@ def check_exportable(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
     return {
         "architectures": [arch], "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
-        "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim, "n_positions": cfg.max_seq_len,
+        "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.resolved_ffn_hidden,
+        "n_positions": cfg.max_seq_len,
         "activation_function": _ACT_OUT[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
         "attn_pdrop": cfg.attn_dropout, "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.embed_dropout,
         "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True,

@@ -107,14 +107,15 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
     theta = cfg.rope_base
     rope: dict[str, Any] = {"rope_type": "default"}
     if cfg.rope_scaling == "ntk":  # static NTK-aware scaling is just a larger base: exact as plain RoPE
-        theta = cfg.rope_base * cfg.rope_scaling_factor ** (cfg.dim_head / (cfg.dim_head - 2))
+        theta = cfg.rope_base * cfg.rope_scaling_factor ** (cfg.resolved_head_dim / (cfg.resolved_head_dim - 2))
     elif cfg.rope_scaling == "linear":
         rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
     out = {
         "architectures": [arch], "model_type": "mistral" if arch == "MistralForCausalLM" else "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.resolved_ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_head, "hidden_act": _ACT_OUT[cfg.activation],
+        "num_key_value_heads": cfg.resolved_n_kv_heads, "head_dim": cfg.resolved_head_dim,
+        "hidden_act": _ACT_OUT[cfg.activation],
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": theta, "rope_parameters": {**rope, "rope_theta": theta},
         "attention_dropout": cfg.attn_dropout, "tie_word_embeddings": cfg.tie_embeddings,

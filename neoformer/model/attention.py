@@ -169,7 +169,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, cross: bool = False):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
         self.layer_idx, self.cross = layer_idx, cross
         self.window = None if cross else cfg.layer_window(layer_idx)
         self.backend = cfg.attn_backend

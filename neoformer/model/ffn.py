@@ -27,7 +27,7 @@ class FeedForward(nn.Module):
         self.act = ACTIVATION_FNS[cfg.activation]
         self.gated = cfg.gated_ffn
         self.ngpt = cfg.ngpt
-        hidden = cfg.ffn_dim
+        hidden = cfg.resolved_ffn_hidden
         if self.gated:
             self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)

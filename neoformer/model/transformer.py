@@ -13,14 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo
 from .block import Block
 from .memory import MemoryState, NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
 from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
-
-IGNORE_INDEX = -100
 
 
 class Past(tuple):
@@ -99,7 +97,7 @@ class BlockStack(nn.Module):
         self.cfg, self.causal = cfg, causal
         self.blocks = nn.ModuleList(Block(cfg, first_layer + i, cross_attention) for i in range(n_layers))
         self.bias = make_bias_module(cfg, bidirectional=not causal)
-        self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_base, cfg.rope_scaling, cfg.rope_scaling_factor) \
+        self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_scaling_factor) \
             if cfg.position == "rope" else None
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
 
@@ -172,6 +170,14 @@ class NeoFormerModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (less memory). Configs are frozen and may be
+        shared (``PRESETS``, other models), so this model gets changed copies instead of an edit."""
+        self.config = self.config.replace(gradient_checkpointing=enabled)
+        for module in self.modules():
+            if isinstance(module, BlockStack):
+                module.cfg = module.cfg.replace(gradient_checkpointing=enabled)
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:

@@ -3,7 +3,7 @@
 fit() knows models only through ``objective(model, batch) -> (loss, stats)`` and a few optional
 hooks every neoformer model has: ``model.rmc.apply_update`` (NeoFormer-X memory write, applied
 after each optimizer step with ``stats["delta"]``), ``model.normalize_weights_`` (nGPT) and
-``model.config.gradient_checkpointing``. One optimizer step::
+``model.set_gradient_checkpointing``. One optimizer step::
 
     lr = warmup_cosine(step)
     for each of grad_accum micro-batches:
@@ -168,8 +168,8 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw = unwrap(model).to(self.device)
         self.model = model
-        if cfg.gradient_checkpointing and hasattr(self.raw, "config"):
-            self.raw.config.gradient_checkpointing = True
+        if cfg.gradient_checkpointing and hasattr(self.raw, "set_gradient_checkpointing"):
+            self.raw.set_gradient_checkpointing(True)
         if self.ctx.distributed:  # parallel: AC -> compile (per block) -> DDP/FSDP, before the optimizer
             apply_parallel(self.raw, self.ctx, parallel_mode, activation_checkpointing=cfg.gradient_checkpointing,
                            compile=cfg.compile, mixed_precision=self.amp_dtype)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from ..config import IGNORE_INDEX
 Objective = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 
 

@@ -9,17 +9,18 @@ A run config is YAML (``configs/*.yaml``) with four sections plus an optional pr
     tokenizer: {kind: bpe, vocab_size: 8192}
 
 Command-line overrides use dotted names: ``--model.n_layers 6 --train.lr 3e-4``. Every field is
-validated when the config is built, with one line that names the field.
+validated when the config is built, with one line that names the field. Configs are immutable:
+change one with ``dataclasses.replace`` (or its ``.replace``). Every field: docs/config.md.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, coerce_value
+from ..config import ConfigError, ModelConfig, check_field_names, coerce_value, did_you_mean
 from ..presets import PRESETS, get_preset, run_defaults
 
 OPTIMIZERS = ("adamw", "lion")
@@ -29,12 +30,7 @@ SAMPLERS = ("shuffle", "random")
 SEQ2SEQ_TASKS = ("next_line", "reverse")
 
 
-def _close(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """How to train. Steps are optimizer steps; one step sees ``batch_size * grad_accum`` sequences."""
 
@@ -136,10 +132,12 @@ class TrainConfig:
         return cls(**_checked_fields(cls, data, "train"))
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
+        """A copy with some fields changed (validated again)."""
+        check_field_names(TrainConfig, changes, "train")
+        return dataclasses.replace(self, **changes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from. ``source``: ``stdlib`` (embedded offline corpus), a file,
     directory or glob (text, .jsonl, .parquet), ``hf:NAME``, or a seq2seq pair file (.tsv / .jsonl)."""
@@ -167,7 +165,7 @@ class DataConfig:
         return cls(**_checked_fields(cls, data, "data"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     """``kind``: bpe | char | sentencepiece (trained on the train split), or a saved tokenizer /
     tokenizer.json / .model / .tiktoken path, or cl100k_base / gpt2 (from a local cache).
@@ -176,28 +174,32 @@ class TokenizerConfig:
     kind: str = "bpe"
     vocab_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None and (
+                isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2):
+            raise ConfigError(f"tokenizer.vocab_size ({self.vocab_size!r}) must be an integer >= 2")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
-        cfg = cls(**_checked_fields(cls, data, "tokenizer"))
-        if cfg.vocab_size is not None and (not isinstance(cfg.vocab_size, int) or cfg.vocab_size < 2):
-            raise ConfigError(f"tokenizer.vocab_size ({cfg.vocab_size!r}) must be an integer >= 2")
-        return cfg
+        return cls(**_checked_fields(cls, data, "tokenizer"))
 
 
 def _checked_fields(cls, data: dict[str, Any], section: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{section} section must be a mapping, got {type(data).__name__}")
+    check_field_names(cls, data, section)
     types = {f.name: str(f.type) for f in fields(cls)}
     out = {}
     for key, value in data.items():
-        if key not in types:
-            raise ConfigError(f"unknown {section} field {key!r}{_close(key, types)}")
         numeric = "float" in types[key] or "int" in types[key]
-        out[key] = _coerce(value) if numeric and isinstance(value, str) else value  # YAML reads 3e-4 as a string
+        out[key] = coerce_value(value) if numeric else value  # YAML reads 3e-4 as a string
     return out
 
 
-@dataclass
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "tokenizer": TokenizerConfig}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a `neoformer train` run needs; saved in every checkpoint's config.json."""
 
@@ -216,14 +218,14 @@ class RunConfig:
         """Build from a YAML-like mapping plus ``{"train.lr": 1e-3, ...}`` overrides (validated once)."""
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
         for key in data:
-            if key not in ("preset", "model", "train", "data", "tokenizer"):
-                raise ConfigError(f"unknown config section {key!r}{_close(key, ['preset', 'model', 'train', 'data', 'tokenizer'])}")
+            if key != "preset" and key not in SECTIONS:
+                raise ConfigError(f"unknown config section {key!r}{did_you_mean(key, ['preset', *SECTIONS])}")
         for dotted, value in (overrides or {}).items():
             section, _, name = dotted.partition(".")
             if section == "preset" and not name:
                 data["preset"] = value
                 continue
-            if section not in ("model", "train", "data", "tokenizer") or not name:
+            if section not in SECTIONS or not name:
                 raise ConfigError(f"override {dotted!r} must look like model.X, train.X, data.X or tokenizer.X")
             data.setdefault(section, {})
             if data[section] is None:
@@ -279,43 +281,36 @@ def load_run_config(path: str | Path | None = None, preset: str | None = None,
     return RunConfig.from_dict(data, overrides)
 
 
+# ---- command-line overrides: every field of every section as a hidden --SECTION.FIELD option -------
+_OVERRIDE_DEST = "override:"
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--model.n_layers VALUE``, ``--train.lr VALUE``, ... (hidden from --help) to ``parser``."""
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            parser.add_argument(f"--{section}.{f.name}", dest=f"{_OVERRIDE_DEST}{section}.{f.name}",
+                                default=argparse.SUPPRESS, metavar="VALUE", help=argparse.SUPPRESS)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--SECTION.FIELD`` values given to a parser built with :func:`add_override_flags`, typed."""
+    return {key[len(_OVERRIDE_DEST):]: coerce_value(value) for key, value in vars(args).items()
+            if key.startswith(_OVERRIDE_DEST)}
+
+
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """``["--train.lr", "3e-4", "--model.rmc=false"]`` -> ``{"train.lr": 0.0003, "model.rmc": False}``."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise ConfigError(f"unrecognised argument {token!r}; overrides look like --train.lr 3e-4")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(tokens) or (tokens[i + 1].startswith("--") and not _is_number(tokens[i + 1])):
-                raise ConfigError(f"override --{key} needs a value, e.g. --{key} 3")
-            value = tokens[i + 1]
-            i += 1
-        out[key.replace("-", "_")] = _coerce(value)
-        i += 1
-    return out
-
-
-def _coerce(value: Any) -> Any:
-    """A command-line value: int, float (``3e-4`` too, which YAML 1.1 reads as a string), else YAML."""
-    if not isinstance(value, str):
-        return value
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return coerce_value(value)
-
-
-def _is_number(text: str) -> bool:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_override_flags(parser)
     try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        args, unknown = parser.parse_known_args(tokens)
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"override {err.argument_name}: {err.message}") from None
+    if unknown:
+        raise ConfigError(f"unrecognised argument {unknown[0]!r}; overrides look like --train.lr 3e-4 "
+                          "(a field of model, train, data or tokenizer)")
+    return overrides_from_args(args)
 
 
 def dump_yaml(cfg: RunConfig) -> str:
@@ -324,5 +319,5 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["TrainConfig", "DataConfig", "TokenizerConfig", "RunConfig", "load_run_config", "parse_overrides",
-           "load_yaml", "dump_yaml", "PRESETS"]
+__all__ = ["TrainConfig", "DataConfig", "TokenizerConfig", "RunConfig", "SECTIONS", "load_run_config",
+           "add_override_flags", "overrides_from_args", "parse_overrides", "load_yaml", "dump_yaml", "PRESETS"]

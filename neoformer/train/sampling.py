@@ -10,6 +10,7 @@ import torch
 
 from ..generate import generate
 from ..kinds import get as model_kind
+from ..config import IGNORE_INDEX
 
 STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
 
@@ -68,7 +69,7 @@ def print_mlm_accuracy(model, task, run) -> None:
     finally:
         model.train(was_training)
     labels = batch["labels"].to(device)
-    chosen = labels != -100
+    chosen = labels != IGNORE_INDEX
     accuracy = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean().item()
     print(f"masked-token accuracy on a validation batch: {accuracy:.1%} ({int(chosen.sum())} masked tokens)")
 
