@@ -87,7 +87,6 @@ class _Tree:
     kv_layers: tuple[tuple[int, int | None], ...] | None  # per cached layer: (K/V width, window); None: no cache
 
 
-<<<<<<< HEAD
 def _tree(cfg: ModelConfig) -> _Tree:
     kind = model_kind(cfg.kind)
     return _tree_of(cfg.to_json(), kind)
@@ -124,31 +123,6 @@ def _tree_of(cfg_json: str, kind) -> _Tree:
         stack = getattr(model, kind.cache.self_attention)
         kv_layers = tuple((block.attn.n_kv_heads * block.attn.head_dim, block.attn.window) for block in stack.blocks)
     return _Tree(params, buffers, kv_layers)
-=======
-def _attention(s: _Specs, cfg: ModelConfig, prefix: str, cross: bool, unit: str) -> None:
-    component = "cross_attention" if cross else "attention"
-    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.resolved_n_kv_heads * cfg.resolved_head_dim
-    if cfg.ngpt:
-        s.add(f"{prefix}.qk_scale", (cfg.resolved_head_dim,), component, unit=unit)
-    if cfg.fused_qkv and not cross:
-        s.linear(f"{prefix}.qkv", d, q_dim + 2 * kv_dim, cfg.bias, component, unit)
-    else:
-        s.linear(f"{prefix}.q_proj", d, q_dim, cfg.bias, component, unit)
-        s.linear(f"{prefix}.k_proj", d, kv_dim, cfg.bias, component, unit)
-        s.linear(f"{prefix}.v_proj", d, kv_dim, cfg.bias, component, unit)
-    s.linear(f"{prefix}.o_proj", q_dim, d, cfg.bias, component, unit)
-
-
-def _feed_forward(s: _Specs, cfg: ModelConfig, prefix: str, component: str, unit: str) -> None:
-    d, hidden = cfg.d_model, cfg.resolved_ffn_hidden
-    if cfg.ngpt:  # s_u and s_v exist even for a plain FFN
-        s.add(f"{prefix}.up_scale", (hidden,), component, unit=unit)
-        s.add(f"{prefix}.gate_scale", (hidden,), component, unit=unit)
-    if cfg.gated_ffn:
-        s.linear(f"{prefix}.gate", d, hidden, cfg.bias, component, unit)
-    s.linear(f"{prefix}.up", d, hidden, cfg.bias, component, unit)
-    s.linear(f"{prefix}.down", hidden, d, cfg.bias, component, unit)
->>>>>>> configs
 
 
 def _component(model, chain: list, attribute: str, in_block: bool) -> str:
@@ -288,17 +262,8 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int = 1, seq: int | None = None, dty
     if layers is None:
         return None
     seq = cfg.max_seq_len if seq is None else seq
-<<<<<<< HEAD
     return sum(2 * width * (min(window, seq) if windowed and window else seq) for width, window in layers) \
         * batch * dtype_bytes
-=======
-    first = cfg.n_encoder_layers  # enc-dec decoder layers are numbered after the encoder's
-    tokens = 0
-    for i in range(cfg.n_layers):
-        window = cfg.layer_window(first + i)
-        tokens += min(window, seq) if windowed and window else seq
-    return 2 * cfg.resolved_n_kv_heads * cfg.resolved_head_dim * tokens * batch * dtype_bytes
->>>>>>> configs
 
 
 def per_rank_bytes(cfg: ModelConfig, world_size: int = 1, parallel: str = "ddp",

@@ -7,14 +7,9 @@ printed wherever they apply (``neoformer info PRESET``, the ``neoformer train`` 
 """
 from __future__ import annotations
 
-<<<<<<< HEAD
-import difflib
 from typing import Any
 
-from .config import ConfigError, ModelConfig
-=======
 from .config import ConfigError, ModelConfig, did_you_mean
->>>>>>> configs
 
 # NeoFormer-X (seed 000): decoder, GQA, RoPE, RMC + NSB, tied embeddings, cl100k_base vocabulary
 _NEOFORMER_X = ModelConfig(
