@@ -46,24 +46,23 @@ class Past(tuple):
 class TupleCache:
     """The seed API's tuple ``past`` seen through the cache protocol.
 
-    Positions and padding of the cached keys are not stored in a tuple; they are derived from
-    the forward's arguments (see ``key_positions`` in transformer.py) and handed in here.
+    A tuple stores no positions or padding: the seed API describes cached and new keys in the
+    forward's own arguments (``attention_mask`` over both, or positions), so the model derives
+    ``k_pos`` / ``key_keep`` of every key and hands them in; ``prepare`` returns them.
     Writing a layer twice (activation recomputation) simply replaces it."""
 
-    def __init__(self, past, layer_offset: int = 0):
+    def __init__(self, past, layer_offset: int = 0, k_pos: torch.Tensor | None = None,
+                 key_keep: torch.Tensor | None = None):
         self.past = past or None
         self.layer_offset = layer_offset
         self.model_state = getattr(past, "memory_state", None)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.keys: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.keys = (k_pos, key_keep)
 
     @property
     def length(self) -> int:
         """Tokens already cached."""
         return self.past[0][0].shape[2] if self.past else 0
-
-    def set_keys(self, k_pos: torch.Tensor, key_keep: torch.Tensor | None) -> None:
-        self.keys = (k_pos, key_keep)
 
     def prepare(self, q_pos: torch.Tensor, new_keep: torch.Tensor | None):
         return self.keys

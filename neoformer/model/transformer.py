@@ -177,9 +177,7 @@ class NeoFormerModel(nn.Module):
                 raise ValueError("pass either past (the tuple cache) or kv_cache, not both")
             return kv_cache
         if past or use_cache:
-            cache = TupleCache(past, self.cache_layers.start)
-            cache.set_keys(k_pos, key_keep)
-            return cache
+            return TupleCache(past, self.cache_layers.start, k_pos, key_keep)
         return None
 
     def _check_length(self, total: int) -> None:
