@@ -15,7 +15,7 @@ from neoformer.generate import generate
 from neoformer.model import DecoderLM
 from neoformer.parallel.apply import _forward_methods
 from neoformer.planner import count_parameters, kv_cache_bytes, num_parameters, param_specs
-from neoformer.train import TrainConfig, causal_lm, fit, objective_for
+from neoformer.train import causal_lm, fit, objective_for
 from neoformer.train.batches import build_eval_batches, build_task_data, steps_for_epochs
 from neoformer.train.run_config import RunConfig
 from neoformer.train.sampling import print_continuations, print_samples

@@ -71,10 +71,11 @@ def _options(args) -> dict:
 def _load(path: str, device, dtype):
     import torch
 
+    from .. import kinds as model_kinds
     from ..checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=getattr(torch, dtype) if dtype else None,
-                                          kinds=("decoder", "encoder_decoder"), command="generate")
+                                          kinds=model_kinds.names(generating=True), command="generate")
     return model, tokenizer
 
 

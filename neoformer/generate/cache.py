@@ -7,9 +7,11 @@ slots are marked False in ``keep`` (B, capacity), and ``pos`` (B, capacity) hold
 position of every slot, so each row keeps its own positions (a 3-token prompt next to a
 10-token one still starts at position 0).
 
-The model calls the cache through two methods (see DecoderLM.forward_hidden):
+The model calls the cache through the protocol of ``neoformer/model/state.py``:
 - ``prepare(q_pos, key_keep) -> (k_pos, key_keep)`` once per forward, before the layers;
-- ``update(layer_idx, k, v) -> (k_full, v_full)`` once per layer.
+- ``update(layer_idx, k, v) -> (k_full, v_full)`` once per layer;
+- ``model_state``: state the model owns beside K/V (e.g. a running summary), opaque here: rows
+  follow ``reorder`` / ``insert_row`` through its ``select`` / ``copy_row_`` hooks.
 
 Two modes:
 - dynamic (default, eager): returns views of the filled slots [0, end); when no row has padding
@@ -26,9 +28,9 @@ prefilled single-row cache into row i, right-aligned with the rows already runni
 """
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from ..model.memory import MemoryState
+import torch
 
 
 class StaticKVCache:
@@ -48,19 +50,20 @@ class StaticKVCache:
         self.static = static
         self.end = 0  # slots in use, shared by all rows
         self.padded = False  # some slot before `end` is padding (then attention needs a mask)
-        self.memory_state: MemoryState | None = None  # RMC running summary (NeoFormer-X), travels with the cache
+        self.model_state: Any = None  # model-owned state (model/state.py), travels with the cache
         self._start = 0
         if static:
             self._slot = torch.zeros(1, dtype=torch.long, device=device)
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, *, dtype=None, device=None, **kwargs) -> "StaticKVCache":
-        """A cache shaped for the (decoder) self-attention layers of ``model``."""
-        cfg = model.config
+        """A cache shaped for the self-attention layers that ``model.cache_layers`` names."""
+        cfg, layers = model.config, model.cache_layers
+        if not len(layers):
+            raise ValueError(f"a {type(model).__name__} keeps no self-attention cache (it cannot generate)")
         weight = next(model.parameters())
-        offset = cfg.n_encoder_layers if cfg.kind == "encoder_decoder" else 0
-        return cls(cfg.n_layers, batch, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, capacity,
-                   device=device or weight.device, dtype=dtype or weight.dtype, layer_offset=offset, **kwargs)
+        return cls(len(layers), batch, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, capacity, device=device or weight.device,
+                   dtype=dtype or weight.dtype, layer_offset=layers.start, **kwargs)
 
     # ---- the protocol the model calls ---------------------------------------------------------
     def prepare(self, q_pos: torch.Tensor, key_keep: torch.Tensor | None):
@@ -161,7 +164,7 @@ class StaticKVCache:
         self._set_end(0)
         self.keep.zero_()
         self.padded = False
-        self.memory_state = None
+        self.model_state = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row r now continues old row index[r]."""
@@ -169,9 +172,8 @@ class StaticKVCache:
             if buf is not None:
                 buf.copy_(buf.index_select(0, index))
         self.next_pos = self.next_pos.index_select(0, index)
-        if self.memory_state is not None:
-            s = self.memory_state
-            self.memory_state = MemoryState(s.total.index_select(0, index), s.count.index_select(0, index))
+        if self.model_state is not None:
+            self.model_state = self.model_state.select(index)
 
     # ---- rows joining and leaving (continuous batching) --------------------------------------
     def free_row(self, row: int) -> None:
@@ -208,9 +210,8 @@ class StaticKVCache:
         if self.tokens is not None and other.tokens is not None:
             self.tokens[row, lo:self.end] = other.tokens[other_row, :n]
         self.next_pos[row] = other.next_pos[other_row]
-        if self.memory_state is not None and other.memory_state is not None:
-            self.memory_state.total[row] = other.memory_state.total[other_row]
-            self.memory_state.count[row] = other.memory_state.count[other_row]
+        if self.model_state is not None and other.model_state is not None:
+            self.model_state.copy_row_(row, other.model_state, other_row)
         if self.static:
             self._set_end(self.end)
         self.padded = True

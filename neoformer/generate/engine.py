@@ -3,9 +3,9 @@ over a static KV cache (gpt-fast style), plus prompt batching and context trimmi
 
 ``prefill(model, cache, ids, positions, keep)`` runs a (left-padded) prompt and returns the
 logits of its last position; ``decode_one(model, cache, tokens)`` feeds one token per row at the
-position the cache says comes next. Both work for decoder-only models (RMC/NSB included: the RMC
-running summary travels as ``cache.memory_state``) and, given the encoder output, for
-encoder-decoder models.
+position the cache says comes next. Both work for decoder-only models (state the model owns,
+such as the RMC running summary, travels as ``cache.model_state``, read and written by the model)
+and, given the encoder output, for encoder-decoder models.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..model.attention import keep_mask
 from ..model.transformer import CrossKV
 from .cache import StaticKVCache
 
@@ -73,7 +74,7 @@ def as_prompts(input_ids, attention_mask=None) -> list[list[int]]:
             raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
         rows = ids.tolist()
         if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask).reshape(ids.shape).bool().tolist()
+            mask = keep_mask(torch.as_tensor(attention_mask).reshape(ids.shape)).tolist()
             rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
         return rows
     if attention_mask is not None:
@@ -96,10 +97,7 @@ def forward_tokens(model, cache: StaticKVCache, ids: torch.Tensor, positions: to
         logits, _ = model.decode(ids, encoded.memory, encoded.src_mask, positions=positions, use_cache=False,
                                  kv_cache=cache)
         return logits[:, -1] if last_only else logits
-    rmc = model.rmc is not None
-    out = model.forward_hidden(ids, attention_mask=keep, positions=positions, use_cache=rmc, kv_cache=cache)
-    if rmc:
-        cache.memory_state = out.past.memory_state
+    out = model.forward_hidden(ids, attention_mask=keep, positions=positions, use_cache=False, kv_cache=cache)
     hidden = out.hidden[:, -1] if last_only else out.hidden
     return model.logits(hidden)
 
@@ -206,7 +204,8 @@ def trim_cache(model, cache: StaticKVCache, keep_n: int, mode: str, encoded: Enc
     refill: recompute the kept window from its tokens at the same positions (learned absolute
             positions restart at 0 so they stay inside the table): the cache then equals a
             fresh prefill of the window. Costs one keep_n-token prefill per trim.
-    The RMC running summary (NeoFormer-X) is not trimmed: it summarises everything read."""
+    Model-owned state (the NeoFormer-X RMC summary) is not trimmed: it summarises everything read,
+    so the refill must not count the window twice."""
     if mode == "slice" and model.config.position != "learned":
         cache.trim(keep_n)
         return
@@ -217,7 +216,7 @@ def trim_cache(model, cache: StaticKVCache, keep_n: int, mode: str, encoded: Enc
     ids, pos, keep = cache.tokens[:, lo:hi].clone(), cache.pos[:, lo:hi].clone(), cache.keep[:, lo:hi].clone()
     if model.config.position == "learned":
         pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
-    state = cache.memory_state
+    state = cache.model_state
     cache.reset()
     forward_tokens(model, cache, ids, pos, None if bool(keep.all()) else keep, encoded)
-    cache.memory_state = state
+    cache.model_state = state

@@ -8,9 +8,9 @@ is drawn from p_{gamma+1}. The output is distributed exactly as the target's (p 
 *processed* distributions: temperature, top-k, top-p and min-p apply to both). Greedy decoding
 accepts d_i iff it is the target's argmax, so its output equals target-only greedy decoding.
 
-Both caches hold every committed token except the last; rejected slots are rewound. The RMC
-running summary (NeoFormer-X models) is recomputed for the kept tokens from the embeddings,
-which is exactly what the RMC sums. Rows of a batch are decoded one after another.
+Both caches hold every committed token except the last; rejected slots are rewound, and state
+the model owns beside K/V (the NeoFormer-X RMC summary) is advanced over the kept tokens by the
+model's ``advance_state`` hook. Rows of a batch are decoded one after another.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Iterator
 
 import torch
 
-from ..model.memory import MemoryState
 from .cache import StaticKVCache
 from .engine import bucket, compiled_decode_one, compiled_verify, forward_tokens, trim_cache
 from .sampling import process
@@ -27,23 +26,14 @@ from .stops import StopStrings
 
 
 def _check(target, draft, cfg) -> None:
-    if target.config.kind != "decoder" or draft.config.kind != "decoder":
+    if not (getattr(target, "supports_speculative_decoding", False)
+            and getattr(draft, "supports_speculative_decoding", False)):
         raise ValueError("speculative decoding needs decoder-only target and draft models")
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}); the draft must share the tokenizer")
     if cfg.repetition_penalty not in (None, 1.0) or cfg.no_repeat_ngram_size:
         raise ValueError("repetition_penalty / no_repeat_ngram_size are not supported with speculative decoding")
-
-
-def _advance_state(model, state: MemoryState | None, ids: torch.Tensor, positions: torch.Tensor):
-    """RMC running summary after reading ids (1, L): the RMC sums its input, the embeddings."""
-    if model.rmc is None:
-        return None
-    h = model.embed(ids, positions, None)  # (1, L, D)
-    if state is None:
-        return MemoryState(h.sum(1), torch.full((1,), float(ids.shape[1]), dtype=h.dtype, device=h.device))
-    return MemoryState(state.total + h.sum(1), state.count + ids.shape[1])
 
 
 def _run(model, cache: StaticKVCache, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
@@ -56,8 +46,7 @@ def _run(model, cache: StaticKVCache, ids: torch.Tensor, last_only: bool = True)
 def _rewind(model, cache: StaticKVCache, end: int, state, fed: torch.Tensor, fed_pos: torch.Tensor, n_kept: int):
     """Keep the first n_kept of the `fed` tokens (which started at slot end - len(fed) ...)."""
     cache.rewind(end)
-    if model.rmc is not None:
-        cache.memory_state = _advance_state(model, state, fed[:, :n_kept], fed_pos[:, :n_kept]) if n_kept else state
+    cache.model_state = model.advance_state(state, fed[:, :n_kept], fed_pos[:, :n_kept]) if n_kept else state
 
 
 class _Side:
@@ -127,7 +116,7 @@ class _Round:
         drafts, qs = [], []
         self.d_fed = torch.cat((self.pending, self.last), dim=1)
         c = self.d.cache
-        self.d_end, self.d_state = c.end, c.memory_state
+        self.d_end, self.d_state = c.end, c.model_state
         self.d_pos = c.next_pos[:, None] + torch.arange(self.d_fed.shape[1], device=self.last.device)
         q_logits = self.d.step(self.d_fed)
         for i in range(g):
@@ -143,7 +132,7 @@ class _Round:
         g = self.size(remaining)
         d, q = self.propose(g) if g > 0 else (self.last[:, :0], None)
         c = self.t.cache
-        t_end, t_state = c.end, c.memory_state
+        t_end, t_state = c.end, c.model_state
         t_fed = torch.cat((self.last, d), dim=1)
         t_pos = c.next_pos[:, None] + torch.arange(g + 1, device=d.device)
         p_logits = process(self.t.verify(t_fed, t_pos, self.gamma + 1), self.cfg, None)  # (g + 1, V)

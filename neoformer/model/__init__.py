@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import kinds
 from ..config import ModelConfig
 from ..presets import get_preset
-from .transformer import MODEL_KINDS, DecoderLM, EncoderDecoderLM, EncoderMLM, NeoFormerModel, Past
+from .transformer import DecoderLM, EncoderDecoderLM, EncoderMLM, NeoFormerModel, Past
 
 
 def build_model(config: ModelConfig | str, device: str | torch.device | None = None,
@@ -18,7 +19,7 @@ def build_model(config: ModelConfig | str, device: str | torch.device | None = N
     if overrides:
         cfg = cfg.replace(**overrides)
     with torch.device(device or "cpu"):
-        model = MODEL_KINDS[cfg.kind](cfg)
+        model = kinds.get(cfg.kind).build(cfg)  # the kind's registered model class
     return model.to(dtype) if dtype is not None else model
 
 

@@ -19,8 +19,35 @@ from torch import nn
 from ..config import ModelConfig
 from .norms import unit_norm
 from .positions import apply_rope
+from .weights import residual_projection
 
 _FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+def keep_mask(attention_mask) -> torch.Tensor:
+    """Any padding-mask form -> bool (B, L), True = a real token. The one place masks are read.
+
+    Accepted: bool (True = keep); 0/1 integers or floats (1 = keep, the Hugging Face tokenizer
+    form); additive floats (0 = keep, -inf or a large negative number = masked, NeoBERT's training
+    form). A float mask with a negative entry is additive; one of only 0s and 1s is 0/1 (all 0s:
+    additive, since a 0/1 mask that masks every token means nothing)."""
+    mask = torch.as_tensor(attention_mask)
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("an integer attention_mask must hold only 0 (padding) and 1 (token)")
+        return mask != 0
+    if bool(torch.isnan(mask).any()):
+        raise ValueError("attention_mask contains NaN")
+    if bool((mask < 0).any()) or not bool(mask.any()):  # additive: 0 keeps, negative masks
+        if bool((mask > 0).any()):
+            raise ValueError("attention_mask mixes 1s with negative values; pass 0/1 (1 = token) or "
+                             "additive (0 = token, -inf = padding)")
+        return mask == 0
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("a float attention_mask must be 0/1 (1 = token) or additive (0 = token, -inf = padding)")
+    return mask != 0
 
 
 @dataclass
@@ -182,7 +209,7 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
             self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
             self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.o_proj = residual_projection(nn.Linear(q_dim, cfg.d_model, bias=cfg.bias))
         self.ngpt = cfg.ngpt
         if cfg.ngpt:  # learned per-dimension scale of the normalized q and k (nGPT s_qk)
             self.qk_scale = nn.Parameter(torch.ones(self.head_dim))
@@ -211,20 +238,18 @@ class Attention(nn.Module):
         k, v = self.memory_kv(x if memory is None else memory)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext, past=None, memory: torch.Tensor | None = None,
-                kv_cache=None):
-        """x (B, L, D) -> (out (B, L, D), (K, V) for the cache, each (B, Hkv, L_total, Dh))."""
+    def forward(self, x: torch.Tensor, ctx: AttnContext, memory: torch.Tensor | None = None, cache=None):
+        """x (B, L, D) -> out (B, L, D). ``cache`` (model/state.py) stores the new K, V and
+        returns every cached one, each (B, Hkv, L_total, Dh)."""
         q, k, v = self.project(x, memory)
         if ctx.rope is not None and not self.cross:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.ngpt:
             q, k = unit_norm(q) * self.qk_scale, unit_norm(k) * self.qk_scale
-        if past is not None:  # seed API: tuple cache, new keys appended along the length axis
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        if kv_cache is not None:  # preallocated cache (generation engine) returns the full K, V
-            k, v = kv_cache.update(self.layer_idx, k, v)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
         attend = BACKENDS[self.backend] if self.backend in ("eager", "sdpa") else pick_backend(self.backend, q, ctx)
         out = attend(q, k, v, ctx, self.window, self.scale, self.dropout_p, self.training)  # (B, H, L, Dh)
         B, _, L, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), (k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))

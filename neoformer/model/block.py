@@ -42,14 +42,14 @@ class Block(nn.Module):
     def _branch_input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         return norm(x) if self.pre_norm else x
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext, past=None, memory=None,
-                memory_ctx: AttnContext | None = None, kv_cache=None):
-        """x (B, L, D) -> (x (B, L, D), (K, V) of this block, auxiliary loss or None)."""
-        update, kv = self.attn(self._branch_input(x, self.attn_norm), ctx, past, kv_cache=kv_cache)
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None, memory=None,
+                memory_ctx: AttnContext | None = None):
+        """x (B, L, D) -> (x (B, L, D), auxiliary loss or None); ``cache`` keeps this block's K, V."""
+        update = self.attn(self._branch_input(x, self.attn_norm), ctx, cache=cache)
         x = self._residual(x, update, self.attn_norm, "attn_alpha")
         if self.cross_attn is not None:
-            update, _ = self.cross_attn(self._branch_input(x, self.cross_norm), memory_ctx, memory=memory)
+            update = self.cross_attn(self._branch_input(x, self.cross_norm), memory_ctx, memory=memory)
             x = self._residual(x, update, self.cross_norm, "cross_alpha")
         update, aux = self.ffn(self._branch_input(x, self.ffn_norm))
         x = self._residual(x, update, self.ffn_norm, "ffn_alpha")
-        return x, kv, aux
+        return x, aux

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .weights import residual_projection
 
 ACTIVATION_FNS = {
     "relu": F.relu,
@@ -31,7 +32,7 @@ class FeedForward(nn.Module):
         if self.gated:
             self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.down = residual_projection(nn.Linear(hidden, cfg.d_model, bias=cfg.bias))
         if cfg.ngpt:  # nGPT s_u, s_v: learned scales of the normalized up/gate projections
             self.up_scale = nn.Parameter(torch.ones(hidden))
             self.gate_scale = nn.Parameter(torch.ones(hidden))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .weights import residual_projection
 
 
 @dataclass
@@ -26,6 +27,16 @@ class MemoryState:
 
     total: torch.Tensor  # (B, D)
     count: torch.Tensor  # (B,)
+
+    # ---- the model-state hooks a cache calls (see model/state.py) ------------------------------
+    def select(self, index: torch.Tensor) -> "MemoryState":
+        """Rows ``index`` of the batch (beam search reorders, rows leaving a batch)."""
+        return MemoryState(self.total.index_select(0, index), self.count.index_select(0, index))
+
+    def copy_row_(self, row: int, other: "MemoryState", other_row: int = 0) -> None:
+        """Row ``row`` becomes ``other``'s row ``other_row`` (a sequence joining a running batch)."""
+        self.total[row] = other.total[other_row]
+        self.count[row] = other.count[other_row]
 
 
 class RecursiveMemoryCore(nn.Module):
@@ -62,6 +73,13 @@ class RecursiveMemoryCore(nn.Module):
         delta = self.write_delta(summary[:, -1]) if update else None
         return out, new_state, delta
 
+    @staticmethod
+    def advance(state: MemoryState | None, h: torch.Tensor) -> MemoryState:
+        """The running summary after also reading h (B, L, D) (every token real): what a
+        forward would leave, without running one (speculative decoding keeps accepted tokens)."""
+        total, count = h.sum(1), torch.full(h.shape[:1], float(h.shape[1]), dtype=h.dtype, device=h.device)
+        return MemoryState(total, count) if state is None else MemoryState(state.total + total, state.count + count)
+
     @torch.no_grad()
     def write_delta(self, summary: torch.Tensor) -> torch.Tensor:
         """summary (B, D) -> delta (B, mem, D): move read slots toward the summary."""
@@ -91,7 +109,7 @@ class NeuralSymbolicBridge(nn.Module):
         self.rules = nn.Parameter(torch.randn(cfg.nsb_rules, r) * cfg.init_std)
         self.to_rule = nn.Linear(d, r, bias=False)
         self.fuse_in = nn.Linear(d + r, d, bias=False)
-        self.fuse_out = nn.Linear(d, d, bias=False)
+        self.fuse_out = residual_projection(nn.Linear(d, d, bias=False))
         self.scale = 1.0 / math.sqrt(r)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

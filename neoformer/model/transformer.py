@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,24 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import IGNORE_INDEX, ModelConfig
-from .attention import AttnContext, PackedInfo
+from .attention import AttnContext, PackedInfo, keep_mask
 from .block import Block
-from .memory import MemoryState, NeuralSymbolicBridge, RecursiveMemoryCore
+from .memory import NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
 from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
-
-
-class Past(tuple):
-    """Seed API cache: a tuple with one (K, V) per block, each (B, H_kv, P, Dh).
-    ``memory_state`` carries the RMC running summary of the cached prefix."""
-
-    memory_state: MemoryState | None = None
-
-    @classmethod
-    def of(cls, kvs, memory_state: MemoryState | None = None) -> "Past":
-        past = cls(kvs)
-        past.memory_state = memory_state
-        return past
+from .state import Past, TupleCache
+from .weights import init_weights, normalize_weights_
 
 
 class CrossKV:
@@ -111,29 +101,24 @@ class BlockStack(nn.Module):
             ctx.alibi_slopes = getattr(self.bias, "slopes", None)
         return ctx
 
-    def forward(self, h, ctx: AttnContext, past=None, memory=None, memory_ctx=None, kv_cache=None,
-                use_cache: bool = False):
-        """h (B, L, D) -> (normed h, list of (K, V) or None, summed aux loss or None)."""
-        kvs, aux_total = [], None
+    def forward(self, h, ctx: AttnContext, cache=None, memory=None, memory_ctx=None):
+        """h (B, L, D) -> (normed h, summed aux loss or None). ``cache`` (model/state.py) keeps K, V."""
+        aux_total = None
         for i, block in enumerate(self.blocks):
-            layer_past = past[i] if past is not None else None
             layer_memory = memory[i] if isinstance(memory, CrossKV) else memory
             if self.cfg.gradient_checkpointing and self.training:
-                h, kv, aux = checkpoint(block, h, ctx, layer_past, layer_memory, memory_ctx, kv_cache,
-                                        use_reentrant=False)
+                h, aux = checkpoint(block, h, ctx, cache, layer_memory, memory_ctx, use_reentrant=False)
             else:
-                h, kv, aux = block(h, ctx, layer_past, layer_memory, memory_ctx, kv_cache)
-            if use_cache:
-                kvs.append(kv)
+                h, aux = block(h, ctx, cache, layer_memory, memory_ctx)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(h), (kvs if use_cache else None), aux_total
+        return self.norm(h), aux_total
 
 
 def _positions(L: int, past_len: int, device, attention_mask=None, positions=None):
     """Query positions (B|1, L), key positions (B|1, P+L) and key padding (B, P+L) or None."""
     if attention_mask is not None:  # HF convention: covers cached and new tokens; left padding allowed
-        keep = attention_mask.bool()
+        keep = keep_mask(attention_mask)
         all_pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
         q_pos = all_pos[:, -L:] if positions is None else positions
         return q_pos, all_pos, keep
@@ -146,27 +131,15 @@ def _positions(L: int, past_len: int, device, attention_mask=None, positions=Non
 
 
 class NeoFormerModel(nn.Module):
-    """Shared pieces: config, weight init, parameter count, nGPT weight normalisation."""
+    """Shared pieces: config, weight init, parameter count, and the hooks that generation and
+    fit() call instead of knowing what is inside a model."""
 
     config: ModelConfig
+    supports_speculative_decoding = False  # may serve as draft or target of speculative decoding
 
     def init_weights(self) -> None:
-        cfg = self.config
-        n_layers = cfg.n_layers + cfg.n_encoder_layers
-        residual_std = cfg.init_std / math.sqrt(2 * n_layers) if cfg.scaled_residual_init else cfg.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                residual = name.endswith(("o_proj", "down", "fuse_out"))
-                if cfg.init == "xavier":
-                    nn.init.xavier_uniform_(module.weight, gain=residual_std / cfg.init_std if residual else 1.0)
-                else:
-                    nn.init.normal_(module.weight, 0.0, residual_std if residual else cfg.init_std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, cfg.init_std)
-        if cfg.ngpt:
-            self.normalize_weights_()
+        init_weights(self, self.config)
+        self.normalize_weights_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -181,13 +154,37 @@ class NeoFormerModel(nn.Module):
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
-        """nGPT: keep every matrix unit-norm along the embedding dimension. Call after each optimizer step."""
-        if not self.config.ngpt:
-            return
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                writes_residual = name.endswith(("o_proj", "down"))  # (D, in): columns live in D
-                module.weight.copy_(unit_norm(module.weight, dim=0 if writes_residual else 1))
+        """nGPT: keep every matrix unit-norm along the embedding dimension (no-op otherwise)."""
+        if self.config.ngpt:
+            normalize_weights_(self)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, delta: torch.Tensor | None = None, memory_lr: float = 0.01) -> None:
+        """fit() calls this once after every optimizer step. ``delta``: the mean over the step's
+        rows (and ranks) of the objective's ``stats["delta"]`` (an RMC memory write), or None."""
+        self.normalize_weights_()
+
+    # ---- the cache/state protocol (model/state.py) ---------------------------------------------
+    @property
+    def cache_layers(self) -> range:
+        """Layer indices (``Attention.layer_idx``) that keep a self-attention K/V cache."""
+        return range(0)
+
+    def advance_state(self, state: Any, ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Model-owned cache state after also reading ids (B, L) at positions, without a forward
+        (speculative decoding keeps the accepted tokens). Models without such state return it as is."""
+        return state
+
+    def _open_cache(self, past, kv_cache, use_cache: bool, k_pos, key_keep):
+        """The cache this forward reads and extends: the engine's, the seed tuple ``past`` through
+        its adapter (keys described by this forward's own arguments), or None."""
+        if kv_cache is not None:
+            if past:
+                raise ValueError("pass either past (the tuple cache) or kv_cache, not both")
+            return kv_cache
+        if past or use_cache:
+            return TupleCache(past, self.cache_layers.start, k_pos, key_keep)
+        return None
 
     def _check_length(self, total: int) -> None:
         if self.config.position == "learned" and total > self.config.max_seq_len:
@@ -207,6 +204,10 @@ class NeoFormerModel(nn.Module):
         return logits * self.logit_scale if self.config.ngpt else logits
 
 
+def _new_past(cache, use_cache: bool) -> Past | None:
+    return cache.as_past() if use_cache and isinstance(cache, TupleCache) else None
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
@@ -220,6 +221,8 @@ def _with_aux(cfg: ModelConfig, ce: torch.Tensor, aux: torch.Tensor | None):
 class DecoderLM(NeoFormerModel):
     """Decoder-only causal LM (GPT, Llama, Lumi, Nexus, NeoFormer-X with RMC + NSB)."""
 
+    supports_speculative_decoding = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -230,35 +233,54 @@ class DecoderLM(NeoFormerModel):
         self.lm_head = self._tie_or_make_head(self.embed)
         self.init_weights()
 
+    @property
+    def cache_layers(self) -> range:
+        return range(self.config.n_layers)
+
+    def advance_state(self, state, ids, positions):
+        """The RMC sums its input, the embeddings: add those of ids (B, L) (all real tokens)."""
+        if self.rmc is None:
+            return state
+        return self.rmc.advance(state, self.embed(ids, positions, None))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, delta=None, memory_lr=0.01) -> None:
+        if delta is not None and self.rmc is not None:
+            self.rmc.apply_update(delta, lr=memory_lr)
+        super().after_optimizer_step(delta, memory_lr)
+
     def forward_hidden(self, input_ids, past=None, update=False, *, attention_mask=None, positions=None,
                        cu_seqlens=None, use_cache=None, kv_cache=None) -> StackOutput:
         B, L = input_ids.shape
         use_cache = (not self.training) if use_cache is None else use_cache
-        past_len = past[0][0].shape[2] if past else 0
         packed = None
         if cu_seqlens is not None:
-            if B != 1 or past:
+            if B != 1 or past or kv_cache is not None:
                 raise ValueError("packed input (cu_seqlens) takes one row of concatenated documents and no cache")
             packed = PackedInfo.from_cu_seqlens(cu_seqlens, L)
             q_pos = k_pos = packed.positions
             key_keep = None
         else:
+            past_len = past[0][0].shape[2] if past else 0
             q_pos, k_pos, key_keep = _positions(L, past_len, input_ids.device, attention_mask, positions)
         new_keep = key_keep[:, -L:] if key_keep is not None else None
-        if kv_cache is not None:  # generation engine: the cache knows where cached keys sit
-            k_pos, key_keep = kv_cache.prepare(q_pos, key_keep)
+        cache = self._open_cache(past, kv_cache, use_cache, k_pos, key_keep)
+        if cache is not None:
+            k_pos, key_keep = cache.prepare(q_pos, new_keep)
         self._check_length(int(k_pos.shape[-1]) if packed is None else packed.max_seqlen)
 
         h = self.embed(input_ids, q_pos, new_keep)  # (B, L, D)
-        delta, memory_state = None, getattr(past if past is not None else kv_cache, "memory_state", None)
-        if self.rmc is not None:
-            h, memory_state, delta = self.rmc(h, memory_state, new_keep, update)
+        delta = None
+        if self.rmc is not None:  # the running summary is model-owned cache state
+            state = cache.model_state if cache is not None else None
+            h, state, delta = self.rmc(h, state, new_keep, update)
+            if cache is not None:
+                cache.model_state = state
         if self.nsb is not None:
             h = self.nsb(h)
         ctx = self.decoder.context(q_pos, k_pos, key_keep, packed, h.dtype)
-        h, kvs, aux = self.decoder(h, ctx, past, kv_cache=kv_cache, use_cache=use_cache)
-        new_past = Past.of(kvs, memory_state) if use_cache else None
-        return StackOutput(h, new_past, delta, aux)
+        h, aux = self.decoder(h, ctx, cache)
+        return StackOutput(h, _new_past(cache, use_cache), delta, aux)
 
     def forward(self, input_ids, past=None, update=False, **kwargs):
         """Seed API: (B, L) token ids -> (logits (B, L, V), new_past, delta)."""
@@ -290,8 +312,9 @@ class EncoderMLM(NeoFormerModel):
         self.lm_head = self._tie_or_make_head(self.embed)
         self.init_weights()
 
-    def encode(self, input_ids, attention_mask=None, cu_seqlens=None) -> torch.Tensor:
-        """(B, L) -> hidden (B, L, D). attention_mask (B, L): 1 = token, 0 = padding."""
+    def encode_hidden(self, input_ids, attention_mask=None, cu_seqlens=None) -> StackOutput:
+        """(B, L) -> hidden (B, L, D) and the MoE balancing loss. attention_mask (B, L): any form
+        ``keep_mask`` reads (1/True = token, 0/False = padding, or additive 0 / -inf)."""
         B, L = input_ids.shape
         packed = None
         if cu_seqlens is not None:
@@ -304,17 +327,20 @@ class EncoderMLM(NeoFormerModel):
         self._check_length(L if packed is None else packed.max_seqlen)
         h = self.embed(input_ids, q_pos, keep)
         ctx = self.encoder.context(q_pos, q_pos, keep, packed, h.dtype)
-        h, _, aux = self.encoder(h, ctx)
-        self.last_aux_loss = aux
-        return h
+        h, aux = self.encoder(h, ctx)
+        return StackOutput(h, None, None, aux)
+
+    def encode(self, input_ids, attention_mask=None, cu_seqlens=None) -> torch.Tensor:
+        """(B, L) -> hidden (B, L, D)."""
+        return self.encode_hidden(input_ids, attention_mask, cu_seqlens).hidden
 
     def forward(self, input_ids, attention_mask=None, cu_seqlens=None) -> torch.Tensor:
         return self.logits(self.encode(input_ids, attention_mask, cu_seqlens))
 
     def loss(self, input_ids, labels, attention_mask=None, cu_seqlens=None):
         """Masked-LM cross-entropy over positions whose label is not -100."""
-        ce = cross_entropy(self(input_ids, attention_mask, cu_seqlens), labels)
-        return _with_aux(self.config, ce, self.last_aux_loss)
+        out = self.encode_hidden(input_ids, attention_mask, cu_seqlens)
+        return _with_aux(self.config, cross_entropy(self.logits(out.hidden), labels), out.aux_loss)
 
 
 class EncoderDecoderLM(NeoFormerModel):
@@ -330,38 +356,50 @@ class EncoderDecoderLM(NeoFormerModel):
         self.lm_head = self._tie_or_make_head(self.embed)
         self.init_weights()
 
-    def encode(self, src_ids, src_mask=None) -> torch.Tensor:
-        """(B, S) -> memory (B, S, D)."""
+    @property
+    def cache_layers(self) -> range:
+        return range(self.config.n_encoder_layers, self.config.n_encoder_layers + self.config.n_layers)
+
+    def encode_hidden(self, src_ids, src_mask=None) -> StackOutput:
+        """(B, S) -> memory (B, S, D) and the encoder's MoE balancing loss."""
         B, S = src_ids.shape
         self._check_length(S)
         q_pos, _, keep = _positions(S, 0, src_ids.device, src_mask)
         h = self.embed(src_ids, q_pos, keep)
-        h, _, aux = self.encoder(h, self.encoder.context(q_pos, q_pos, keep, None, h.dtype))
-        self.encoder_aux_loss = aux
-        return h
+        h, aux = self.encoder(h, self.encoder.context(q_pos, q_pos, keep, None, h.dtype))
+        return StackOutput(h, None, None, aux)
+
+    def encode(self, src_ids, src_mask=None) -> torch.Tensor:
+        """(B, S) -> memory (B, S, D)."""
+        return self.encode_hidden(src_ids, src_mask).hidden
 
     def cross_kv(self, memory: torch.Tensor) -> CrossKV:
         """Encoder output (B, S, D) -> per-layer cross-attention K/V, reusable by every decode step."""
         return CrossKV([block.cross_attn.memory_kv(memory) for block in self.decoder.blocks])
 
-    def decode(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None, kv_cache=None):
-        """(B, L) target ids + memory (B, S, D) or its ``cross_kv`` -> (logits (B, L, V), new_past)."""
+    def decode_hidden(self, tgt_ids, memory, src_mask=None, past=None, *, positions=None, use_cache=None,
+                      kv_cache=None) -> StackOutput:
+        """(B, L) target ids + memory (B, S, D) or its ``cross_kv`` -> hidden, new past, MoE loss."""
         B, L = tgt_ids.shape
         use_cache = (not self.training) if use_cache is None else use_cache
         past_len = past[0][0].shape[2] if past else 0
         q_pos, k_pos, tgt_keep = _positions(L, past_len, tgt_ids.device, None, positions)
-        if kv_cache is not None:  # generation engine: preallocated self-attention cache
-            k_pos, tgt_keep = kv_cache.prepare(q_pos, None)
+        cache = self._open_cache(past, kv_cache, use_cache, k_pos, tgt_keep)
+        if cache is not None:
+            k_pos, tgt_keep = cache.prepare(q_pos, None)
         self._check_length(int(k_pos.shape[-1]))
         h = self.embed(tgt_ids, q_pos, None)
         ctx = self.decoder.context(q_pos, k_pos, tgt_keep, None, h.dtype)
-        src_keep = src_mask.bool() if src_mask is not None else None
+        src_keep = keep_mask(src_mask) if src_mask is not None else None
         zeros = torch.zeros(1, 1, dtype=torch.long, device=h.device)
         memory_ctx = AttnContext(q_pos=zeros, k_pos=zeros, causal=False, key_keep=src_keep)
-        h, kvs, aux = self.decoder(h, ctx, past, memory=memory, memory_ctx=memory_ctx, kv_cache=kv_cache,
-                                   use_cache=use_cache)
-        self.last_aux_loss = aux
-        return self.logits(h), (Past.of(kvs) if use_cache else None)
+        h, aux = self.decoder(h, ctx, cache, memory=memory, memory_ctx=memory_ctx)
+        return StackOutput(h, _new_past(cache, use_cache), None, aux)
+
+    def decode(self, tgt_ids, memory, src_mask=None, past=None, **kwargs):
+        """(B, L) target ids + memory (B, S, D) or its ``cross_kv`` -> (logits (B, L, V), new_past)."""
+        out = self.decode_hidden(tgt_ids, memory, src_mask, past, **kwargs)
+        return self.logits(out.hidden), out.past
 
     def forward(self, src_ids, tgt_ids, src_mask=None, past=None, **kwargs):
         return self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask, past, **kwargs)
@@ -373,9 +411,7 @@ class EncoderDecoderLM(NeoFormerModel):
         return generate(self, src_ids, max_new_tokens, **options)
 
     def loss(self, src_ids, tgt_in, tgt_out, src_mask=None):
-        logits, _ = self(src_ids, tgt_in, src_mask, use_cache=False)
-        aux = [a for a in (self.encoder_aux_loss, self.last_aux_loss) if a is not None]
-        return _with_aux(self.config, cross_entropy(logits, tgt_out), sum(aux) if aux else None)
-
-
-MODEL_KINDS = {"decoder": DecoderLM, "encoder": EncoderMLM, "encoder_decoder": EncoderDecoderLM}
+        encoded = self.encode_hidden(src_ids, src_mask)
+        decoded = self.decode_hidden(tgt_in, encoded.hidden, src_mask, use_cache=False)
+        aux = [a for a in (encoded.aux_loss, decoded.aux_loss) if a is not None]
+        return _with_aux(self.config, cross_entropy(self.logits(decoded.hidden), tgt_out), sum(aux) if aux else None)

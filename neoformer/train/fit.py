@@ -1,16 +1,16 @@
 """One training loop for every objective: ``fit(model, objective, batches, cfg)``.
 
 fit() knows models only through ``objective(model, batch) -> (loss, stats)`` and a few optional
-hooks every neoformer model has: ``model.rmc.apply_update`` (NeoFormer-X memory write, applied
-after each optimizer step with ``stats["delta"]``), ``model.normalize_weights_`` (nGPT) and
-``model.set_gradient_checkpointing``. One optimizer step::
+hooks every neoformer model has: ``model.after_optimizer_step(delta, memory_lr)`` (called after
+each optimizer step with the mean of ``stats["delta"]``: the NeoFormer-X memory write, the nGPT
+renormalisation) and ``model.set_gradient_checkpointing``. One optimizer step::
 
     lr = warmup_cosine(step)
     for each of grad_accum micro-batches:
         with autocast: loss, stats = objective(model, batch)
         scaler.scale(loss / grad_accum).backward()
     stop if loss or grad norm is NaN/inf (no checkpoint is written: the last good one stays)
-    clip grads; optimizer step; RMC update; nGPT normalisation
+    clip grads; optimizer step; model.after_optimizer_step (RMC update, nGPT normalisation)
     log / evaluate / checkpoint on schedule; SIGINT or SIGTERM -> checkpoint and return
 
 Resume restores weights, optimizer, GradScaler, step, RNG states (python, numpy, torch) and the
@@ -257,10 +257,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if deltas and getattr(self.raw, "rmc", None) is not None:  # parallel: the mean over all ranks' rows
-            self.raw.rmc.apply_update(self.ctx.all_reduce_mean_(torch.cat(deltas).float().mean(0)), lr=cfg.rmc_lr)
-        if getattr(getattr(self.raw, "config", None), "ngpt", False):
-            self.raw.normalize_weights_()
+        # parallel: the mean over all ranks' rows
+        delta = self.ctx.all_reduce_mean_(torch.cat(deltas).float().mean(0)) if deltas else None
+        if hasattr(self.raw, "after_optimizer_step"):
+            self.raw.after_optimizer_step(delta, memory_lr=cfg.rmc_lr)
         self._in_update = False
         # parallel: loss averaged over ranks, tokens of the global batch (ranks hold equal shares)
         return self.ctx.mean(mean_loss), (None if norm is None else float(norm)), tokens * self.ctx.world_size
