@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .config import did_you_mean
+from .safepath import inside
 
 META_FILE = "tokenizer_meta.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -114,7 +115,7 @@ class Tokenizer(ABC):
     @classmethod
     def from_saved(cls, directory: Path, meta: dict[str, Any]) -> "Tokenizer":
         """Rebuild from what :meth:`save` wrote (by default: one file named in the metadata)."""
-        return cls.from_file(directory / meta["file"])
+        return cls.from_file(_saved_file(directory, meta))
 
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
@@ -461,7 +462,7 @@ class TiktokenTokenizer(Tokenizer):
 
     @classmethod
     def from_saved(cls, directory: Path, meta: dict[str, Any]) -> "TiktokenTokenizer":
-        ranks = read_tiktoken_ranks(directory / meta["file"])
+        ranks = read_tiktoken_ranks(_saved_file(directory, meta))
         return cls(ranks, meta["pattern"], meta["special_tokens"], meta["name"])
 
     def _identity_bytes(self) -> bytes:
@@ -477,11 +478,16 @@ def _tiktoken_cache_file(url: str) -> Path | None:
 
 
 # ---- building and loading --------------------------------------------------------------------
+def _saved_file(directory: Path, meta: dict[str, Any]) -> Path:
+    """The vocabulary file ``tokenizer_meta.json`` names: one entry of ``directory``, nothing outside."""
+    return inside(directory, meta.get("file"), what=f"{META_FILE} 'file'", error=TokenizerError, child=True)
+
+
 def _load_saved(directory: Path) -> Tokenizer:
     try:
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = json.loads(inside(directory, META_FILE, what="file", error=TokenizerError).read_text())
         kind = meta["kind"]
-    except (json.JSONDecodeError, KeyError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise TokenizerError(f"{directory / META_FILE} is unreadable ({error}); save the tokenizer again") from None
     kinds = {cls.kind: cls for cls in (CharTokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer)}
     if kind not in kinds:

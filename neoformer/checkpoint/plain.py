@@ -13,11 +13,16 @@ Layout of a run's checkpoint root (``runs/<out>/checkpoints``)::
 
 A save goes to ``.tmp-*`` in the same root, every file is fsynced, the directory is renamed
 into place and only then ``latest`` is replaced; a crash at any point leaves the previous
-checkpoint intact and pointed to. Loading verifies the manifest, so a truncated or corrupt
+checkpoint intact and pointed to (a failed save, e.g. a full disk, says so in one line).
+Pruning renames a checkpoint to ``.tmp-*`` before deleting it, so a kill mid-delete leaves
+nothing that looks like a checkpoint. Loading verifies the manifest, so a truncated or corrupt
 file, or a checkpoint that does not fit the model, fails with one :class:`CheckpointError` line.
+Every name read from a checkpoint (``latest``, manifest entries, the tokenizer's file) must
+resolve inside it (:func:`neoformer.safepath.inside`); nothing is unpickled.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -34,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..safepath import inside
+
 FORMAT = "neoformer-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -48,6 +55,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model. One line, names the fix."""
+
+
+def _in_checkpoint(path: Path, name: str, what: str = "checkpoint file") -> Path:
+    """``path / name``, refused with a CheckpointError unless it stays inside the checkpoint."""
+    return inside(path, name, what=what, error=CheckpointError)
 
 
 # ---- tensors <-> JSON without pickle -----------------------------------------------------------
@@ -170,9 +182,12 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool =
     if (path / "sharded.json").is_file():  # parallel: written by `neoformer train --parallel fsdp`
         raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; resume it with --resume (any number of "
                               f"processes) or merge it first: neoformer checkpoint consolidate {path} OUT_DIR")
-    tensors, metadata = _read_safetensors(path / WEIGHTS)
-    for alias, target in json.loads(metadata.get("aliases", "{}")).items():
-        tensors[alias] = tensors[target]
+    tensors, metadata = _read_safetensors(_in_checkpoint(path, WEIGHTS))
+    try:
+        for alias, target in json.loads(metadata.get("aliases", "{}")).items():
+            tensors[alias] = tensors[target]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path / WEIGHTS} has corrupt alias metadata; use an earlier checkpoint") from None
     target_model = unwrap(model)
     expected = target_model.state_dict()
     problems = [f"{k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} in the model"
@@ -238,13 +253,19 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     a config that no longer fits the weights fails the shape check of :func:`load_weights`."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(_in_checkpoint(path, MANIFEST).read_text())
         files = manifest["files"]
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); it was probably cut off "
                               "mid-save, use an earlier one") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path / MANIFEST} is corrupt; use an earlier checkpoint") from None
+    if not isinstance(files, dict) or not all(isinstance(info, dict) and isinstance(info.get("size"), int)
+                                              and isinstance(info.get("sha256"), str) for info in files.values()):
+        raise CheckpointError(f"{path / MANIFEST} is corrupt ('files' must map names to size and sha256); "
+                              "use an earlier checkpoint")
+    for rel in files:  # every name first: nothing outside the checkpoint is even stat'ed
+        _in_checkpoint(path, rel, what=f"{MANIFEST} entry")
     for rel, info in files.items():
         file = path / rel
         if rel == CONFIG:  # may be edited by hand (e.g. max_seq_len); parsed and shape-checked on load
@@ -270,7 +291,8 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / MANIFEST).exists()]
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and not p.is_symlink() and p.is_dir()
+             and (p / MANIFEST).exists()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -278,6 +300,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from: itself, a root holding ``latest``, a run directory holding
     ``checkpoints/latest``, or ``RUN/latest``. Raises CheckpointError when none is there."""
     path = Path(path).expanduser()
+    if path.is_symlink() and path.name == LATEST:  # RUN/latest, written by us: must stay in the run
+        inside(path.parent, path.name, what="symlink", error=CheckpointError)
     if path.is_symlink() and path.exists():
         path = path.resolve()  # runs/demo/latest -> runs/demo/checkpoints/step-N
     if not path.exists() and path.name == LATEST and (path.parent / "checkpoints" / LATEST).is_file():
@@ -289,8 +313,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     for root in (path, path / "checkpoints"):
         pointer = root / LATEST
         if pointer.is_file():
-            name = pointer.read_text().strip()
-            target = root / name
+            try:
+                name = pointer.read_text().strip()
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{pointer} is not a text file naming a checkpoint; it is corrupt") from None
+            target = inside(root, name, what=f"{LATEST} entry", error=CheckpointError, child=True) if name else root
             if not name or not target.is_dir():
                 raise CheckpointError(f"{pointer} points to {name!r}, which does not exist; "
                                       f"pass one of the checkpoint directories in {root} explicitly")
@@ -305,7 +332,9 @@ def read_config(path: str | os.PathLike) -> dict:
     """config.json of a checkpoint (resolved as in :func:`resolve_checkpoint`)."""
     path = resolve_checkpoint(path)
     try:
-        data = json.loads((path / CONFIG).read_text())
+        data = json.loads(_in_checkpoint(path, CONFIG).read_text())
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path / CONFIG} is not UTF-8 JSON; it is corrupt") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {CONFIG}; it is not a neoformer checkpoint") from None
     except json.JSONDecodeError as err:
@@ -354,13 +383,41 @@ def _clean_stale(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Rename to ``.tmp-*`` first: a kill mid-delete then leaves a leftover that :func:`_clean_stale`
+    removes, never a ``step-*`` folder that looks like a (broken) checkpoint."""
+    doomed = path.parent / f".tmp-pruned-{path.name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names), and
+    ``step-*`` folders without a manifest: saves are renamed into place complete, so those are
+    remains of a deletion that was killed (by an older neoformer) and can never be loaded."""
     pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     found = list_checkpoints(root)
-    for path in found[: max(0, len(found) - keep_last)]:
+    doomed = found[: max(0, len(found) - keep_last)]
+    doomed += [p for p in root.iterdir() if _STEP_DIR.match(p.name) and not p.is_symlink() and p.is_dir()
+               and not (p / MANIFEST).exists()]
+    for path in doomed:
         if path.name != pointed:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_checkpoint(path)
+
+
+def save_failed(root: Path, name: str, err: OSError) -> CheckpointError:
+    """One line for a save that failed (disk full, permissions): what failed and what is kept."""
+    try:
+        previous = resolve_checkpoint(root)
+        kept = f"the previous checkpoint {previous} is intact and still the latest"
+    except (CheckpointError, OSError):
+        kept = "no earlier checkpoint exists"
+    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return CheckpointError(f"could not save checkpoint {name} in {root}: {reason}; {kept}. "
+                           "Free space (or fix the folder) and continue with --resume")
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, *, config: dict | None = None,
@@ -415,10 +472,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, *, con
         else:
             os.rename(temporary, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise save_failed(root, name, err) from None
         raise
-    _write_pointer(root, name)
+    try:
+        _write_pointer(root, name)
+    except OSError as err:
+        raise save_failed(root, name, err) from None
     prune_checkpoints(root, keep_last)
     return final
 
@@ -430,11 +492,11 @@ def load_training_state(path: str | os.PathLike) -> dict:
     if not (path / STATE_JSON).is_file():
         raise CheckpointError(f"{path} holds weights only (no training state); it cannot be resumed, "
                               "start a new run from it instead")
-    tensors, _ = _read_safetensors(path / STATE_TENSORS)
+    tensors, _ = _read_safetensors(_in_checkpoint(path, STATE_TENSORS))
     try:
-        encoded = json.loads((path / STATE_JSON).read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / STATE_JSON} is corrupt ({err.msg})") from None
+        encoded = json.loads(_in_checkpoint(path, STATE_JSON).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / STATE_JSON} is corrupt ({getattr(err, 'msg', err)})") from None
     try:
         return decode_state(encoded, tensors)
     except KeyError as err:
@@ -452,7 +514,7 @@ class CheckpointInfo:
 
 def inspect_checkpoint(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
     path = resolve_checkpoint(path)
-    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+    manifest = verify_checkpoint(path) if verify else json.loads(_in_checkpoint(path, MANIFEST).read_text())
     config = read_config(path)
     from safetensors import safe_open
 
@@ -485,12 +547,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer = None
-    if (path / TOKENIZER_DIR).is_dir():
-        from ..tokenizer import load_tokenizer
+    return model, load_checkpoint_tokenizer(path)
 
-        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
-    return model, tokenizer
+
+def load_checkpoint_tokenizer(path: Path):
+    """The tokenizer saved in checkpoint ``path`` (its ``tokenizer/`` folder), or None."""
+    directory = _in_checkpoint(path, TOKENIZER_DIR, what="tokenizer folder")
+    if not directory.is_dir():
+        return None
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(directory)
 
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_model", "load_weights", "load_training_state",

@@ -2,19 +2,30 @@
 
 Every rank writes its own shards of the model and optimizer state in parallel; nobody gathers
 the full model. A save at world size N loads at world size M (FSDP, DDP or one process):
-DCP stores each tensor's global shape and offsets and reads back whatever pieces the loading
+each shard records its tensor's global offsets and DCP reads back whatever pieces the loading
 ranks need. A sharded checkpoint is the training package's checkpoint directory
-(:mod:`neoformer.checkpoint.plain`) with the weights and optimizer in DCP files instead of
+(:mod:`neoformer.checkpoint.plain`) with the weights and optimizer in shard files instead of
 ``model.safetensors``::
 
     step-000200/
-      .metadata, __<rank>_0.distcp   DCP: {"model": ..., "optim": ...} with FQN keys
+      shards/shard-<rank+1>-model-00001-of-00001.safetensors
+                                     tensors of {"model": ..., "optim": ...} held by that rank
       config.json                    model config, train config, run settings, step (+ "sharded")
       tokenizer/                     the tokenizer's files, when there is one
       training_state.{json,safetensors}   rank 0's state: step, schedule, data position, RNG...
       ranks/rank<r>.{json,safetensors}    optional per-rank state
-      sharded.json                   world size and parallel mode of the save
+      sharded.json                   world size, parallel mode, and the state's non-tensor parts
+                                     (optimizer param_groups...) as JSON with references to tensors
       manifest.json                  size + sha256 of every file; written last
+
+Nothing is pickled, in either direction. DCP's default ``FileSystemReader`` unpickles its
+``.metadata`` file and calls ``torch.load`` on non-tensor items (``weights_only=False``), so a crafted
+checkpoint could run code; here the shards are written with DCP's safetensors writer
+(``HuggingFaceStorageWriter(save_distributed=True)``, which writes no ``.metadata``) and read
+with ``HuggingFaceStorageReader``, which builds DCP's metadata from the safetensors headers
+(JSON) and reads tensors with ``safe_open``. Only tensors go through DCP; every other value is
+JSON in ``sharded.json``, so no byte item (the ``torch.load`` path) can exist. A checkpoint of
+the first format (version 1, with a pickled ``.metadata``) is refused with one line.
 
 So ``latest``, pruning, manifest checks and ``load_training_state`` work unchanged; only the
 weights need :func:`load_sharded` (any world size) or :func:`consolidate` (one process, gives
@@ -35,16 +46,21 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict, set_state_dict,
 )
 
+from ..safepath import inside
 from . import plain
 
 FORMAT = "neoformer-sharded"
-VERSION = 1
+VERSION = 2  # 1: DCP FileSystemWriter with a pickled .metadata (refused when loading)
 MARKER = "sharded.json"
 RANKS_DIR = "ranks"
+SHARDS_DIR = "shards"
+PICKLED_METADATA = ".metadata"
 
 
 class SingleProcess:
@@ -81,17 +97,27 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict]:
             path = plain.resolve_checkpoint(path)
         except ValueError:
             pass
-    marker = path / MARKER
+    marker = inside(path, MARKER, what="file", error=plain.CheckpointError)
     if not marker.is_file():
         raise plain.CheckpointError(f"{path} is not a complete sharded checkpoint (no {MARKER}); "
-                                      "was the save interrupted?")
-    meta = json.loads(marker.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+                                    "was the save interrupted?")
+    try:
+        meta = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise plain.CheckpointError(f"{marker} is corrupt (not a JSON object); use an earlier checkpoint")
+    if (path / PICKLED_METADATA).exists() or meta.get("version") == 1:
+        raise plain.CheckpointError(
+            f"{path} is a sharded checkpoint of the first format, whose {PICKLED_METADATA} file is read with pickle "
+            "(which can run code); neoformer refuses to load it. Consolidate or resume it with the neoformer "
+            "version that wrote it, and only if you trust where it came from")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION or not isinstance(meta.get("state"), dict):
         raise plain.CheckpointError(f"{path}: unsupported sharded checkpoint format "
-                                      f"{meta.get('format')!r} v{meta.get('version')}")
+                                    f"{meta.get('format')!r} v{meta.get('version')}")
     if not (path / plain.MANIFEST).is_file():
         raise plain.CheckpointError(f"{path} is not a complete checkpoint (no manifest.json); it was probably "
-                                      "cut off mid-save, use an earlier one")
+                                    "cut off mid-save, use an earlier one")
     return path, meta
 
 
@@ -112,12 +138,15 @@ def _write_state(directory: Path, stem: str, state: Any) -> None:
 
 
 def _read_state(directory: Path, stem: str) -> Any:
-    from safetensors.torch import load_file
-
-    if not (directory / f"{stem}.json").is_file():
+    state_json = inside(directory, f"{stem}.json", what="file", error=plain.CheckpointError)
+    if not state_json.is_file():
         return None
-    tensors = load_file(str(directory / f"{stem}.safetensors"))
-    return plain.decode_state(json.loads((directory / f"{stem}.json").read_text()), tensors)
+    tensors, _ = plain._read_safetensors(inside(directory, f"{stem}.safetensors", what="file",
+                                                error=plain.CheckpointError))
+    try:
+        return plain.decode_state(json.loads(state_json.read_text()), tensors)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise plain.CheckpointError(f"{state_json} is corrupt; use an earlier checkpoint") from None
 
 
 @contextlib.contextmanager
@@ -126,6 +155,55 @@ def _quiet_no_dist():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+# ---- state <-> (JSON skeleton, tensors) ---------------------------------------------------------
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for two views of the same memory (tied weights: safetensors refuses to store both)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if local.numel() == 0:  # empty shards have no storage to compare
+        return (id(tensor),)
+    return (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape),
+            tuple(local.stride()), local.dtype)
+
+
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], seen: dict[tuple, str], name: str) -> Any:
+    """A JSON skeleton of a state dict whose tensors (DTensors too, untouched) move into ``tensors``
+    under their path; a tensor met twice (tied weights) is stored once. Other values are JSON."""
+    if isinstance(obj, torch.Tensor):
+        key = _storage_key(obj)
+        if key not in seen:
+            seen[key] = name
+            tensors[name] = obj
+        return {"__tensor__": seen[key]}
+    if isinstance(obj, dict) and all(isinstance(k, str) and not k.startswith("__") for k in obj):
+        return {k: _split_tensors(v, tensors, seen, f"{name}.{k}" if name else k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_split_tensors(v, tensors, seen, f"{name}.{i}") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else {"__tuple__": items}
+    stray: dict[str, torch.Tensor] = {}
+    encoded = plain.encode_state(obj, stray)  # numbers, strings, None
+    if stray:
+        raise TypeError(f"{name}: tensors under non-string keys cannot be sharded")
+    return encoded
+
+
+def _tensor_names(skeleton: Any) -> set[str]:
+    if isinstance(skeleton, dict):
+        if isinstance(skeleton.get("__tensor__"), str):
+            return {skeleton["__tensor__"]}
+        return set().union(*(_tensor_names(v) for v in skeleton.values()))
+    if isinstance(skeleton, list):
+        return set().union(*(_tensor_names(v) for v in skeleton))
+    return set()
+
+
+def _live_state(model: nn.Module, optims: list) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(skeleton, tensors) of the model (+ optimizer) state as sharded now."""
+    model_sd, optim_sd = get_state_dict(model, optims)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors({"model": model_sd, **({"optim": optim_sd} if optims else {})}, tensors, {}, "")
+    return skeleton, tensors
 
 
 # ---- save --------------------------------------------------------------------------------------
@@ -145,28 +223,31 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{path.name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
         (tmp / RANKS_DIR).mkdir(parents=True)
+        (tmp / SHARDS_DIR).mkdir()
     tmp = Path(ctx.broadcast_object(str(tmp) if tmp else None))
     try:
         optims = _optimizers(optimizer)
-        model_sd, optim_sd = get_state_dict(model, optims)
-        state = {"model": model_sd, **({"optim": optim_sd} if optims else {})}
+        skeleton, tensors = _live_state(model, optims)
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True)
         with _quiet_no_dist():
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(tensors, storage_writer=writer)
         if rank_state is not None:
             _write_state(tmp / RANKS_DIR, f"rank{ctx.rank}", rank_state)
         ctx.barrier()  # every rank's files are on disk
         if ctx.is_main:
-            _finish_save(path, tmp, model, optims, ctx, extra, rank_state is not None, config, tokenizer)
-    except BaseException:
+            _finish_save(path, tmp, model, optims, ctx, extra, rank_state is not None, config, tokenizer, skeleton)
+    except BaseException as err:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise plain.save_failed(path.parent, path.name, err) from None
         raise
     ctx.barrier()
     return path
 
 
 def _finish_save(path: Path, tmp: Path, model: nn.Module, optims: list, ctx, extra: dict | None,
-                 has_rank_states: bool, config: dict | None, tokenizer) -> None:
+                 has_rank_states: bool, config: dict | None, tokenizer, skeleton: dict) -> None:
     """Rank 0: config, tokenizer, training state, marker, manifest, then rename into place."""
     mode = getattr(model, "parallel_mode", "none")
     data = dict(config or {})
@@ -182,8 +263,8 @@ def _finish_save(path: Path, tmp: Path, model: nn.Module, optims: list, ctx, ext
     if extra is not None:
         _write_state(tmp, Path(plain.STATE_JSON).stem, extra)
     meta = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "parallel": mode,
-            "optimizer": bool(optims), "rank_states": has_rank_states}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+            "optimizer": bool(optims), "rank_states": has_rank_states, "state": skeleton}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1, allow_nan=True) + "\n")
     (tmp / plain.MANIFEST).write_text(json.dumps(plain._manifest(tmp), indent=2) + "\n")
     if path.exists():
         old = path.parent / f".tmp-old-{path.name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -199,7 +280,7 @@ def save_train_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, 
                           keep_last: int = 3) -> Path:
     """Collective twin of ``neoformer.checkpoint.save_checkpoint`` for sharded models:
     writes ``root/step-NNNNNN`` (sharded), points ``root/latest`` at it and prunes old ones.
-    ``training_state`` must not hold the optimizer (it goes into the DCP files)."""
+    ``training_state`` must not hold the optimizer (it goes into the shard files)."""
     root = Path(root)
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -216,6 +297,46 @@ def save_train_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, 
 
 
 # ---- load --------------------------------------------------------------------------------------
+def _shard_reader(path: Path) -> HuggingFaceStorageReader:
+    """DCP's safetensors reader over ``path/shards``, after checking that every entry there is a plain
+    file inside the checkpoint and listed in its manifest (the reader opens every *.safetensors)."""
+    shards = inside(path, SHARDS_DIR, what="folder", error=plain.CheckpointError)
+    if not shards.is_dir():
+        raise plain.CheckpointError(f"{path} has no {SHARDS_DIR}/ folder; the sharded checkpoint is incomplete")
+    try:
+        listed = set(json.loads((path / plain.MANIFEST).read_text())["files"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise plain.CheckpointError(f"{path / plain.MANIFEST} is corrupt; use an earlier checkpoint") from None
+    for entry in shards.iterdir():
+        rel = f"{SHARDS_DIR}/{entry.name}"
+        inside(path, rel, what="shard file", error=plain.CheckpointError)
+        if entry.is_symlink() or not entry.is_file() or rel not in listed:
+            raise plain.CheckpointError(f"{entry} is not a shard this checkpoint's manifest lists; refused")
+    return HuggingFaceStorageReader(str(shards))
+
+
+def _read_shards(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (name -> tensor, DTensors as sharded now) from the shard files, in place."""
+    try:
+        with _quiet_no_dist():
+            dcp.load(targets, storage_reader=_shard_reader(path))
+    except plain.CheckpointError:
+        raise
+    except Exception as err:  # DCP wraps per-rank failures; keep one line
+        detail = " ".join(str(err).split())[:300]
+        raise plain.CheckpointError(f"{path}: cannot read the shards into this model ({type(err).__name__}: "
+                                    f"{detail}); resume with the same model config, or use an earlier checkpoint") from None
+
+
+def _check_names(path: Path, wanted: set[str], have: set[str], strict: bool) -> None:
+    unknown = sorted(wanted - have)  # the checkpoint has tensors this model/optimizer lacks
+    missing = sorted(have - wanted)  # and the other way round
+    if unknown or (strict and missing):
+        problems = [f"unexpected {n}" for n in unknown[:2]] + [f"missing {n}" for n in missing[:2]]
+        raise plain.CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}; resume with "
+                                    "the same model config and train.optimizer")
+
+
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  ctx=None, *, strict: bool = True, verify: bool = True) -> dict:
     """Collective: load a sharded checkpoint into ``model`` (and ``optimizer``) as they are
@@ -234,17 +355,24 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     optims = _optimizers(optimizer)
     if optims and not meta.get("optimizer"):
         raise plain.CheckpointError(f"{path} holds no optimizer state; load the model only (optimizer=None)")
-    model_sd, optim_sd = get_state_dict(model, optims)
-    state = {"model": model_sd, **({"optim": optim_sd} if optims else {})}
-    with _quiet_no_dist():
-        dcp.load(state, checkpoint_id=str(path))
+    live, targets = _live_state(model, optims)
+    saved = {key: meta["state"].get(key) for key in live}
+    if any(value is None for value in saved.values()):
+        raise plain.CheckpointError(f"{path / MARKER} lacks part of the state ({', '.join(live)}); it is corrupt")
+    wanted = _tensor_names(saved)
+    _check_names(path, wanted, set(targets), strict)
+    _read_shards(path, {name: targets[name] for name in wanted})
+    try:
+        state = plain.decode_state(saved, targets)
+    except (KeyError, TypeError, ValueError):
+        raise plain.CheckpointError(f"{path / MARKER} is corrupt; use an earlier checkpoint") from None
     set_state_dict(model, optims, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
                    options=StateDictOptions(strict=strict))
-    same_world = meta["world_size"] == ctx.world_size
+    same_world = meta.get("world_size") == ctx.world_size
     return {
         "extra": _read_state(path, Path(plain.STATE_JSON).stem) or {},
         "rank_state": _read_state(path / RANKS_DIR, f"rank{ctx.rank}") if same_world else None,
-        "world_size": meta["world_size"],
+        "world_size": meta.get("world_size"),
         "parallel": meta.get("parallel"),
         "path": path,
     }
@@ -279,7 +407,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
     saved_ids = [i for group in optim_state["param_groups"] for i in group["params"]]
     if len(saved_ids) != len(numbered):
         raise plain.CheckpointError(f"optimizer state has {len(saved_ids)} parameters, the model's optimizer "
-                                      f"{len(numbered)}; resume with the same model config and optimizer")
+                                    f"{len(numbered)}; resume with the same model config and optimizer")
     fqn = dict(zip(saved_ids, numbered))
     named = {"state": {fqn[i]: s for i, s in optim_state["state"].items()},
              "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
@@ -290,14 +418,23 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
 def read_full_state(path: str | os.PathLike, keys: tuple[str, ...] = ("model",)) -> dict:
     """The whole state (unsharded, plain tensors) of a sharded checkpoint, in one process.
     Returns ``{"model": {fqn: tensor}, ...}`` for the requested top-level keys."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    path, meta = _resolve(path)
+    saved = {key: meta["state"][key] for key in keys if key in meta["state"]}
+    wanted = _tensor_names(saved)
+    reader = _shard_reader(path)
+    found = reader.read_metadata().state_dict_metadata
+    if not wanted <= set(found):
+        raise plain.CheckpointError(f"{path}: the shards lack {sorted(wanted - set(found))[:2]}; it is corrupt")
+    targets = {name: torch.empty(found[name].size, dtype=found[name].properties.dtype) for name in wanted}
+    _read_shards(path, targets)
+    return plain.decode_state(saved, targets)
 
-    path, _ = _resolve(path)
-    state: dict = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
-                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
-    return state
+
+def _saved_dtype(path: Path) -> torch.dtype | None:
+    """The floating dtype of the saved weights, from the shard headers (nothing is loaded)."""
+    found = _shard_reader(path).read_metadata().state_dict_metadata
+    dtypes = [md.properties.dtype for name, md in found.items() if name.startswith("model.")]
+    return next((d for d in dtypes if d.is_floating_point), None)
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
@@ -310,27 +447,25 @@ def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     model.safetensors, tokenizer/, manifest.json: what ``load_model`` and ``neoformer generate``
     read) from a sharded one. One process, no process group; needs memory for the full model.
     The optimizer is left out: resume from the sharded directory (at any world size) instead."""
-    from ..config import ModelConfig
+    from ..config import ConfigError, ModelConfig
     from ..model import build_model
 
     path, _ = _resolve(sharded_dir)
     out_dir = Path(out_dir)
     if out_dir.resolve() == path.resolve():
         raise ValueError("consolidate needs an output directory different from the sharded checkpoint")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new one")
+    if out_dir.is_file() or (out_dir.exists() and any(out_dir.iterdir())):
+        raise ValueError(f"output {out_dir} exists and is not an empty directory; choose a new one")
     plain.verify_checkpoint(path)
     config = plain.read_config(path)
-    weights = read_full_state(path, ("model",))["model"]
-    dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), None)
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except ConfigError as err:
+        raise plain.CheckpointError(f"{path / plain.CONFIG} holds an invalid model config: {err}") from None
     # built on CPU (not meta): non-persistent buffers such as RoPE tables are rebuilt, ties kept
-    model = build_model(ModelConfig.from_dict(config["model"]), dtype=dtype)
-    model.load_state_dict(weights, strict=True)
-    tokenizer = None
-    if (path / plain.TOKENIZER_DIR).is_dir():
-        from ..tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path / plain.TOKENIZER_DIR)
+    model = build_model(model_config, dtype=_saved_dtype(path))
+    load_sharded(path, model, verify=False)
+    tokenizer = plain.load_checkpoint_tokenizer(path)
     settings = {k: v for k, v in config.items() if k not in ("format", "format_version", "step", "sharded", "tokenizer")}
     step = int(config.get("step", 0))
     staging = out_dir.parent / f".tmp-consolidate-{out_dir.name}-{uuid.uuid4().hex[:8]}"
