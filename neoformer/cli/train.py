@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,6 +68,8 @@ def add_parser(subparsers) -> None:
     run.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset or config name>)")
     run.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
                      help="continue from --out's latest checkpoint, or from CKPT (a checkpoint or run directory)")
+    run.add_argument("--overwrite", action="store_true", help="replace the previous run in --out (its files are "
+                     "deleted once the new run has saved a checkpoint; other files are left alone)")
     run.add_argument("--max-steps", type=int, help="optimizer steps")
     run.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this much wall time")
     run.add_argument("--epochs", type=float, help="passes over the train split (sets --max-steps)")
@@ -135,16 +137,26 @@ def _resume_config(checkpoint, overrides: dict[str, Any]):
     return dataclasses.replace(run, preset=saved.get("preset")), path
 
 
-def _prepare_out_dir(out: Path, resume: bool) -> None:
-    if resume:
-        return
-    names = ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "latest")
-    old = [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
-    if old:
-        print(f"note: {out} held a previous run; starting over (use --resume to continue a run)")
-        for path in old:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _claim_out_dir(out: Path, ctx, cleanup: contextlib.ExitStack, *, resume: bool, overwrite: bool):
+    """Rank 0 locks ``out`` and checks that this run may use it (nothing is deleted here: see
+    neoformer.checkpoint.rundir); every rank stops on its refusal. Returns the Replacement or None."""
+    from ..checkpoint.rundir import RunLock, prepare_run_folder
+
+    if resume and overwrite:
+        raise ConfigError("--overwrite replaces a run and --resume continues it; pass one of them")
+    replacement, problem = None, None
+    if ctx.is_main:
+        try:
+            cleanup.callback(RunLock(out).acquire().release)
+            replacement = prepare_run_folder(out, resume=resume, overwrite=overwrite)
+        except ValueError as err:
+            problem = str(err)
+        if replacement is not None:
+            cleanup.callback(replacement.restore)  # a no-op once the new run has saved (discard)
+    problem = ctx.broadcast_object(problem)  # parallel: every rank gets rank 0's refusal
+    if problem:
+        raise ConfigError(problem)
+    return replacement
 
 
 def _adapt_model_to_tokenizer(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
@@ -161,14 +173,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .. import parallel
 
     ctx = parallel.setup(device=args.device if args.device not in (None, "auto") else None)
-    try:
-        with parallel.main_process_output(ctx):  # parallel: rank 0 prints the reports
-            return _run_train(args, ctx)
+    try:  # cleanup: the run-folder lock, and putting back a run that --overwrite replaced in vain
+        with parallel.main_process_output(ctx), contextlib.ExitStack() as cleanup:  # parallel: rank 0 prints
+            return _run_train(args, ctx, cleanup)
     finally:
         parallel.teardown(ctx)
 
 
-def _run_train(args: argparse.Namespace, ctx) -> int:
+def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> int:
     import torch
 
     from .. import parallel
@@ -188,6 +200,7 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
             raise ConfigError("pass --preset NAME or --config FILE (see `neoformer info --list` for presets)")
         run = load_run_config(args.config, args.preset, overrides)
         out = Path(args.out or _default_out(args))
+    replacement = _claim_out_dir(out, ctx, cleanup, resume=resume_path is not None, overwrite=args.overwrite)
     if run.train.threads is None and "train.threads" not in overrides:
         run = dataclasses.replace(run, train=run.train.replace(threads="auto"))  # tune CPU threads unless told
     t = run.train
@@ -215,14 +228,14 @@ def _run_train(args: argparse.Namespace, ctx) -> int:
     if format_run_defaults(run.preset):
         print(format_run_defaults(run.preset))
     if ctx.is_main:  # parallel: rank 0 owns the run directory
-        _prepare_out_dir(out, resume_path is not None)
         (out / "config.yaml").write_text(dump_yaml(run))
     ctx.barrier()
     extras = {"preset": run.preset, "data": dataclasses.asdict(run.data),
               "tokenizer_config": dataclasses.asdict(run.tokenizer)}
     try:
         result = fit(model, task.objective, task.train, t, val_batches=task.val, out_dir=out, tokenizer=task.tokenizer,
-                     run_config=extras, resume=resume_path, parallel=ctx, parallel_mode=args.parallel)
+                     run_config=extras, resume=resume_path, parallel=ctx, parallel_mode=args.parallel,
+                     callbacks=[lambda event, _: replacement.discard() if event == "save" else None] if replacement else ())
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
