@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -18,11 +19,21 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from ..checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+    from ..checkpoint import TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
     from ..hf import to_hf
+    from ..safepath import inside
 
-    model, _, _ = load_checkpoint(args.checkpoint, command="export")
-    tokenizer_dir = resolve_checkpoint(args.checkpoint) / TOKENIZER_DIR
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    _refuse_overlap(Path(args.out), checkpoint)
+    model, _, _ = load_checkpoint(checkpoint, command="export")
+    tokenizer_dir = inside(checkpoint, TOKENIZER_DIR, what="tokenizer folder", error=CheckpointError)
     out = to_hf(model, args.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
     print(f"exported {model.config.name} ({model.num_parameters():,} parameters) to {out}")
     return 0
+
+
+def _refuse_overlap(out: Path, checkpoint: Path) -> None:
+    """The export must not write into the checkpoint it reads, nor its checkpoints/ or run folder."""
+    out, source = out.resolve(), checkpoint.resolve()
+    if out == source or source in out.parents or out in list(source.parents)[:2]:
+        raise ValueError(f"--out {out} overlaps the checkpoint {checkpoint} being exported; choose a separate folder")

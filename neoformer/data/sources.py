@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,28 @@ def resolve_files(spec: str) -> tuple[list[Path], Path]:
 
 
 # ---- Hugging Face datasets -------------------------------------------------------------------
+ALLOW_DOWNLOAD_ENV = "NEOFORMER_ALLOW_DOWNLOAD"  # =1: let `datasets` contact the Hub for hf:NAME
+_OFFLINE_FLAGS = {"HF_DATASETS_OFFLINE": ("datasets.config",), "HF_HUB_OFFLINE": ("datasets.config",
+                                                                                    "huggingface_hub.constants")}
+
+
+def _import_datasets_offline():
+    """(datasets, online): the Hub is switched off unless NEOFORMER_ALLOW_DOWNLOAD=1. The flags
+    are environment variables read when datasets / huggingface_hub are imported, so they are set
+    first; when another module imported them earlier, their module-level copies are set too."""
+    online = os.environ.get(ALLOW_DOWNLOAD_ENV, "") == "1"
+    if not online:
+        for flag in _OFFLINE_FLAGS:
+            os.environ[flag] = "1"
+    datasets = _optional_import("datasets", "loading Hugging Face datasets")
+    if not online:
+        for flag, modules in _OFFLINE_FLAGS.items():
+            for module in filter(None, map(sys.modules.get, modules)):
+                if hasattr(module, flag):
+                    setattr(module, flag, True)
+    return datasets, online
+
+
 def _looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
 
@@ -283,13 +306,14 @@ def hf_corpus(
 
     ``val`` reads the ``validation`` (or ``test``) split; a dataset with neither is split by
     hashed row index, like local files. ``all`` is the ``train`` split. Hub names may download;
-    local paths never do.
+    local paths never do. Nothing is downloaded unless NEOFORMER_ALLOW_DOWNLOAD=1 (then hub
+    names may be fetched); otherwise a hub name must already be in the local datasets cache.
     """
     _check_split(split)
     local = _looks_like_local_path(name)
     if local and not os.path.exists(os.path.expanduser(name)):
         raise DataError(f"Hugging Face dataset path not found: {name}; check the path after 'hf:'")
-    datasets = _optional_import("datasets", "loading Hugging Face datasets")
+    datasets, online = _import_datasets_offline()
     path = os.path.expanduser(name)
 
     def load(hf_split: str):
@@ -298,9 +322,13 @@ def hf_corpus(
                 loaded = datasets.load_from_disk(path)
                 return loaded[hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(path, config, split=hf_split, streaming=streaming)
-        except (KeyError, ValueError):  # an unknown split (or config): callers decide
-            raise
+        except (KeyError, ValueError) as error:  # an unknown split (or config): callers decide
+            if local or online or "split" in str(error).lower():
+                raise
+            raise _not_local(name) from None
         except Exception as error:  # offline hub, missing files: one line instead of a deep trace
+            if not (local or online):
+                raise _not_local(name) from None
             raise DataError(f"could not load Hugging Face dataset {name!r} ({type(error).__name__}: {error})") from None
 
     def try_load(hf_split: str):
@@ -328,6 +356,12 @@ def hf_corpus(
     identity = f"hf:{stamp}:{config}:{split}:{carve}:{val_fraction}:{text_field}"
     documents = _Reiterable(rows) if streaming else list(rows())
     return Corpus(f"hf:{name}", split, documents, identity)
+
+
+def _not_local(name: str) -> DataError:
+    return DataError(f"hf:{name} is not on this machine and neoformer does not download at run time: provide it "
+                     "locally (a datasets.save_to_disk folder or a data directory, passed as --data hf:/path), or set "
+                     f"{ALLOW_DOWNLOAD_ENV}=1 to let datasets fetch it from the Hugging Face Hub")
 
 
 # ---- one entry point -------------------------------------------------------------------------

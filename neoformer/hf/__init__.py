@@ -163,6 +163,7 @@ def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | 
 
     ``tokenizer_dir``: a folder (or one file) whose tokenizer files are copied next to the weights.
     """
+    _check_export_folder(Path(out_dir))
     cfg: ModelConfig = model.config
     family = _export_family(cfg)
     arch = family.check_exportable(cfg)
@@ -182,6 +183,15 @@ def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | 
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     _copy_tokenizer(tokenizer_files, out)
     return out
+
+
+def _check_export_folder(out: Path) -> None:
+    """Refuse (one line) an output that is a file or a neoformer checkpoint, which the export would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the exported model")
+    if (out / "manifest.json").is_file() or (out / "sharded.json").is_file():
+        raise ValueError(f"--out {out} holds a neoformer checkpoint, which the export would overwrite; "
+                         "choose another folder")
 
 
 def _tokenizer_files(src: Path) -> list[Path]:

@@ -37,6 +37,26 @@ class StopSignals:
         return False
 
 
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to ``step``. A torn last line (killed mid-append) is dropped;
+    any other line that is not a JSON record is a one-line error naming the file and line."""
+    numbered = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    kept = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line)
+            at = record.get("step", 0)
+            if not isinstance(at, (int, float)):
+                raise ValueError
+        except (ValueError, AttributeError):
+            if n == numbered[-1][0]:
+                break
+            raise ValueError(f"{path} line {n} is not a JSON record; fix or delete that line, then resume") from None
+        if at <= step:
+            kept.append(line)
+    return kept
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and, when installed, TensorBoard."""
 
@@ -48,8 +68,7 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = _lines_up_to(self.path, resume_step)
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
