@@ -289,3 +289,139 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, word_corpus):
     assert "interrupted at step" in out and "--resume" in out and "Traceback" not in err
     step = int(resolve_checkpoint(tmp_path / "run").name.split("-")[1])
     assert step >= 3 and load_training_state(tmp_path / "run")["step"] == step
+
+
+# ---- a new run never destroys an old one (issue 16, items 4, 5, 9, 10) --------------------------
+QUICK = ["--preset", "neoformer-x-debug", "--tokenizer", "char", "--max-steps", "2", "--batch", "2", "--seq", "16",
+         "--save-every", "1", "--eval-every", "0", "--threads", "1", "--no-progress", "--train.plot", "false"]
+
+
+@pytest.fixture
+def quick_run(tmp_path, word_corpus, monkeypatch):
+    """``quick_run(out, *flags)``: a 2-step CLI run (checkpoints at steps 1 and 2); returns the exit code."""
+    from neoformer.cli import main
+
+    monkeypatch.setenv("NEOFORMER_CACHE", str(tmp_path / "cache"))
+    data = word_corpus(tmp_path / "data", docs=3, lines=40, words_per_line=7)
+    threads = torch.get_num_threads()
+    yield lambda out, *flags: main(["train", *QUICK, "--data", str(data), "--out", str(out), *flags])
+    torch.set_num_threads(threads)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()
+            and p.name != ".neoformer.lock"}
+
+
+def test_new_run_refuses_a_foreign_folder_and_a_previous_run(tmp_path, quick_run, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    assert quick_run(foreign) == 2
+    assert "holds no neoformer run" in _error_line(capsys) and _snapshot(foreign) == {"thesis.tex": 13}
+
+    run = tmp_path / "run"
+    assert quick_run(run) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert quick_run(run) == 2
+    assert "--overwrite" in _error_line(capsys) and _snapshot(run) == before
+
+
+def test_overwrite_deletes_only_the_old_runs_files_and_only_after_the_new_run_saved(tmp_path, quick_run, capsys):
+    run = tmp_path / "run"
+    assert quick_run(run, "--lr", "1e-3") == 0
+    (run / "checkpoints" / "model_final.pt").write_text("not ours")
+    (run / "tensorboard").mkdir(exist_ok=True)
+    (run / "tensorboard" / "notes.txt").write_text("not ours either")
+    before = _snapshot(run)
+    capsys.readouterr()
+    # the new run fails before its first checkpoint: the old run is back, byte for byte
+    assert quick_run(run, "--overwrite", "--device", "cuda" if not torch.cuda.is_available() else "mps") == 2
+    assert "not available" in _error_line(capsys)
+    assert _snapshot(run) == before and not list(run.glob(".replaced-*"))
+    load_model(run)
+    # a valid new run replaces the old run's files, and only those
+    assert quick_run(run, "--overwrite", "--lr", "2e-3") == 0
+    after = _snapshot(run)
+    assert after["checkpoints/model_final.pt"] and after["tensorboard/notes.txt"] and not list(run.glob(".replaced-*"))
+    assert "lr: 0.002" in (run / "config.yaml").read_text()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000001", "step-000002"]
+
+
+def test_a_second_training_in_the_same_folder_is_refused(tmp_path, quick_run, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from neoformer.checkpoint.rundir import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert quick_run(run) == 2
+        assert f"in use by another training (pid {holder.pid}" in _error_line(capsys)
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert quick_run(run) == 0  # the dead holder's lock is stale: taken over
+    assert not (run / ".neoformer.lock").exists()  # released at the end
+
+
+def test_torn_last_metrics_line_does_not_block_resume(tmp_path, quick_run, capsys):
+    run = tmp_path / "run"
+    assert quick_run(run) == 0
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-append
+    assert quick_run(run, "--resume", "--max-steps", "3") == 0
+    assert all(json.loads(line) for line in metrics.read_text().splitlines())
+    capsys.readouterr()
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    assert quick_run(run, "--resume", "--max-steps", "4") == 2
+    assert f"{metrics} line 2" in _error_line(capsys)
+
+
+def test_half_deleted_checkpoints_are_cleaned(tmp_path, monkeypatch):
+    for step in (1, 2):
+        save(tmp_path, step)
+    half = tmp_path / "step-000000"  # killed while an older neoformer was pruning it
+    (half / "tokenizer").mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"x")
+    import neoformer.checkpoint.plain as plain
+
+    monkeypatch.setattr(plain.shutil, "rmtree", lambda *a, **k: None)  # as if killed right after the rename
+    save(tmp_path, 3, keep_last=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == ["step-000002", "step-000003"]
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, quick_run, capsys,
+                                                                                monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def disk_full_on_second_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # weights + training state of step 1 are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_second_checkpoint)
+    run = tmp_path / "run"
+    assert quick_run(run) == 2
+    err = _error_line(capsys)
+    assert "could not save checkpoint step-000002" in err and "the disk is full" in err
+    assert "step-000001 is intact" in err
+    monkeypatch.undo()
+    assert resolve_checkpoint(run).name == "step-000001" and not list((run / "checkpoints").glob(".tmp-*"))
+    load_model(run)
