@@ -156,6 +156,24 @@ def test_sharded_checkpoint_single_process(tmp_path):
         parallel.load_sharded(tmp_path / "missing", fresh)
 
 
+def test_sharded_save_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from neoformer.checkpoint import CheckpointError
+
+    model, opt = worker.make(parallel.ParallelContext(), "none")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save", disk_full)  # what DCP's safetensors writer calls
+    with pytest.raises(CheckpointError, match="could not save checkpoint ck in .*: the disk is full"):
+        parallel.save_sharded(tmp_path / "ck", model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- two ranks (one torchrun launch) -----------------------------------------------------------
 def test_ranks_agree_on_stopping(two_ranks):
     _, res = two_ranks

@@ -47,6 +47,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict, set_state_dict,
@@ -149,6 +150,14 @@ def _read_state(directory: Path, stem: str) -> Any:
         raise plain.CheckpointError(f"{state_json} is corrupt; use an earlier checkpoint") from None
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a BaseException that carries
+    every rank's traceback in its message)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
 @contextlib.contextmanager
 def _quiet_no_dist():
     """DCP warns when it runs in one process without a group; that is intended here."""
@@ -239,8 +248,8 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     except BaseException as err:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise plain.save_failed(path.parent, path.name, err) from None
+        if isinstance(_cause(err), OSError):  # a full disk: one line that names the checkpoint kept
+            raise plain.save_failed(path.parent, path.name, _cause(err)) from None
         raise
     ctx.barrier()
     return path
@@ -322,9 +331,10 @@ def _read_shards(path: Path, targets: dict[str, torch.Tensor]) -> None:
             dcp.load(targets, storage_reader=_shard_reader(path))
     except plain.CheckpointError:
         raise
-    except Exception as err:  # DCP wraps per-rank failures; keep one line
-        detail = " ".join(str(err).split())[:300]
-        raise plain.CheckpointError(f"{path}: cannot read the shards into this model ({type(err).__name__}: "
+    except (Exception, CheckpointException) as err:  # DCP wraps per-rank failures; keep one line
+        cause = _cause(err)
+        detail = " ".join(str(cause).split())[:300]
+        raise plain.CheckpointError(f"{path}: cannot read the shards into this model ({type(cause).__name__}: "
                                     f"{detail}); resume with the same model config, or use an earlier checkpoint") from None
 
 

@@ -36,7 +36,8 @@ def _size(n: int) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ..checkpoint.plain import STATE_JSON, inspect_checkpoint
+    from ..checkpoint.plain import STATE_JSON, CheckpointError, inspect_checkpoint
+    from ..safepath import inside
 
     info = inspect_checkpoint(args.path)
     cfg, model = info.config, info.config["model"]
@@ -52,7 +53,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if train:
         print(f"training:   {train.get('optimizer')} lr {train.get('lr')}, batch {train.get('batch_size')} x "
               f"{train.get('seq_len') or model.get('max_seq_len')}, max {train.get('max_steps'):,} steps")
-    state_file = info.path / STATE_JSON
+    state_file = inside(info.path, STATE_JSON, what="file", error=CheckpointError)
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         losses = [f"{name} {state[key]:.4f}" for name, key in (("train loss", "train_loss"), ("val loss", "val_loss"))
@@ -77,7 +78,7 @@ def run_list(args: argparse.Namespace) -> int:
         raise CheckpointError(f"no checkpoints in {args.path}")
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     for path in found:
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
         print(f"{path}  {_size(size)}" + ("  <- latest" if path.name == latest else ""))
     return 0
 

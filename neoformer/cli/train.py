@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ModelConfig
+from ..safepath import inside
 from ..train.run_config import (
     DataConfig, TokenizerConfig, TrainConfig, add_override_flags, dump_yaml, load_run_config, overrides_from_args,
 )  # fmt: skip
@@ -209,7 +210,8 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
     seed_everything(t.seed)
 
     started = time.perf_counter()
-    tokenizer_spec = str(resume_path / "tokenizer") if resume_path and (resume_path / "tokenizer").is_dir() else None
+    tokenizer_dir = inside(resume_path, "tokenizer", what="tokenizer folder", error=ConfigError) if resume_path else None
+    tokenizer_spec = str(tokenizer_dir) if tokenizer_dir and tokenizer_dir.is_dir() else None
     with parallel.rank0_first(ctx):  # parallel: rank 0 fills the data / tokenizer cache, the others read it
         task = build_task_data(run, tokenizer_spec)
     print(f"data: {task.description}")
