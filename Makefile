@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/neoformer train --preset neoformer-x-demo --out runs/demo
+	$(VENV)/bin/neoformer train --preset neoformer-x-demo --out runs/demo --overwrite
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" tests
