@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +35,16 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest known name, or ``""``: the hint every unknown-name error adds."""
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def require_finite(config: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Each named field must be a finite number or None: NaN and inf slip through ``< 0`` checks."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{prefix}{name} ({value!r}) must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,8 @@ class ModelConfig:
                 if not 0.0 <= value < 1.0:
                     raise ConfigError(f"{name} ({value}) must be in [0, 1)")
 
+        require_finite(self, ("norm_eps", "rope_base", "rope_scaling_factor", "attn_dropout", "hidden_dropout",
+                              "embed_dropout", "init_std", "moe_aux_weight"))
         from .kinds import get as model_kind
 
         kind = model_kind(self.kind)  # unknown: one line naming the registered kinds

@@ -472,14 +472,30 @@ def format_presets(items: list[dict[str, Any]]) -> str:
 
 
 # ---- loading and the CLI ---------------------------------------------------------------------
+def _config_file_of(directory: Path) -> Path:
+    """config.json of a checkpoint directory, of a run's latest checkpoint, else the run's config.yaml."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
+
+    if (directory / "config.json").is_file():
+        return directory / "config.json"
+    try:
+        checkpoint = resolve_checkpoint(directory)
+    except CheckpointError:
+        checkpoint = None
+    if checkpoint is not None and (checkpoint / "config.json").is_file():
+        return checkpoint / "config.json"
+    if (directory / "config.yaml").is_file():  # a run directory without checkpoints yet
+        return directory / "config.yaml"
+    raise FileNotFoundError(f"{directory} has no config.json or config.yaml "
+                            "(expected a checkpoint or run directory)")
+
+
 def load_config(target: str) -> ModelConfig:
-    """A preset name, a checkpoint directory (config.json), or a config .json / .yaml file.
+    """A preset name, a checkpoint or run directory, or a config .json / .yaml file.
     The file holds a ModelConfig dict or {"model": {...}}."""
     path = Path(target)
     if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{target} has no config.json (expected a checkpoint directory)")
+        path = _config_file_of(path)
     elif not path.is_file():
         if target in PRESETS or not (target.endswith((".json", ".yaml", ".yml")) or "/" in target):
             return get_preset(target)
@@ -488,7 +504,9 @@ def load_config(target: str) -> ModelConfig:
         import yaml
 
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file; expected YAML") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -238,6 +238,9 @@ class HFTokenizer(Tokenizer):
         return self._tok.to_str().encode()
 
 
+BPE_MIN_VOCAB = 256 + 3  # every byte plus the three special tokens
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = MAX_TRAINING_CHARS) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style) on ``texts``; any Unicode text round-trips exactly.
 
@@ -247,7 +250,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = MAX_TRAINI
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + 3
+    minimum = BPE_MIN_VOCAB
     if vocab_size < minimum:
         raise TokenizerError(f"vocab_size {vocab_size} is too small for byte-level BPE; use at least {minimum}")
     tok = RustTokenizer(models.BPE())

@@ -255,6 +255,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(_in_checkpoint(path, MANIFEST).read_text())
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(info, dict) for info in files.values()):
+            raise TypeError("files must map names to {size, sha256}")
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); it was probably cut off "
                               "mid-save, use an earlier one") from None

@@ -5,9 +5,11 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 
 from ..config import ConfigError
+from .train import threads_arg
 
 
 def add_parser(subparsers) -> None:
@@ -22,6 +24,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
     e.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    e.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
+                   help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_eval)
 
@@ -30,10 +34,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.batches import build_eval_batches
     from ..checkpoint import load_checkpoint
     from ..train.fit import evaluate, resolve_device, resolve_precision
+    from ..train.monitor import apply_threads, tuned
     from ..train.objectives import objective_for
     from ..checkpoint import resolve_checkpoint
     from ..train.run_config import RunConfig, TrainConfig
 
+    for flag, value, least in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--batches", args.batches, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} ({value}) must be {'a positive' if least else 'a non-negative'} integer")
     device = resolve_device(args.device)
     model, tokenizer, saved = load_checkpoint(args.checkpoint, device=device, command="eval")
     path = resolve_checkpoint(args.checkpoint)
@@ -42,20 +50,26 @@ def run_eval(args: argparse.Namespace) -> int:
     overrides = {}
     if args.data:
         overrides["data.source"] = args.data
-    if args.batch:
+    if args.batch is not None:
         overrides["train.batch_size"] = args.batch
-    if args.seq:
+    if args.seq is not None:
         overrides["train.seq_len"] = args.seq
     train_fields = {k: v for k, v in (saved.get("train") or {}).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     run = RunConfig.from_dict({"model": saved["model"], "train": train_fields, "data": saved.get("data") or {}},
                               overrides)
+    if args.split == "val" and not run.data.val_fraction:
+        raise ConfigError(f"{path} was trained with data.val_fraction 0 (no val split); use --split train or all")
     batches = build_eval_batches(run, tokenizer, args.split)
+    notes: list[str] = []
+    tuner = apply_threads(args.threads, device.type, notes.append)
     started = time.perf_counter()
-    loss = evaluate(model, objective_for(model), batches(), args.batches or None, device,
+    loss = evaluate(model, objective_for(model), tuned(batches(), tuner), args.batches or None, device,
                     resolve_precision(args.precision, device))
     if loss is None:
         raise ValueError(f"no {args.split} batches in {run.data.source}; lower --seq or pick another split")
     ppl = math.exp(min(loss, 50.0))
+    for note in notes:
+        print(note, file=sys.stderr)
     record = {"checkpoint": str(path), "step": saved.get("step"), "data": run.data.source, "split": args.split,
               "loss": loss, "perplexity": ppl, "seconds": round(time.perf_counter() - started, 2)}
     if args.json:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from . import UserError
+from .train import threads_arg
 
 
 def add_parser(subparsers) -> None:
@@ -45,7 +49,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--trim", choices=["slice", "refill"], default="slice")
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    c.add_argument("--threads", type=int, help="torch CPU threads")
+    c.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
+                   help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     c.add_argument("--no-stream", action="store_true", help="print the result at the end")
     p.set_defaults(func=run)
@@ -79,47 +84,78 @@ def _load(path: str, device, dtype):
     return model, tokenizer
 
 
+def _check_draft_tokenizer(tokenizer, draft_tokenizer, args) -> None:
+    """Same vocabulary size is not enough: the ids must mean the same tokens."""
+    if tokenizer is None or draft_tokenizer is None or tokenizer.fingerprint == draft_tokenizer.fingerprint:
+        return
+    raise UserError(f"--draft {args.draft} has a different tokenizer than {args.checkpoint} ({draft_tokenizer.kind}, "
+                    f"vocab {draft_tokenizer.vocab_size:,} vs {tokenizer.kind}, vocab {tokenizer.vocab_size:,}); "
+                    "speculative decoding needs a draft trained with the same tokenizer")
+
+
+def _read_prompt_file(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    path = Path(name)
+    if path.is_dir():
+        raise UserError(f"--prompt-file {name} is a directory; pass a text file")
+    if not path.is_file():
+        raise UserError(f"--prompt-file {name} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompt-file {name} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+
+
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        if args.prompt_file == "-":
-            prompts.append(sys.stdin.read())
-        else:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts.append(f.read())
+        prompts.append(_read_prompt_file(args.prompt_file))
     if not prompts:
-        raise ValueError("give a prompt: --prompt TEXT or --prompt-file PATH")
+        raise UserError("give a prompt: --prompt TEXT or --prompt-file PATH")
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {number}"
+            raise UserError(f"{which} is empty; give some text to continue")
     return prompts
 
 
-def _report(stats: dict) -> None:
+def _report(stats: dict, notes: list[str] = ()) -> None:
     n_tokens, total = stats.get("new_tokens", 0), stats.get("total_s", 0.0)
     rate = n_tokens / total if total > 0 else float("inf")
     line = f"[{n_tokens} tokens in {total:.2f} s: {rate:.1f} tokens/s; prefill {stats.get('prefill_s', 0) * 1e3:.0f} ms"
     if "acceptance_rate" in stats:
         line += f"; draft acceptance {stats['acceptance_rate']:.0%}"
     print(line + "]", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
 
 
 def run(args) -> int:
-    import torch
-
     from ..generate.api import generate, stream_text
+    from ..train.fit import resolve_device
+    from ..train.monitor import apply_threads, tuned
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     prompts = _prompts(args)
     opts = _options(args)
-    model, tokenizer = _load(args.checkpoint, args.device, args.dtype)
-    draft = _load(args.draft, args.device, args.dtype)[0] if args.draft else None
+    device = resolve_device(args.device) if args.device else None
+    model, tokenizer = _load(args.checkpoint, device, args.dtype)
+    draft = None
+    if args.draft:
+        draft, draft_tokenizer = _load(args.draft, device, args.dtype)
+        _check_draft_tokenizer(tokenizer, draft_tokenizer, args)
+    notes: list[str] = []  # thread-tuner notes, printed after the text rather than inside it
+    tuner = apply_threads(args.threads, next(model.parameters()).device.type, notes.append)
     streaming = len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
     if streaming:
         stats: dict = {}
-        print(prompts[0], end="", flush=True)
-        for piece in stream_text(model, tokenizer, prompts[0], draft_model=draft, stats=stats, **opts):
+        pieces = tuned(stream_text(model, tokenizer, prompts[0], draft_model=draft, stats=stats, **opts), tuner)
+        first = next(pieces, "")  # bad options fail here, before the prompt is printed
+        print(prompts[0] + first, end="", flush=True)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
-        _report(stats)
+        _report(stats, notes)
         return 0
     ids = [tokenizer.encode(p) for p in prompts]
     out = generate(model, ids, tokenizer=tokenizer, draft_model=draft, return_dict=True, **opts)
@@ -128,6 +164,6 @@ def run(args) -> int:
         if per_prompt > 1 or len(prompts) > 1:
             print(f"--- {i // per_prompt + 1}" + (f".{i % per_prompt + 1}" if per_prompt > 1 else ""))
         print(prompts[i // per_prompt] + text)
-    _report(out.stats)
+    _report(out.stats, notes)
     return 0
 

@@ -58,6 +58,10 @@ def train_tokenizer(data: str, kind: str, vocab_size: int, max_chars: int = DEFA
 def run_train(args: argparse.Namespace) -> int:
     from ..data import load_documents
 
+    from . import UserError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the tokenizer trains
+        raise UserError(f"--out {args.out} is a file; pass a folder for the tokenizer")
     started = time.perf_counter()
     tok = train_tokenizer(args.data, args.kind, args.vocab_size, args.max_chars, args.val_fraction)
     out = tok.save(Path(args.out))

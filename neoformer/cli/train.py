@@ -27,7 +27,8 @@ FLAG_FIELDS = {
 EXIT_INTERRUPTED = {"interrupted": 130, "terminated": 143}
 
 
-def _threads(text: str) -> int | str:
+def threads_arg(text: str) -> int | str:
+    """argparse type of ``--threads N|auto`` (train, eval, generate)."""
     if text == "auto":
         return text
     try:
@@ -92,7 +93,7 @@ def add_parser(subparsers) -> None:
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
     speed.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward (less memory, ~30%% slower)")
-    speed.add_argument("--threads", type=_threads, metavar="N|auto",
+    speed.add_argument("--threads", type=threads_arg, metavar="N|auto",
                        help="CPU threads for torch (default auto: torch's count, dropped to 1 while another "
                        "process keeps the CPU busy; pin a number for bit-reproducible runs)")
     speed.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
@@ -120,13 +121,16 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _resume_config(checkpoint, overrides: dict[str, Any]):
-    """Run config of a checkpoint plus overrides; model fields may not change on resume."""
+def _resume_config(checkpoint, overrides: dict[str, Any], preset: str | None = None):
+    """Run config of a checkpoint plus overrides; the model (and its preset) may not change on resume."""
     from ..checkpoint import read_config, resolve_checkpoint
     from ..train.run_config import RunConfig
 
     path = resolve_checkpoint(checkpoint)
     saved = read_config(path)
+    if preset is not None and preset != saved.get("preset"):
+        raise ConfigError(f"--preset {preset} differs from the checkpoint's preset {saved.get('preset')!r} ({path}); "
+                          "a resumed run keeps its model: drop --preset, or start a new run in another --out")
     for dotted, value in overrides.items():
         section, _, name = dotted.partition(".")
         if section == "model" and saved["model"].get(name) != value:
@@ -194,13 +198,15 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
     resume_path = None
     if args.resume:
         source = args.resume if args.resume is not True else (args.out or _default_out(args))
-        run, resume_path = _resume_config(source, overrides)
+        run, resume_path = _resume_config(source, overrides, args.preset)
         out = Path(args.out) if args.out else _run_dir_of(resume_path)
     else:
         if not args.preset and not args.config:
             raise ConfigError("pass --preset NAME or --config FILE (see `neoformer info --list` for presets)")
         run = load_run_config(args.config, args.preset, overrides)
         out = Path(args.out or _default_out(args))
+    if args.epochs is not None and not args.epochs > 0:
+        raise ConfigError(f"--epochs ({args.epochs}) must be a positive number of passes over the train split")
     replacement = _claim_out_dir(out, ctx, cleanup, resume=resume_path is not None, overwrite=args.overwrite)
     if run.train.threads is None and "train.threads" not in overrides:
         run = dataclasses.replace(run, train=run.train.replace(threads="auto"))  # tune CPU threads unless told
@@ -278,4 +284,4 @@ def _report(result, run) -> None:
         print(f"checkpoint: {result.checkpoint}")
 
 
-__all__ = ["add_parser", "run_train", "collect_overrides"]
+__all__ = ["add_parser", "run_train", "collect_overrides", "threads_arg"]

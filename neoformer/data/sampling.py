@@ -81,6 +81,11 @@ class ShuffledWindowSampler(EpochSampler):
         order = rng.permutation(self.windows.num_windows(shift))
         mine = shard(order, self.rank, self.world_size)
         num_batches = len(mine) // self.batch_size
+        if num_batches == 0:
+            per_rank = " per rank" if self.world_size > 1 else ""
+            raise DataError(f"no full batch per epoch: {self.windows.num_tokens:,} tokens make {len(mine)} window(s) "
+                            f"of seq_len {self.windows.seq_len}{per_rank} in epoch {epoch}, fewer than batch_size "
+                            f"{self.batch_size}; lower --seq or --batch, or add data")
         window_numbers = mine[: num_batches * self.batch_size].reshape(num_batches, self.batch_size)
         return shift + window_numbers * self.windows.seq_len
 

@@ -27,6 +27,7 @@ SKIP_REASONS = ("empty", "binary", "not_utf8")
 # Directories of the standard library that are tests or third-party code, not "the stdlib".
 _STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _RECORD_SUFFIXES = (".jsonl", ".parquet")
+_REPORTED_SKIPS: set[tuple[str, str]] = set()  # each split reads every file: say what was skipped once
 
 
 class DataError(ValueError):
@@ -113,8 +114,8 @@ def _check_split(split: str) -> None:
 
 def _split_one_text(text: str, split: str, val_fraction: float) -> list[str]:
     """A lone document is split inside: the last ``val_fraction`` (at a line break) is val."""
-    if split == "all":
-        return [text]
+    if split == "all" or val_fraction == 0:
+        return [text] if split != "val" else []
     cut = int(len(text) * (1 - val_fraction))
     line_break = text.rfind("\n", 0, cut)
     cut = line_break + 1 if line_break > 0 else cut
@@ -147,7 +148,8 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[object]:
                 raise DataError(f"{path}:{number}: not a JSON object ({error}); fix or remove the line") from None
             if not isinstance(record, dict) or text_field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{number}: no {text_field!r} field (has: {fields}); pass text_field=...")
+                raise DataError(f"{path}:{number}: no {text_field!r} field (has: {fields}); "
+                                "pass --data.text_field NAME")
             yield record[text_field]
 
 
@@ -160,10 +162,13 @@ def _optional_import(module: str, purpose: str, extra: str = "datasets"):
 
 def _parquet_records(path: Path, text_field: str) -> Iterator[object]:
     parquet = _optional_import("pyarrow.parquet", "reading Parquet files")
-    table = parquet.ParquetFile(path)
+    try:
+        table = parquet.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for a damaged or non-Parquet file
+        raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
     if text_field not in table.schema_arrow.names:
         columns = ", ".join(table.schema_arrow.names)
-        raise DataError(f"{path}: no {text_field!r} column (has: {columns}); pass text_field=...")
+        raise DataError(f"{path}: no {text_field!r} column (has: {columns}); pass --data.text_field NAME")
     for batch in table.iter_batches(columns=[text_field]):
         yield from batch.column(0).to_pylist()
 
@@ -210,7 +215,9 @@ def files_corpus(
     _check_split(split)
     skipped = SkipReport()
     keys, texts, plain = _read_units(files, root, text_field, skipped)
-    if skipped.total:  # empty files (e.g. bare __init__.py) are routine; bad encodings are not
+    if skipped.total and (name, str(skipped)) not in _REPORTED_SKIPS:
+        _REPORTED_SKIPS.add((name, str(skipped)))
+        # empty files (e.g. bare __init__.py) are routine; bad encodings are not
         level = logging.INFO if skipped.total == skipped.counts["empty"] else logging.WARNING
         log.log(level, "%s: %s", name, skipped)
     if not texts:
@@ -221,8 +228,11 @@ def files_corpus(
         documents = texts
     else:
         documents = [t for t, s in zip(texts, assign_splits(keys, val_fraction)) if s == split]
-    if not documents:
-        raise DataError(f"{name} has no documents in the {split} split; add data or change val_fraction={val_fraction}")
+    if not documents and not (split == "val" and val_fraction == 0):  # 0 = no validation wanted
+        fix = "raise --data.val_fraction, or set it to 0 to train without validation" if split == "val" \
+            else "lower --data.val_fraction"
+        raise DataError(f"{name} has no documents in the {split} split (data.val_fraction {val_fraction}); "
+                        f"add data or {fix}")
     identity = _files_identity(name, files, root, split, val_fraction, text_field)
     return Corpus(name, split, documents, identity, skipped)
 
@@ -345,7 +355,8 @@ def hf_corpus(
         for index, row in enumerate(dataset):
             if text_field not in row:
                 fields = ", ".join(row)
-                raise DataError(f"hf:{name} rows have no {text_field!r} field (has: {fields}); pass text_field=...")
+                raise DataError(f"hf:{name} rows have no {text_field!r} field (has: {fields}); "
+                                "pass --data.text_field NAME")
             text = row[text_field]
             if not isinstance(text, str) or not text.strip():
                 continue

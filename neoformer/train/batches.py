@@ -27,13 +27,14 @@ from ..data import (
     make_sampler, prepare_data, sequential_batches,
 )
 from ..data.pipelines import prepare_tokenizer
-from ..tokenizer import Tokenizer
+from ..tokenizer import BPE_MIN_VOCAB, Tokenizer
 from ..kinds import get as model_kind
 from .objectives import Objective
 from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
 VAL_PAIRS = 2000  # validation pairs kept for seq2seq
+DEBUG_BPE_VOCAB = 512  # default BPE size for models whose vocabulary is below byte-level BPE's minimum
 
 
 @dataclass
@@ -150,14 +151,15 @@ def seq2seq_data(run: RunConfig, tokenizer_spec) -> TaskData:
         train_pairs = text_pairs(train_docs, d.seq2seq_task, d.max_pairs)
         val_pairs = text_pairs(val_docs, d.seq2seq_task, VAL_PAIRS)
         what = f"synthetic {d.seq2seq_task} pairs from {d.source}"
-        if not train_pairs or not val_pairs:
+        if not train_pairs or (not val_pairs and d.val_fraction):
             raise DataError(f"{d.source} gives no {d.seq2seq_task} pairs; it needs files with several non-empty lines")
     tokenizer = prepare_tokenizer(tokenizer_spec, _pairs_corpus(d.source, train_pairs), _vocab_size(run), d.cache_dir)
     train_set = Seq2SeqDataset(train_pairs, tokenizer, seq_len, seq_len)
     val_set = Seq2SeqDataset(val_pairs[:VAL_PAIRS], tokenizer, seq_len, seq_len)
     desc = f"seq2seq: {len(train_set):,} train / {len(val_set):,} val {what}"
-    return TaskData(tokenizer, None, PairBatches(train_set, t.batch_size, t.seed),
-                    lambda: _pair_batches(val_set, t.batch_size), len(train_set), desc, row_tokens=None)
+    val = (lambda: _pair_batches(val_set, t.batch_size)) if len(val_set) else None  # val_fraction 0: none
+    return TaskData(tokenizer, None, PairBatches(train_set, t.batch_size, t.seed), val, len(train_set), desc,
+                    row_tokens=None)
 
 
 def _pair_batches(dataset: Seq2SeqDataset, batch_size: int):
@@ -206,8 +208,8 @@ def _token_windows(run: RunConfig, tokenizer_spec) -> _Windows:
     train_windows = _windows_or_none(data.train, run.seq_len, "train")
     sampler = make_sampler(train_windows, t.batch_size, t.sampler, t.seed)
     split = f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val tokens of {d.source}"
-    return _Windows(data.tokenizer, sampler, _windows_or_none(data.val, run.seq_len, "val"),
-                    data.train.num_tokens, split)
+    val = _windows_or_none(data.val, run.seq_len, "val") if d.val_fraction else None  # 0 = no validation
+    return _Windows(data.tokenizer, sampler, val, data.train.num_tokens, split)
 
 
 def causal_lm_data(run: RunConfig, tokenizer_spec) -> TaskData:
@@ -251,7 +253,10 @@ def _eval_windows(run: RunConfig, tokenizer: Tokenizer, split: str) -> CausalWin
 
 
 def _vocab_size(run: RunConfig) -> int:
-    return run.tokenizer.vocab_size or run.model.vocab_size
+    size = run.tokenizer.vocab_size or run.model.vocab_size
+    if run.tokenizer.kind == "bpe" and run.tokenizer.vocab_size is None and size < BPE_MIN_VOCAB:
+        return DEBUG_BPE_VOCAB  # a debug preset's tiny vocabulary: the model follows the tokenizer
+    return size
 
 
 # ---- what the CLI calls: the model kind picks the builders (neoformer/kinds.py) -------------------

@@ -11,7 +11,13 @@ renormalisation) and ``model.set_gradient_checkpointing``. One optimizer step::
         scaler.scale(loss / grad_accum).backward()
     stop if loss or grad norm is NaN/inf (no checkpoint is written: the last good one stays)
     clip grads; optimizer step; model.after_optimizer_step (RMC update, nGPT normalisation)
+    stop if any weight became NaN/inf (an update that overflowed, e.g. a huge lr)
     log / evaluate / checkpoint on schedule; SIGINT or SIGTERM -> checkpoint and return
+    (a second Ctrl-C aborts at once, without saving)
+
+A time budget counts the training time of this start (a resumed run gets the whole budget
+again and the cosine stretches over the total) unless ``budget_across_resumes`` is set; the
+validation before the first step does not count.
 
 Resume restores weights, optimizer, GradScaler, step, RNG states (python, numpy, torch) and the
 batch source position (``state_dict`` / ``load_state_dict``, or by replaying the batches a
@@ -44,7 +50,7 @@ from ..checkpoint import (
     CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
     save_checkpoint, unwrap,
 )
-from .monitor import MetricsLog, ProgressBar, StopSignals, ThreadTuner
+from .monitor import MetricsLog, ProgressBar, StopSignals, apply_threads
 from .objectives import Objective
 from .optim import WarmupCosine, build_optimizer, set_lr
 from .run_config import TrainConfig
@@ -59,7 +65,21 @@ def _silent(*args, **kwargs) -> None:  # parallel: the log of ranks other than 0
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf. The message names the last good checkpoint."""
+    """The loss, the gradient norm or the weights became NaN/inf. The message names the last good checkpoint."""
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite: fused norms, one host sync (~0.1% of a step on CPU)."""
+    # parallel: FSDP parameters are DTensors; each rank checks its own shard
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    tensors = [t.detach() for t in local if t.numel()]
+
+    def all_finite(order: float) -> bool:
+        return not tensors or bool(torch.stack([n.float() for n in torch._foreach_norm(tensors, order)]).isfinite().all())
+
+    # the L2 norm is ~20x faster than max-abs on CPU; it also overflows for huge finite weights,
+    # so only a non-finite L2 norm is confirmed with the exact max-abs
+    return all_finite(2.0) or all_finite(float("inf"))
 
 
 @dataclass
@@ -80,13 +100,18 @@ class FitResult:
 
 # ---- small helpers ---------------------------------------------------------------------------
 def resolve_device(name: str = "auto") -> torch.device:
+    """auto | cpu | cuda[:N] | mps as a torch.device; a ValueError naming the flag if it is not available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps requested but MPS is not available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} requested but MPS is not available; use --device cpu")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -253,7 +278,6 @@ class Trainer:
         if self.ctx.any(bool(bad)):  # parallel: every rank stops together
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(float(mean_loss), None if norm is None else float(norm))
-        self._in_update = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,14 +285,19 @@ class Trainer:
         delta = self.ctx.all_reduce_mean_(torch.cat(deltas).float().mean(0)) if deltas else None
         if hasattr(self.raw, "after_optimizer_step"):
             self.raw.after_optimizer_step(delta, memory_lr=cfg.rmc_lr)
-        self._in_update = False
+        if self.ctx.any(not weights_are_finite(self.raw)):  # an overflowing update (e.g. lr 1e38): never train on
+            raise self._diverged(float(mean_loss), None if norm is None else float(norm), weights=True)
         # parallel: loss averaged over ranks, tokens of the global batch (ranks hold equal shares)
         return self.ctx.mean(mean_loss), (None if norm is None else float(norm)), tokens * self.ctx.world_size
 
-    def _diverged(self, loss: float, norm: float | None) -> TrainingDiverged:
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+    def _diverged(self, loss: float, norm: float | None, weights: bool = False) -> TrainingDiverged:
+        if weights:
+            what = f"the weights became NaN/inf in the update (lr {self.optimizer.param_groups[0]['lr']:.3g})"
+        else:
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
-        self.metrics.write({"step": self.step + 1, "event": "diverged", "loss": loss if math.isfinite(loss) else str(loss)})
+        self.metrics.write({"step": self.step + 1, "event": "diverged", "weights_finite": not weights,
+                            "loss": loss if math.isfinite(loss) else str(loss)})
         return TrainingDiverged(f"{what} at step {self.step + 1}; training stopped, {where}. "
                                 "Lower train.lr, raise train.warmup_steps or use --precision fp32, then --resume")
 
@@ -279,7 +308,7 @@ class Trainer:
 
     @property
     def time_fraction(self) -> float:
-        return self.elapsed / self.cfg.time_budget if self.cfg.time_budget else 0.0
+        return self.elapsed / self.budget_end if self.budget_end else 0.0
 
     @property
     def lr(self) -> float:
@@ -297,7 +326,7 @@ class Trainer:
             return "max_steps"
         if cfg.max_tokens is not None and self.tokens >= cfg.max_tokens:
             return "max_tokens"
-        if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+        if self.budget_end is not None and self.elapsed >= self.budget_end:
             return "time_budget"
         return None
 
@@ -368,7 +397,7 @@ class Trainer:
         estimated = None
         if cfg.time_budget:
             per_step = max(1e-9, (self.elapsed - self._elapsed_at_start) / max(1, self.step - self._start_step))
-            estimated = min(cfg.max_steps, self.step + int(max(0.0, cfg.time_budget - self.elapsed) / per_step))
+            estimated = min(cfg.max_steps, self.step + int(max(0.0, self.budget_end - self.elapsed) / per_step))
         self.progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_rate:,.0f}"}, estimated)
         if cfg.eval_every and self.step % cfg.eval_every == 0:
             self.run_eval()
@@ -389,15 +418,18 @@ class Trainer:
         self.model.train()
         self._t0 = time.perf_counter()
         self._start_step, self._elapsed_at_start = self.step, self.elapsed_before
-        self._in_update = False
+        self.budget_end = None  # elapsed seconds at which the time budget runs out
+        if cfg.time_budget:
+            self.budget_end = cfg.time_budget + (0.0 if cfg.budget_across_resumes else self.elapsed_before)
         self.progress = ProgressBar(cfg if self.ctx.is_main else cfg.replace(progress=False), self.step, self._log)
         self._evaluated_at = None
-        self.tuner = ThreadTuner(self.log) if cfg.threads == "auto" and self.device.type == "cpu" else None
+        self.tuner = apply_threads(cfg.threads, self.device.type, self.log)
         reason, rate = None, 0.0
         try:
             with StopSignals() as self.signals:
                 if self.step == 0 and cfg.eval_every:
                     self.run_eval()
+                    self._t0 = time.perf_counter()  # the budget is for training: a short one must not go to eval
                 while (reason := self.stop_reason()) is None:
                     started = time.perf_counter()
                     result = self.train_step()
@@ -412,16 +444,28 @@ class Trainer:
                         self.tuner.after_step(seconds)
                     rate = tokens / seconds if rate == 0.0 else 0.9 * rate + 0.1 * tokens / seconds
                     self._after_step(loss, norm, rate)
-        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed (not the main thread)
-            reason = "interrupted"
-            if self._in_update:  # weights half-updated: never save a torn state
-                self._close()
-                raise
+        except KeyboardInterrupt:  # a second Ctrl-C: abort at once; mid-step, a save would be torn
+            self._close()
+            kept = f"; the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            self._log(f"aborted during step {self.step + 1} without saving{kept}")
+            raise
         except BaseException:  # divergence or a bug: close the bar and metrics, keep checkpoints as they are
             self._close()
             raise
         self.progress.close()
         return self._finish(reason)
+
+    def _why_no_steps(self, reason: str) -> str:
+        cfg = self.cfg
+        if reason == "max_steps":
+            return f"the run is already at step {self.step} and train.max_steps is {cfg.max_steps}; raise --max-steps"
+        if reason == "max_tokens":
+            return (f"the run has already seen {self.tokens:,} tokens (train.max_tokens {cfg.max_tokens:,}); "
+                    "raise --max-tokens")
+        if reason == "time_budget":
+            return (f"the time budget of {cfg.time_budget:g} s was already spent ({self.elapsed_before:.0f} s counted "
+                    "across resumes); raise --time-budget or set --train.budget_across_resumes false")
+        return "the training data gave no batch; add data or lower --batch / --seq"
 
     def _close(self) -> None:
         self.progress.close()
@@ -438,6 +482,8 @@ class Trainer:
         if interrupted:
             where = f"; checkpoint {self.last_checkpoint}, continue with --resume" if self.last_checkpoint else ""
             self._log(f"{reason} at step {self.step}{where}")
+        elif self.step == self._start_step:
+            self._log(f"note: no steps trained: {self._why_no_steps(reason)}")
         self.metrics.write({"step": self.step, "event": "end", "reason": reason, "tokens": self.tokens,
                             "elapsed": round(self.elapsed, 3)})
         self.metrics.close()

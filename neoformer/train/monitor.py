@@ -1,4 +1,8 @@
-"""Bookkeeping around the training loop: stop signals, metrics log, CPU thread tuning, progress bar."""
+"""Bookkeeping around the training loop: stop signals, metrics log, CPU thread tuning, progress bar.
+
+The thread policy (:func:`apply_threads`, :class:`ThreadTuner`) serves every command that runs a
+model on the CPU: train, eval and generate all take ``--threads N|auto``.
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -141,6 +145,30 @@ class ThreadTuner:
         else:
             torch.set_num_threads(self.current)
         self.phase, self.idle_since, self.times = "idle", time.perf_counter(), []
+
+
+def apply_threads(threads: int | str | None, device_type: str, log: Callable[[str], None]) -> ThreadTuner | None:
+    """``--threads``: a number pins torch's CPU threads; ``auto`` on a CPU device returns a
+    :class:`ThreadTuner` for the caller to feed with step times; None leaves torch's default."""
+    if isinstance(threads, int):
+        torch.set_num_threads(threads)
+    elif threads == "auto" and device_type == "cpu":
+        return ThreadTuner(log)
+    return None
+
+
+def tuned(items: Iterable, tuner: ThreadTuner | None) -> Iterator:
+    """``items`` unchanged, feeding ``tuner`` the time to produce and consume each one
+    (an eval batch, a generated piece of text)."""
+    if tuner is None:
+        yield from items
+        return
+    last = time.perf_counter()
+    for item in items:
+        yield item
+        now = time.perf_counter()
+        tuner.after_step(now - last)
+        last = now
 
 
 class ProgressBar:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, check_field_names, coerce_value, did_you_mean
+from ..config import ConfigError, ModelConfig, check_field_names, coerce_value, did_you_mean, require_finite
 from ..presets import PRESETS, get_preset, run_defaults
 
 OPTIMIZERS = ("adamw", "lion")
@@ -47,6 +47,7 @@ class TrainConfig:
     # length of the run: the first limit reached stops it
     max_steps: int = 1000
     time_budget: float | None = None  # seconds of training; the cosine then follows wall time too
+    budget_across_resumes: bool = False  # False: a resumed run gets the whole time_budget again
     max_tokens: int | None = None  # training tokens (seed 000's --max_tokens)
     # batches
     batch_size: int = 16  # sequences per micro-batch
@@ -92,6 +93,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} ({getattr(self, name)!r}) must be one of: {', '.join(allowed)}")
 
+        require_finite(self, ("lr", "min_lr", "eps", "beta1", "beta2", "weight_decay", "grad_clip", "rmc_lr",
+                              "time_budget"), "train.")
         choice("optimizer", OPTIMIZERS)
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
@@ -209,6 +212,11 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     preset: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len ({self.train.seq_len}) is longer than the model's max_seq_len "
+                              f"({self.model.max_seq_len}); lower --seq or raise --model.max_seq_len")
+
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, "model": self.model.to_dict(), "train": self.train.to_dict(),
                 "data": dataclasses.asdict(self.data), "tokenizer": dataclasses.asdict(self.tokenizer)}
@@ -220,6 +228,9 @@ class RunConfig:
         for key in data:
             if key != "preset" and key not in SECTIONS:
                 raise ConfigError(f"unknown config section {key!r}{did_you_mean(key, ['preset', *SECTIONS])}")
+            if key != "preset" and data[key] is not None and not isinstance(data[key], dict):
+                raise ConfigError(f"config section {key!r} must be a mapping of field: value, "
+                                  f"not {type(data[key]).__name__} ({data[key]!r:.40})")
         for dotted, value in (overrides or {}).items():
             section, _, name = dotted.partition(".")
             if section == "preset" and not name:
@@ -258,7 +269,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; a run config is YAML") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
