@@ -56,7 +56,10 @@ class RunLock:
         return holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"])
 
     def acquire(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # --out (or a folder above it) is a file
+            raise RunFolderError(f"--out {self.folder} is a file; pass a folder for the run") from None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
