@@ -140,7 +140,7 @@ NOTES: dict[type, dict[str, str]] = {
     },
     TrainConfig: {
         "optimizer": "`adamw` (Loshchilov & Hutter 2019) or `lion` (Chen et al. 2023)",
-        "lr": "peak learning rate; a positive number",
+        "lr": "peak learning rate; a positive finite number",
         "min_lr": "floor of the cosine decay. None = `lr / 10`; else in [0, `lr`]",
         "warmup_steps": "linear warmup steps. None = min(100, `max_steps // 10`); else an integer >= 0",
         "weight_decay": "decoupled weight decay on matrices (norms, biases and gains are never decayed); >= 0",
@@ -150,7 +150,10 @@ NOTES: dict[type, dict[str, str]] = {
         "grad_clip": "largest global gradient norm; 0 = off; >= 0",
         "max_steps": f"optimizer steps; {_POSITIVE}. The first of `max_steps`, `time_budget` and `max_tokens` "
                      "reached ends the run",
-        "time_budget": "seconds of training (the cosine then follows wall time). None = no limit; else > 0",
+        "time_budget": "seconds of training per start (the cosine then follows wall time; the validation before "
+                       "step 1 is not counted). None = no limit; else > 0",
+        "budget_across_resumes": "False: a resumed run gets the whole `time_budget` again (the cosine stretches "
+                                 "over the total); True: the budget counts the whole run across resumes",
         "max_tokens": "training tokens (seed 000's `--max_tokens`). None = no limit; else a positive integer",
         "batch_size": f"sequences per micro-batch; {_POSITIVE}",
         "seq_len": "tokens per sequence. None = the model's `max_seq_len`, capped at 1024; else a positive integer",
@@ -181,7 +184,7 @@ NOTES: dict[type, dict[str, str]] = {
         "source": "`stdlib` (embedded offline corpus), a file, directory or glob (text, `.jsonl`, `.parquet`), "
                   "`hf:NAME` (a locally cached dataset), or a seq2seq pair file (`.tsv`, `.jsonl` with "
                   "source/target)",
-        "val_fraction": f"share of the documents held out for validation; {_PROB}",
+        "val_fraction": f"share of the documents held out for validation; {_PROB} (0 = no validation)",
         "text_field": "field holding the text in `.jsonl` / `.parquet` / `hf:` rows",
         "cache_dir": "where tokenized data is cached. None = the default cache directory",
         "mask_prob": "share of tokens masked for the masked-LM objective (`kind: encoder`); in (0, 1)",
