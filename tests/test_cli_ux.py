@@ -2,6 +2,7 @@
 sample prompts, the CPU precision default, and one compiled-decode smoke test in the fast suite."""
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import subprocess
@@ -19,6 +20,7 @@ from neoformer.train.monitor import ProgressBar
 from neoformer.train.sampling import STDLIB_PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
+fit_module = importlib.import_module("neoformer.train.fit")  # `neoformer.train.fit` the attribute is the function
 # prints --help for argv, then whether torch was imported (stdout: help text, then "torch: True/False")
 HELP_PROBE = """
 import sys
@@ -107,6 +109,22 @@ def test_progress_bar_only_on_a_terminal():
     assert bar.bar is not None
     bar.close()
     assert ProgressBar(cfg.replace(progress=False), 0, print, stream=FakeTerminal()).bar is None
+
+
+# ---- precision auto on CPU ---------------------------------------------------------------------
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(fit_module, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert fit_module.resolve_precision("auto", cpu) == (torch.bfloat16 if native else None)
+    assert fit_module.resolve_precision("fp32", cpu) is None
+    header = fit_module.describe_precision("auto", cpu)
+    assert header.startswith("bf16 autocast (auto: this CPU has native bf16") if native else header == "fp32"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert fit_module.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 # ---- samples ------------------------------------------------------------------------------------
