@@ -159,8 +159,8 @@ NOTES: dict[type, dict[str, str]] = {
         "seq_len": "tokens per sequence. None = the model's `max_seq_len`, capped at 1024; else a positive integer",
         "grad_accum": f"micro-batches per optimizer step; {_POSITIVE}",
         "sampler": "`shuffle` (epochs over the windows) or `random` (nanoGPT random offsets)",
-        "precision": "`auto` (bf16 autocast on CUDA, fp16 + GradScaler without bf16, fp32 on CPU), `fp32`, "
-                     "`bf16` or `fp16`",
+        "precision": "`auto` (bf16 autocast on CUDA, fp16 + GradScaler without bf16; on CPU bf16 autocast where "
+                     "the CPU has native bf16 (AVX512-BF16/AMX), else fp32), `fp32`, `bf16` or `fp16`",
         "compile": "`torch.compile` the objective (20-30 s cold start on CPU)",
         "gradient_checkpointing": "recompute activations in backward (less memory); sets the model's "
                                   "`gradient_checkpointing` on a copy of its config",

@@ -1,9 +1,26 @@
 """neoformer: build, train, evaluate, compress, serve and export transformer language models."""
 from .config import ConfigError, ModelConfig
-from .model import build_model
 from .presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
+
+# Names whose modules import torch are resolved on first use (PEP 562), so that `import neoformer.config`
+# and `neoformer --help` stay fast and torch-free.
+_LAZY = {"build_model": "neoformer.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'neoformer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def from_hf(path_or_model, dtype=None, **kwargs):

@@ -89,7 +89,8 @@ def add_parser(subparsers) -> None:
     speed = p.add_argument_group("device and speed")
     speed.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     speed.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="auto = bf16/fp16 autocast on CUDA, fp32 on CPU; bf16 on CPU is opt-in")
+                       help="auto = bf16/fp16 autocast on CUDA; on CPU bf16 where it is native "
+                       "(AVX512-BF16/AMX), else fp32")
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
     speed.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward (less memory, ~30%% slower)")
@@ -192,7 +193,7 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
     from ..model import build_model
     from ..presets import format_run_defaults
     from ..train.batches import build_task_data, steps_for_epochs
-    from ..train.fit import TrainingDiverged, fit, seed_everything
+    from ..train.fit import TrainingDiverged, describe_precision, fit, resolve_device, seed_everything
 
     overrides = collect_overrides(args)
     resume_path = None
@@ -235,6 +236,8 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
           f"batch {t.batch_size}{seq} x {t.grad_accum} accum; {_limits(t)}")
     if format_run_defaults(run.preset):
         print(format_run_defaults(run.preset))
+    device = ctx.device if ctx.distributed else resolve_device(t.device)
+    print(f"device: {device.type}, precision: {describe_precision(t.precision, device)}")
     if ctx.is_main:  # parallel: rank 0 owns the run directory
         (out / "config.yaml").write_text(dump_yaml(run))
     ctx.barrier()

@@ -3,15 +3,52 @@
     from neoformer.train import fit, TrainConfig, objective_for, load_model
     result = fit(model, objective_for(model), batches, TrainConfig(max_steps=100), out_dir="runs/x")
     model, tokenizer = load_model("runs/x")
+
+Names are resolved on first use (PEP 562): importing ``neoformer.train.run_config`` (the CLI's
+--help does) must not import torch through fit.py.
 """
-from ..checkpoint import (
-    CheckpointError, inspect_checkpoint, list_checkpoints, load_model, load_training_state, load_weights,
-    resolve_checkpoint, save_checkpoint,
-)
-from .fit import FitResult, Trainer, TrainingDiverged, evaluate, fit
-from .objectives import OBJECTIVES, causal_lm, masked_lm, objective_for, seq2seq
-from .optim import Lion, WarmupCosine, build_optimizer
-from .run_config import DataConfig, RunConfig, TokenizerConfig, TrainConfig, load_run_config
+import importlib
+import sys
+from types import ModuleType
+
+# public name -> module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("CheckpointError", "inspect_checkpoint", "list_checkpoints", "load_model",
+                     "load_training_state", "load_weights", "resolve_checkpoint", "save_checkpoint"),
+                    "neoformer.checkpoint"),
+    **dict.fromkeys(("FitResult", "Trainer", "TrainingDiverged", "evaluate", "fit"), "neoformer.train.fit"),
+    **dict.fromkeys(("OBJECTIVES", "causal_lm", "masked_lm", "objective_for", "seq2seq"),
+                    "neoformer.train.objectives"),
+    **dict.fromkeys(("Lion", "WarmupCosine", "build_optimizer"), "neoformer.train.optim"),
+    **dict.fromkeys(("DataConfig", "RunConfig", "TokenizerConfig", "TrainConfig", "load_run_config"),
+                    "neoformer.train.run_config"),
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'neoformer.train' has no attribute {name!r}")
+
+
+class _TrainPackage(ModuleType):
+    """Keeps ``neoformer.train.fit`` the function: importing the submodule ``train/fit.py`` would
+    otherwise rebind the package attribute to the module (an eager ``from .fit import fit`` hid this)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, ModuleType):
+            return  # the name is resolved (to the function) by __getattr__ on first use
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _TrainPackage
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "fit", "evaluate", "FitResult", "Trainer", "TrainingDiverged", "TrainConfig", "RunConfig", "DataConfig",

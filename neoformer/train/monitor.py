@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import torch
 
@@ -172,15 +173,21 @@ def tuned(items: Iterable, tuner: ThreadTuner | None) -> Iterator:
 
 
 class ProgressBar:
-    """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget)."""
+    """tqdm bar over steps with loss, tokens/s and ETA (the total adapts to a time budget).
 
-    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None]):
+    Only on a terminal: without a TTY (CI, ``| tee``, nohup) the carriage-return frames would pile up
+    into one huge line, so ``bar`` stays None and the loop prints one log line per interval instead.
+    """
+
+    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None], stream: TextIO | None = None):
+        stream = sys.stderr if stream is None else stream
         self.bar = None
         self.log = log
-        if cfg.progress:
+        if cfg.progress and _can_redraw(stream):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True,
+                            file=stream)
             self.log = self.bar.write
 
     def update(self, step: int, postfix: dict, estimated_total: int | None = None) -> None:
@@ -194,3 +201,13 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _can_redraw(stream) -> bool:
+    """A terminal, or a Jupyter kernel (where tqdm.auto draws a widget)."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -55,7 +55,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     sampler: str = "shuffle"  # shuffle = epochs over windows; random = nanoGPT random offsets
     # numerics and speed
-    precision: str = "auto"  # auto = bf16 (fp16 + GradScaler without bf16) on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 (fp16 + GradScaler without bf16) on CUDA; CPU: bf16 if native, else fp32
     compile: bool = False  # torch.compile the objective (20-30 s cold start on CPU)
     gradient_checkpointing: bool = False
     device: str = "auto"

@@ -12,7 +12,9 @@ from ..generate import generate
 from ..kinds import get as model_kind
 from ..config import IGNORE_INDEX
 
-STDLIB_PROMPTS = ("def ", "class ", "import ", "    if ", "for ")
+# no trailing space: a byte-level BPE encodes it as its own token, and the model, which has mostly seen
+# " name" tokens after "def", then prints "def  main"
+STDLIB_PROMPTS = ("def", "class", "import", "    if", "for")
 
 
 def sample_tokens(model, ids: list[int], max_new: int, temperature: float = 0.8, top_k: int | None = 50,
