@@ -1,6 +1,7 @@
 """The package's layering, read from the source (no imports run): lower layers never import upper ones.
 
-    config, presets, tokenizer   <- model <- checkpoint <- parallel, generate, data <- train <- cli
+    config, presets, tokenizer   <- model <- checkpoint <- parallel, generate, data <- train
+        <- quantize <- serve, compress, finetune, export, eval (never each other) <- cli
 
 A violation here is how couplings creep back in (a model that needs the trainer, a checkpoint loader
 that needs the parallel package); the rules are in docs/contributing.md.
@@ -15,13 +16,22 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "neoformer"
 
 # subpackage -> subpackages it must never import (at import time or inside a function)
+FEATURES = {"serve", "compress", "quantize", "finetune", "export", "eval"}  # one package per feature, above the core
 FORBIDDEN = {
-    "model": {"generate", "train", "parallel", "checkpoint", "cli", "data", "hf"},
-    "checkpoint": {"train", "parallel", "generate", "cli", "data", "hf"},
-    "generate": {"train", "parallel", "checkpoint", "cli"},
-    "parallel": {"train", "generate", "cli"},
-    "data": {"model", "train", "generate", "parallel", "checkpoint", "cli"},
-    "train": {"cli"},
+    "model": {"generate", "train", "parallel", "checkpoint", "cli", "data", "hf"} | FEATURES,
+    "checkpoint": {"train", "parallel", "generate", "cli", "data", "hf"} | FEATURES,
+    "generate": {"train", "parallel", "checkpoint", "cli"} | FEATURES,
+    "parallel": {"train", "generate", "cli"} | FEATURES,
+    "data": {"model", "train", "generate", "parallel", "checkpoint", "cli"} | FEATURES,
+    "train": {"cli"} | FEATURES,
+    "hf": {"cli"} | FEATURES,
+    # features build on the core and on quantize (QLoRA, serving quantized models), never on each other
+    "quantize": {"cli"} | FEATURES - {"quantize"},
+    "finetune": {"cli"} | FEATURES - {"finetune", "quantize"},
+    "serve": {"cli"} | FEATURES - {"serve", "quantize"},
+    "compress": {"cli"} | FEATURES - {"compress", "quantize"},
+    "export": {"cli"} | FEATURES - {"export", "quantize"},
+    "eval": {"cli"} | FEATURES - {"eval", "quantize"},
 }
 # The seed API keeps `model.generate(x, max_new, temp, top_k)`: that one method delegates, at call time,
 # to the generation engine. It is the only upward reference allowed, and only inside a function.

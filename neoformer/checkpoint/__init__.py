@@ -6,11 +6,17 @@ and the one loader every command uses.
 
 This package sits below ``train``, ``parallel``, ``generate`` and the CLI; it imports only the
 model, config and tokenizer modules. ``config.json`` records what a checkpoint is (``model.kind``
-and ``contents``: ``"full"`` today; quantized, adapter and distilled checkpoints add their own
-word), so a command can refuse the wrong kind with one line (:func:`require`).
+and ``contents``), so a command can refuse the wrong kind with one line (:func:`require`).
+
+``contents`` names how the model is rebuilt: ``"full"`` (plain weights), ``"quantized"`` (packed
+weights + scales, neoformer.quantize) or ``"adapter"`` (LoRA weights + a verified reference to the
+base, neoformer.finetune). Each maps to a loader in :data:`CONTENTS_LOADERS`, named as a
+``"module:function"`` string and imported on first use, so this package stays below the feature
+packages that implement them. A loader is ``loader(path, config, *, device, dtype) -> (model, tokenizer)``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -33,7 +39,36 @@ def is_sharded(path: str | os.PathLike) -> bool:
     return is_sharded_checkpoint(path)
 
 
-def require(config: dict, *, kinds: tuple[str, ...] | None = None, contents: tuple[str, ...] = ("full",),
+def _load_full(path, config: dict, *, device=None, dtype=None):
+    model, tokenizer = load_model(path, device=device)
+    return (model.to(dtype=dtype) if dtype is not None else model), tokenizer
+
+
+# contents -> its loader; register a new one with register_contents()
+CONTENTS_LOADERS: dict[str, object] = {
+    "full": _load_full,
+    "quantized": "neoformer.quantize:load_quantized_checkpoint",
+    "adapter": "neoformer.finetune:load_adapter_checkpoint",
+}
+
+
+def register_contents(name: str, loader) -> None:
+    """Teach :func:`load_checkpoint` a new ``contents`` word (a callable or a ``"module:function"``)."""
+    CONTENTS_LOADERS[name] = loader
+
+
+def _contents_loader(name: str):
+    loader = CONTENTS_LOADERS[name]
+    if isinstance(loader, str):
+        module, _, function = loader.partition(":")
+        try:
+            loader = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            raise CheckpointError(f"this neoformer cannot load {name} checkpoints ({loader} is missing)") from None
+    return loader
+
+
+def require(config: dict, *, kinds: tuple[str, ...] | None = None, contents: tuple[str, ...] | None = None,
             command: str = "this command", path=None) -> None:
     """Refuse, in one line, a checkpoint whose model kind or contents ``command`` cannot use."""
     where = f"{path} " if path is not None else "the checkpoint "
@@ -41,34 +76,37 @@ def require(config: dict, *, kinds: tuple[str, ...] | None = None, contents: tup
     if kinds is not None and kind not in kinds:
         raise CheckpointError(f"{where}holds a model of kind {kind!r}; {command} needs {' or '.join(kinds)}")
     have = config.get("contents", "full")
+    if have not in CONTENTS_LOADERS:
+        raise CheckpointError(f"{where}holds {have!r} contents, which this neoformer does not know; upgrade it")
+    contents = tuple(CONTENTS_LOADERS) if contents is None else contents
     if have not in contents:
         raise CheckpointError(f"{where}holds a {have} checkpoint; {command} takes {' or '.join(contents)} ones")
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, kinds: tuple[str, ...] | None = None,
-                    command: str = "this command"):
+                    contents: tuple[str, ...] | None = None, command: str = "this command"):
     """``(model, tokenizer, config)`` from a checkpoint or run directory, in eval mode.
 
     ``device``/``dtype`` place the weights; ``kinds`` (e.g. ``("decoder", "encoder_decoder")``)
-    refuses other model kinds with one :class:`CheckpointError` line naming ``command``. The
-    tokenizer is None when the checkpoint holds none; ``config`` is the parsed config.json.
+    refuses other model kinds, and ``contents`` (default: every registered one) other contents,
+    with one :class:`CheckpointError` line naming ``command``. The tokenizer is None when the
+    checkpoint holds none; ``config`` is the parsed config.json.
     """
     resolved = resolve_checkpoint(path)
     if is_sharded(resolved):
         raise CheckpointError(f"{resolved} is a sharded (FSDP) checkpoint; merge it first: "
                               f"neoformer checkpoint consolidate {resolved} OUT_DIR")
     config = read_config(resolved)
-    require(config, kinds=kinds, command=command, path=resolved)
-    model, tokenizer = load_model(resolved, device=device)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    return model, tokenizer, config
+    require(config, kinds=kinds, contents=contents, command=command, path=resolved)
+    loader = _contents_loader(config.get("contents", "full"))
+    model, tokenizer = loader(resolved, config, device=device, dtype=dtype)
+    return model.eval(), tokenizer, config
 
 
 __all__ = [
-    "CONFIG", "LATEST", "MANIFEST", "STATE_JSON", "TOKENIZER_DIR", "WEIGHTS", "CheckpointError", "CheckpointInfo",
+    "CONFIG", "CONTENTS_LOADERS", "LATEST", "MANIFEST", "STATE_JSON", "TOKENIZER_DIR", "WEIGHTS", "CheckpointError", "CheckpointInfo",
     "capture_rng_state", "decode_state", "encode_state", "inspect_checkpoint", "is_sharded", "list_checkpoints",
-    "load_checkpoint", "load_model", "load_training_state", "load_weights", "read_config", "require", "resolve",
+    "load_checkpoint", "load_model", "load_training_state", "load_weights", "read_config", "register_contents", "require", "resolve",
     "resolve_checkpoint", "restore_rng_state", "save", "save_checkpoint", "unwrap", "verify_checkpoint",
 ]

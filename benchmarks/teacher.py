@@ -1,0 +1,100 @@
+"""One cached, trained teacher for every benchmark where quality matters.
+
+Compression, quantization, speculative decoding, fine-tuning and evaluation must be measured on a
+model trained here, never on random weights (random weights make every quantizer look perfect and
+every draft useless). This script is the one recipe they all reuse: a Llama-shaped decoder
+(Nexus Core's shape: RMSNorm, SwiGLU, RoPE, GQA, no bias, untied head) trained with
+`neoformer train` on the embedded, offline stdlib corpus with a byte-level BPE tokenizer.
+
+    python benchmarks/teacher.py                 # train (or find) the "small" teacher, print its path
+    python benchmarks/teacher.py --size base     # the larger one (compression benchmark)
+
+    sys.path.insert(0, "benchmarks"); from teacher import teacher_checkpoint
+    ckpt = teacher_checkpoint("small")           # a checkpoint directory; trains on first use
+
+Checkpoints are cached under ``$NEOFORMER_TEACHER_CACHE`` (default ``.cache/teachers`` in the
+repository), one folder per recipe hash, so a changed recipe trains a new teacher instead of
+reusing a stale one. Training uses a fixed step count (not a time budget), so the same recipe
+gives the same model on a busy or an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# the model overrides sit on the nexus-nano preset (Llama-shaped, GQA, untied, no dropout)
+RECIPES: dict[str, dict] = {
+    # 3.9M parameters; ~4 min on 2 idle cores (12k tokens/s, bf16 autocast)
+    "small": {
+        "preset": "nexus-nano",
+        "model": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, ffn_hidden=512, max_seq_len=256),
+        "train": dict(max_steps=1500, batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                      weight_decay=0.1, eval_every=250, eval_batches=16, save_every=500, samples=0, seed=0),
+        "tokenizer": dict(kind="bpe", vocab_size=4096),
+        "data": dict(source="stdlib"),
+    },
+    # ~13M parameters; for the compression benchmark's 2x / 4x students
+    "base": {
+        "preset": "nexus-nano",
+        "model": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024, max_seq_len=256),
+        "train": dict(max_steps=2000, batch_size=16, seq_len=128, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200,
+                      weight_decay=0.1, eval_every=500, eval_batches=16, save_every=500, samples=0, seed=0),
+        "tokenizer": dict(kind="bpe", vocab_size=4096),
+        "data": dict(source="stdlib"),
+    },
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEOFORMER_TEACHER_CACHE", REPO / ".cache" / "teachers"))
+
+
+def recipe_dir(size: str) -> Path:
+    digest = hashlib.sha256(json.dumps(RECIPES[size], sort_keys=True).encode()).hexdigest()[:10]
+    return cache_root() / f"{size}-{digest}"
+
+
+def teacher_checkpoint(size: str = "small", *, threads: str = "auto", force: bool = False) -> Path:
+    """The trained teacher's run directory (``load_checkpoint`` takes it); trains it on first use."""
+    if size not in RECIPES:
+        raise SystemExit(f"unknown teacher size {size!r}; choose one of {', '.join(RECIPES)}")
+    out = recipe_dir(size)
+    if (out / "checkpoints" / "latest").is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(RECIPES[size], f)
+        config = f.name
+    cmd = [sys.executable, "-m", "neoformer.cli", "train", "--config", config, "--out", str(out),
+           "--threads", threads, "--overwrite"]
+    print(f"training the {size} teacher: {' '.join(cmd)}", file=sys.stderr)
+    try:
+        subprocess.run(cmd, check=True, cwd=REPO)
+    finally:
+        os.unlink(config)
+    (out / "recipe.json").write_text(json.dumps({"size": size, **RECIPES[size]}, indent=2) + "\n")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(RECIPES), default="small")
+    parser.add_argument("--threads", default="auto")
+    parser.add_argument("--force", action="store_true", help="train again even if cached")
+    args = parser.parse_args()
+    print(teacher_checkpoint(args.size, threads=args.threads, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
