@@ -69,7 +69,7 @@ def teacher_checkpoint(size: str = "small", *, threads: str = "auto", force: boo
     if size not in RECIPES:
         raise SystemExit(f"unknown teacher size {size!r}; choose one of {', '.join(RECIPES)}")
     out = recipe_dir(size)
-    if (out / "checkpoints" / "latest").is_file() and not force:
+    if (out / "recipe.json").is_file() and not force:  # written only once training has finished
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
