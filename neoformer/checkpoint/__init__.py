@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -68,6 +69,46 @@ def _contents_loader(name: str):
     return loader
 
 
+def _is_sharded_model(model) -> bool:
+    """An FSDP2 model (its parameters are DTensors); read off the model so this package needs no ``parallel``."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_training(root, step: int, model, optimizer, ctx=None, *, config: dict | None = None, tokenizer=None,
+                  training_state: dict | None = None, keep_last: int = 3):
+    """The one save ``fit()`` calls: the sharded format for an FSDP model (collective: every rank writes its
+    shards), the plain directory otherwise (rank 0 writes; other ranks get the path it writes)."""
+    if _is_sharded_model(model):
+        from .sharded import save_train_checkpoint
+
+        return save_train_checkpoint(root, step, model, optimizer, ctx, config=config, tokenizer=tokenizer,
+                                     training_state=training_state, keep_last=keep_last)
+    if ctx is not None and not ctx.is_main:  # DDP replicas are identical: rank 0 writes
+        return Path(root) / f"step-{step:06d}"
+    return save_checkpoint(root, step, model, config=config, tokenizer=tokenizer, training_state=training_state,
+                           keep_last=keep_last)
+
+
+def load_training(path, model, optimizer, ctx=None) -> dict:
+    """The one resume ``fit()`` calls: weights and optimizer state into ``model``/``optimizer`` (plain or
+    sharded checkpoint, plain or FSDP model, any world size); returns the rest of the training state."""
+    path = resolve_checkpoint(path)
+    if is_sharded(path) or _is_sharded_model(model):
+        from .sharded import SingleProcess, load_train_checkpoint
+
+        return load_train_checkpoint(path, model, optimizer, ctx or SingleProcess())
+    load_weights(model, path)
+    state = load_training_state(path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimizer state in {path} does not fit this model/optimizer ({err}); "
+                              "resume with the same model config and train.optimizer") from None
+    return state
+
+
 def require(config: dict, *, kinds: tuple[str, ...] | None = None, contents: tuple[str, ...] | None = None,
             command: str = "this command", path=None) -> None:
     """Refuse, in one line, a checkpoint whose model kind or contents ``command`` cannot use."""
@@ -107,6 +148,6 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
 __all__ = [
     "CONFIG", "CONTENTS_LOADERS", "LATEST", "MANIFEST", "STATE_JSON", "TOKENIZER_DIR", "WEIGHTS", "CheckpointError", "CheckpointInfo",
     "capture_rng_state", "decode_state", "encode_state", "inspect_checkpoint", "is_sharded", "list_checkpoints",
-    "load_checkpoint", "load_model", "load_training_state", "load_weights", "read_config", "register_contents", "require", "resolve",
-    "resolve_checkpoint", "restore_rng_state", "save", "save_checkpoint", "unwrap", "verify_checkpoint",
+    "load_checkpoint", "load_model", "load_training", "load_training_state", "load_weights", "read_config", "register_contents", "require", "resolve",
+    "resolve_checkpoint", "restore_rng_state", "save", "save_checkpoint", "save_training", "unwrap", "verify_checkpoint",
 ]

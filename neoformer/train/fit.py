@@ -42,15 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import capture_rng_state, load_training, resolve_checkpoint, restore_rng_state, save_training, unwrap
 from ..parallel import (  # parallel: DDP / FSDP2 under torchrun (no-ops in one process)
-    ParallelContext, ShardedBatches, clip_grad_norm_, is_fsdp, is_sharded_checkpoint, load_train_checkpoint,
-    save_train_checkpoint, set_grad_sync,
+    ParallelContext, ShardedBatches, clip_grad_norm_, set_grad_sync,
 )
 from ..parallel import apply as apply_parallel
-from ..checkpoint import (
-    CheckpointError, capture_rng_state, load_training_state, load_weights, resolve_checkpoint, restore_rng_state,
-    save_checkpoint, unwrap,
-)
 from .monitor import MetricsLog, ProgressBar, StopSignals, apply_threads
 from .objectives import Objective
 from .optim import WarmupCosine, build_optimizer, set_lr
@@ -237,16 +233,7 @@ class Trainer:
     # -- resume -------------------------------------------------------------------------------
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         path = resolve_checkpoint(checkpoint)
-        if is_sharded_checkpoint(path) or is_fsdp(self.raw):  # parallel: any world size, sharded or not
-            state = load_train_checkpoint(path, self.raw, self.optimizer, self.ctx)
-        else:
-            load_weights(self.raw, path)
-            state = load_training_state(path)
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError) as err:
-                raise CheckpointError(f"optimizer state in {path} does not fit this model/optimizer ({err}); "
-                                      "resume with the same model config and train.optimizer") from None
+        state = load_training(path, self.raw, self.optimizer, self.ctx)  # parallel: any world size, sharded or not
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -385,16 +372,10 @@ class Trainer:
             return None
         config = {"model": self.raw.config.to_dict() if hasattr(self.raw, "config") else None,
                   "train": self.cfg.to_dict(), **self.run_config}
-        if is_fsdp(self.raw):  # parallel: every rank writes its shards (DCP); resumable at any world size
-            self.last_checkpoint = save_train_checkpoint(
-                self.ckpt_root, self.step, self.raw, self.optimizer, self.ctx, config=config, tokenizer=self.tokenizer,
-                training_state=self.training_state(), keep_last=self.cfg.keep_last)
-        elif self.ctx.is_main:
-            self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, self.raw, config=config,
-                                                   tokenizer=self.tokenizer, training_state=self.training_state(),
-                                                   keep_last=self.cfg.keep_last)
-        else:  # parallel: DDP replicas are identical; rank 0 wrote the checkpoint
-            self.last_checkpoint = self.ckpt_root / f"step-{self.step:06d}"
+        # parallel: FSDP ranks each write their shards; DDP replicas are identical, so rank 0 writes
+        self.last_checkpoint = save_training(self.ckpt_root, self.step, self.raw, self.optimizer, self.ctx,
+                                             config=config, tokenizer=self.tokenizer,
+                                             training_state=self.training_state(), keep_last=self.cfg.keep_last)
         self.ctx.barrier()
         self._emit("save", {"step": self.step, "path": self.last_checkpoint})
         return self.last_checkpoint
