@@ -47,6 +47,19 @@ def require_finite(config: Any, names: tuple[str, ...], prefix: str = "") -> Non
             raise ConfigError(f"{prefix}{name} ({value!r}) must be a finite number")
 
 
+def _one_of(cfg, name: str, allowed) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} ({value!r}) must be one of: {', '.join(str(a) for a in allowed)}")
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} ({value!r}) must be a positive integer")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one model (immutable: change it with ``dataclasses.replace`` or ``.replace``).
@@ -151,42 +164,34 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        def choice(name: str, allowed) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                shown = ", ".join(str(a) for a in allowed)
-                raise ConfigError(f"{name} ({value!r}) must be one of: {shown}")
-
-        def positive(*names: str) -> None:
-            for name in names:
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ConfigError(f"{name} ({value!r}) must be a positive integer")
-
-        def probability(*names: str) -> None:
-            for name in names:
-                value = getattr(self, name)
-                if not 0.0 <= value < 1.0:
-                    raise ConfigError(f"{name} ({value}) must be in [0, 1)")
-
+        """Every rule, each failing with one line that names the field (docs/config.md lists them)."""
         require_finite(self, ("norm_eps", "rope_base", "rope_scaling_factor", "attn_dropout", "hidden_dropout",
                               "embed_dropout", "init_std", "moe_aux_weight"))
         from .kinds import get as model_kind
 
         kind = model_kind(self.kind)  # unknown: one line naming the registered kinds
-        choice("norm", NORMS)
-        choice("norm_position", NORM_POSITIONS)
-        choice("activation", ACTIVATIONS)
-        choice("position", POSITIONS)
-        choice("rope_scaling", ROPE_SCALINGS)
-        choice("attn_backend", ATTN_BACKENDS)
-        choice("init", INITS)
-        positive("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
-        for name in ("n_kv_heads", "head_dim", "ffn_hidden", "sliding_window"):
-            if getattr(self, name) is not None:
-                positive(name)
-        probability("attn_dropout", "hidden_dropout", "embed_dropout")
+        self._check_names_and_sizes()
+        self._check_attention_and_positions()
+        self._check_layers(kind)
 
+    def _check_names_and_sizes(self) -> None:
+        for name, allowed in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
+                              ("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS),
+                              ("attn_backend", ATTN_BACKENDS), ("init", INITS)):
+            _one_of(self, name, allowed)
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        _positive(self, *(n for n in ("n_kv_heads", "head_dim", "ffn_hidden", "sliding_window")
+                          if getattr(self, n) is not None))
+        for name in ("attn_dropout", "hidden_dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
+        for name in ("norm_eps", "init_std", "rope_base"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
+
+    def _check_attention_and_positions(self) -> None:
         if self.n_heads % self.resolved_n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.resolved_n_kv_heads})")
@@ -201,26 +206,12 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling ({self.rope_scaling!r}) needs position='rope', not {self.position!r}")
         if self.rope_scaling is not None and self.rope_scaling_factor < 1.0:
             raise ConfigError(f"rope_scaling_factor ({self.rope_scaling_factor}) must be >= 1")
-        if self.rope_base <= 0:
-            raise ConfigError(f"rope_base ({self.rope_base}) must be positive")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps ({self.norm_eps}) must be positive")
-        if self.init_std <= 0:
-            raise ConfigError(f"init_std ({self.init_std}) must be positive")
         if self.learned_pos_offset < 0:
             raise ConfigError(f"learned_pos_offset ({self.learned_pos_offset}) must be >= 0")
         if self.learned_pos_offset and self.position != "learned":
             raise ConfigError(f"learned_pos_offset ({self.learned_pos_offset}) needs position='learned'")
         if self.position == "relative":
-            positive("relative_buckets", "relative_max_distance")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
-
-        if kind.encoder_layers:
-            positive("n_encoder_layers")
-        elif self.n_encoder_layers:
-            raise ConfigError(f"n_encoder_layers ({self.n_encoder_layers}) is only for kind='encoder_decoder'")
-
+            _positive(self, "relative_buckets", "relative_max_distance")
         if self.sliding_window_pattern is not None:
             if self.sliding_window is None:
                 raise ConfigError("sliding_window_pattern needs sliding_window (the local window size)")
@@ -228,23 +219,26 @@ class ModelConfig:
                 raise ConfigError(
                     f"sliding_window_pattern ({self.sliding_window_pattern!r}) must be letters L (local) and G (global)")
 
+    def _check_layers(self, kind) -> None:
+        """Rules that depend on the model kind: encoder layers, MoE, the memory layer, nGPT."""
+        if kind.encoder_layers:
+            _positive(self, "n_encoder_layers")
+            if self.position == "learned" and self.learned_pos_offset:
+                raise ConfigError("learned_pos_offset is only for encoder/decoder-only models")
+        elif self.n_encoder_layers:
+            raise ConfigError(f"n_encoder_layers ({self.n_encoder_layers}) is only for kind='encoder_decoder'")
         if self.moe_experts < 0:
             raise ConfigError(f"moe_experts ({self.moe_experts}) must be >= 0 (0 = dense FFN)")
         if self.moe_experts:
-            positive("moe_top_k")
+            _positive(self, "moe_top_k")
             if self.moe_top_k > self.moe_experts:
                 raise ConfigError(f"moe_top_k ({self.moe_top_k}) must be <= moe_experts ({self.moe_experts})")
             if self.moe_aux_weight < 0:
                 raise ConfigError(f"moe_aux_weight ({self.moe_aux_weight}) must be >= 0")
-
         if self.rmc or self.nsb:
             if not kind.memory_layer:
                 raise ConfigError(f"rmc/nsb (the NeoFormer-X memory layer) need kind='decoder', not {self.kind!r}")
-            if self.rmc:
-                positive("rmc_mem_size")
-            if self.nsb:
-                positive("nsb_rules", "nsb_rule_dim")
-
+            _positive(self, *(["rmc_mem_size"] if self.rmc else []), *(["nsb_rules", "nsb_rule_dim"] if self.nsb else []))
         if self.ngpt:
             if self.norm_position != "pre":
                 raise ConfigError("ngpt=True replaces norms with normalisation; set norm_position='pre'")
@@ -252,8 +246,6 @@ class ModelConfig:
                 raise ConfigError("ngpt=True is not supported with moe_experts > 0")
             if self.bias:
                 raise ConfigError("ngpt=True needs bias=False (normalized weights have no bias)")
-        if kind.encoder_layers and self.position == "learned" and self.learned_pos_offset:
-            raise ConfigError("learned_pos_offset is only for encoder/decoder-only models")
 
     # ---- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
