@@ -186,15 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
         parallel.teardown(ctx)
 
 
-def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> int:
-    import torch
-
-    from .. import parallel
-    from ..model import build_model
-    from ..presets import format_run_defaults
-    from ..train.batches import build_task_data, steps_for_epochs
-    from ..train.fit import TrainingDiverged, describe_precision, fit, resolve_device, seed_everything
-
+def _resolve_run(args: argparse.Namespace):
+    """(run config, run directory, checkpoint to resume or None) from the flags; nothing is touched yet."""
     overrides = collect_overrides(args)
     resume_path = None
     if args.resume:
@@ -208,9 +201,22 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
         out = Path(args.out or _default_out(args))
     if args.epochs is not None and not args.epochs > 0:
         raise ConfigError(f"--epochs ({args.epochs}) must be a positive number of passes over the train split")
-    replacement = _claim_out_dir(out, ctx, cleanup, resume=resume_path is not None, overwrite=args.overwrite)
     if run.train.threads is None and "train.threads" not in overrides:
         run = dataclasses.replace(run, train=run.train.replace(threads="auto"))  # tune CPU threads unless told
+    return run, out, resume_path
+
+
+def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> int:
+    import torch
+
+    from .. import parallel
+    from ..model import build_model
+    from ..presets import format_run_defaults
+    from ..train.batches import build_task_data, steps_for_epochs
+    from ..train.fit import TrainingDiverged, describe_precision, fit, resolve_device, seed_everything
+
+    run, out, resume_path = _resolve_run(args)
+    replacement = _claim_out_dir(out, ctx, cleanup, resume=resume_path is not None, overwrite=args.overwrite)
     t = run.train
     if isinstance(t.threads, int):
         torch.set_num_threads(t.threads)
