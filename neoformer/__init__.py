@@ -1,26 +1,13 @@
 """neoformer: build, train, evaluate, compress, serve and export transformer language models."""
 from .config import ConfigError, ModelConfig
+from .lazy import lazy_exports
 from .presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
 
 # Names whose modules import torch are resolved on first use (PEP 562), so that `import neoformer.config`
 # and `neoformer --help` stay fast and torch-free.
-_LAZY = {"build_model": "neoformer.model"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'neoformer' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, {"build_model": "neoformer.model"})
 
 
 def from_hf(path_or_model, dtype=None, **kwargs):

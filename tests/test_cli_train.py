@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from neoformer.cli import main
 from neoformer.train import load_model
@@ -16,12 +15,7 @@ TINY = ["--max-steps", "4", "--batch", "4", "--seq", "16", "--no-progress", "--t
         "--train.eval_batches", "2", "--train.plot", "false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOFORMER_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

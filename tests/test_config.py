@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import pattern_batches
 
 from neoformer import ModelConfig, build_model
 from neoformer.config import ConfigError
 from neoformer.generate import GenerationConfig, generate
 from neoformer.generate.api import plan
 from neoformer.presets import PRESETS, get_preset
-from neoformer.tokenizer import CharTokenizer, get_tokenizer
+from neoformer.tokenizer import get_tokenizer
 from neoformer.train import TrainConfig, causal_lm, fit
 from neoformer.train.run_config import DataConfig, RunConfig, TokenizerConfig, load_run_config, parse_overrides
 
@@ -23,16 +24,13 @@ TEXT = "the quick brown fox jumps over the lazy dog. "
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer.from_texts([TEXT])
+def tok(fox_tokenizer):
+    return fox_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
-                      max_seq_len=64, init_std=0.3)
-    return build_model(cfg).eval()
+def model(fox_model):
+    return fox_model
 
 
 @pytest.mark.parametrize("cfg, name", [
@@ -55,13 +53,6 @@ def test_replace_validates_and_suggests():
         TrainConfig().replace(lrr=1e-3)
     with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
         TokenizerConfig(vocab_size=1)  # validated when built, not only when read from YAML
-
-
-def pattern_batches(batch=4, seq=16, vocab=32):
-    g = torch.Generator().manual_seed(0)
-    while True:
-        ids = (torch.randint(0, vocab - 1, (batch, 1), generator=g) + torch.arange(seq + 1)) % vocab
-        yield ids[:, :-1], ids[:, 1:]
 
 
 def test_fit_with_gradient_checkpointing_leaves_the_preset_alone():

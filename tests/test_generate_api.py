@@ -4,7 +4,6 @@ import torch
 
 from neoformer import ModelConfig, build_model
 from neoformer.generate import GenerationConfig, generate, stream, stream_text
-from neoformer.tokenizer import CharTokenizer
 
 
 
@@ -12,16 +11,13 @@ TEXT = "the quick brown fox jumps over the lazy dog. "
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer.from_texts([TEXT])
+def tok(fox_tokenizer):
+    return fox_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
-                      max_seq_len=64, init_std=0.3)
-    return build_model(cfg).eval()
+def model(fox_model):
+    return fox_model
 
 
 def test_seed_api_and_aliases(model):

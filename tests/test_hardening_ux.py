@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import pattern_batches
 
 from neoformer import build_model
 from neoformer.cli import main
@@ -21,25 +22,12 @@ TINY = ["--max-steps", "2", "--batch", "4", "--seq", "16", "--no-progress", "--t
         "--train.eval_batches", "2", "--train.plot", "false"]
 
 
-def pattern_batches(batch=8, seq=16, vocab=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(0, vocab - 1, (batch, 1), generator=g)
-        ids = (start + torch.arange(seq + 1)) % (vocab - 4) + 4
-        yield ids[:, :-1], ids[:, 1:]
-
-
 def tiny(preset="nexus-debug"):
     torch.manual_seed(0)
     return build_model(preset, vocab_size=32, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOFORMER_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

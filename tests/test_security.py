@@ -24,12 +24,7 @@ TINY = ["--max-steps", "2", "--batch", "2", "--seq", "16", "--no-progress", "--t
         "--train.plot", "false"]
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOFORMER_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

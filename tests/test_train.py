@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from helpers import pattern_batches
 
 from neoformer import build_model
 from neoformer.train import (
@@ -23,15 +24,6 @@ QUIET = dict(progress=False, plot=False, log_every=1, eval_every=0, save_every=0
 
 def quiet(_msg):
     pass
-
-
-def pattern_batches(batch=8, seq=16, vocab=32, seed=0):
-    """A learnable stream: token t+1 = (t + 1) mod vocab' from random starts (stateless generator)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(0, vocab - 1, (batch, 1), generator=g)
-        ids = (start + torch.arange(seq + 1)) % (vocab - 4) + 4
-        yield ids[:, :-1], ids[:, 1:]
 
 
 def tiny(preset="neoformer-x-debug", **overrides):

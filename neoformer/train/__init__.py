@@ -7,9 +7,10 @@
 Names are resolved on first use (PEP 562): importing ``neoformer.train.run_config`` (the CLI's
 --help does) must not import torch through fit.py.
 """
-import importlib
 import sys
 from types import ModuleType
+
+from ..lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -25,14 +26,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'neoformer.train' has no attribute {name!r}")
-
-
 class _TrainPackage(ModuleType):
     """Keeps ``neoformer.train.fit`` the function: importing the submodule ``train/fit.py`` would
     otherwise rebind the package attribute to the module (an eager ``from .fit import fit`` hid this)."""
@@ -44,10 +37,7 @@ class _TrainPackage(ModuleType):
 
 
 sys.modules[__name__].__class__ = _TrainPackage
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [
