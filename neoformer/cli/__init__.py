@@ -20,6 +20,9 @@ COMMANDS = {
     "tokenizer": "neoformer.cli.tokenizer",
     "checkpoint": "neoformer.cli.checkpoint",
     "export": "neoformer.cli.export",
+    "serve": "neoformer.cli.serve",
+    "embed": "neoformer.cli.embed",
+    "fill-mask": "neoformer.cli.fill_mask",
 }
 
 

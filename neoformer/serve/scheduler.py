@@ -1,0 +1,337 @@
+"""Continuous batching: one thread owns the model and runs steps; requests join and leave rows.
+
+Every step: drop cancelled / timed-out sequences (their rows are free at once), admit waiting
+sequences into free rows, run prefill chunks of newcomers (a token budget per step, so a long
+prompt cannot stall everyone's next token), then one decode step for all rows. Each sequence
+keeps its own sampling settings, seed (its own ``torch.Generator``), repetition history and
+model-owned state (the NeoFormer-X RMC summary, through the model's state hooks).
+
+Results go out through ``Sequence.emit(event)``, called on the scheduler thread; the web layer
+turns events into HTTP responses (it hands in a thread-safe callback).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..generate.config import GenerationConfig
+from ..generate.engine import forward_tokens
+from ..generate.sampling import History, choose, process
+from ..generate.stops import StopStrings
+from ..kinds import get as model_kind
+from .rows import CrossSlots, DecodeStep, PrefillChunk, RowSlots, window
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound (HTTP 429)."""
+
+
+@dataclass
+class Sampling:
+    """One sequence's decoding settings (OpenAI names plus vLLM's extensions)."""
+
+    max_tokens: int = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token (0 = only the chosen one), None = off
+    prompt_logprobs: bool = False  # echo + logprobs: log-probabilities of the prompt tokens too
+
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None,
+                                min_p=self.min_p or None, repetition_penalty=self.repetition_penalty)
+
+
+@dataclass
+class Event:
+    """A generated token (``token`` with its ``logprob`` info) or the end (``finish`` reason)."""
+
+    token: int | None = None
+    logprob: tuple | None = None  # (logprob of the token, [(id, logprob), ...] top alternatives)
+    finish: str | None = None  # "stop" | "length" | "timeout" | "cancelled" | "error: ..."
+    prompt_logprobs: list | None = None  # first event of an echo+logprobs sequence: one entry per prompt token
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    deadline: float = float("inf")  # time.monotonic() after which it times out (also while waiting)
+    id: int = field(default_factory=lambda: next(_ids))
+    row: int | None = None
+    prefilled: int = 0  # prompt tokens already in the row
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    state: Any = None  # model-owned state while prefilling
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:  # any thread; the scheduler frees the row on its next step
+        self.cancelled = True
+
+
+class Scheduler:
+    """Owns the model on one thread. ``submit`` a Sequence; ``call`` runs a function between steps."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128,
+                 prefill_budget: int = 256, metrics=None, compile: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.kind = model_kind(model)
+        self.capacity = model.config.max_seq_len
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.max_queue, self.chunk, self.budget = max_queue, prefill_chunk, max(prefill_budget, prefill_chunk)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.tasks: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self.metrics = metrics
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.device = next(model.parameters()).device
+        self.eos = {tokenizer.eos_id} if tokenizer is not None and tokenizer.eos_id is not None else set()
+        if self.kind.cache.generates:
+            self.slots = RowSlots(model, max_batch, self.capacity)
+            self.cross = CrossSlots(model, max_batch, self.capacity) if self.kind.cache.cross_attention else None
+            self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+            self.inputs = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._decode = self._compiled_decode() if compile else self._eager_decode
+
+    # ---- the outside world (any thread) ---------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+            self.waiting.append(seq)
+            self.wake.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the model thread between steps (embeddings, tokenizer-free forwards)."""
+        future: Future = Future()
+        with self.wake:
+            self.tasks.append((fn, future))
+            self.wake.notify()
+        return future
+
+    @property
+    def running(self) -> int:
+        return sum(seq is not None for seq in self.rows)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="neoformer-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel everything still waiting or running and end the thread."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        for seq in [*self.waiting, *(s for s in self.rows if s is not None)]:
+            seq.emit(Event(finish="cancelled"))
+        self.waiting.clear()
+        self.rows = [None] * len(self.rows)
+
+    # ---- the model thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wake:
+                while not self.stopping and not self.tasks and not self.waiting and not self.running:
+                    self.wake.wait(0.5)
+                if self.stopping:
+                    return
+                tasks, self.tasks = list(self.tasks), collections.deque()
+            for fn, future in tasks:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as err:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(err)
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as err:  # noqa: BLE001 - one bad step must not kill the server
+                for seq in [*(s for s in self.rows if s is not None)]:
+                    self._finish(seq, f"error: {type(err).__name__}: {err}")
+
+    def step(self) -> None:
+        self._expire()
+        self._admit()
+        budget = self.budget
+        for seq in [s for s in self.rows if s is not None and s.prefilled < len(s.prompt)]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq)
+        if any(s is not None and s.prefilled == len(s.prompt) for s in self.rows):
+            self._decode_step()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self.wake:
+            for seq in [s for s in self.waiting if s.cancelled or now > s.deadline]:
+                self.waiting.remove(seq)
+                seq.emit(Event(finish="cancelled" if seq.cancelled else "timeout"))
+        for seq in [s for s in self.rows if s is not None and (s.cancelled or now > s.deadline)]:
+            self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        with self.wake:
+            for row, seq in enumerate(self.rows):
+                if seq is None and self.waiting:
+                    new = self.waiting.popleft()
+                    new.row = row
+                    self.rows[row] = new
+                    self._start(new)
+
+    def _start(self, seq: Sequence) -> None:
+        s = seq.sampling
+        seq.cfg = s.generation_config()
+        seq.history = History(seq.cfg, [seq.prompt], self.model.config.vocab_size, self.device)
+        seq.generator = torch.Generator(device=self.device)
+        seq.generator.manual_seed(s.seed if s.seed is not None else int(torch.randint(2**62, ()).item()))
+        seq.stops = StopStrings(s.stop, self.tokenizer) if s.stop else None
+        seq.prompt_lp = [None] if s.prompt_logprobs else None
+        self.slots.clear_row(seq.row)
+        self.lengths[seq.row] = 0
+        if self.cross is not None:  # encode the source once; the decoder starts from one start token
+            src = torch.tensor([seq.prompt], device=self.device)
+            self.cross.put(seq.row, self.model.cross_kv(self.model.encode(src)))
+            seq.source, seq.prompt = seq.prompt, [self._start_token()]
+
+    def _start_token(self) -> int:
+        for tok in (self.model.config.pad_token_id, getattr(self.tokenizer, "bos_id", None), 0):
+            if tok is not None:
+                return tok
+
+    def _encoded(self, row: int | None):
+        from ..generate.engine import Encoded
+
+        if self.cross is None:
+            return None
+        if row is None:
+            return Encoded(self.cross.memory, self.cross.src_mask)
+        return Encoded(*self.cross.row(row))
+
+    def _prefill_chunk(self, seq: Sequence) -> int:
+        """One chunk of seq's prompt; after the last one, its first token. Returns the chunk's size."""
+        lo = seq.prefilled
+        hi = min(len(seq.prompt), (lo // self.chunk + 1) * self.chunk)  # fixed boundaries: same math alone or not
+        ids = torch.tensor([seq.prompt[lo:hi]], device=self.device)
+        positions = torch.arange(lo, hi, device=self.device)[None]
+        chunk = PrefillChunk(self.slots, seq.row, lo, seq.state)
+        every = seq.prompt_lp is not None
+        logits = forward_tokens(self.model, chunk, ids, positions, None, self._encoded(seq.row), last_only=not every)
+        seq.state, seq.prefilled = chunk.model_state, hi
+        self.lengths[seq.row] = hi
+        if every:
+            self._prompt_logprobs(seq, logits[0], lo, hi)
+            logits = logits[:, -1]
+        if hi == len(seq.prompt):
+            self.slots.join_state(seq.row, seq.state)
+            seq.state = None
+            if seq.sampling.max_tokens == 0:  # echo only: the prompt's log-probabilities, no new token
+                seq.emit(Event(prompt_logprobs=seq.prompt_lp))
+                self._finish(seq, "length")
+            else:
+                self._next(seq, logits)
+        return hi - lo
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, lo: int, hi: int) -> None:
+        """Log-probability of prompt tokens lo+1..hi from the logits of positions lo..hi-1."""
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        k = seq.sampling.logprobs or 0
+        for i in range(hi - lo):
+            if lo + i + 1 < len(seq.prompt):
+                seq.prompt_lp.append(self._logprob_entry(lsm[i], seq.prompt[lo + i + 1], k))
+
+    @staticmethod
+    def _logprob_entry(lsm: torch.Tensor, token: int, k: int) -> tuple:
+        top = []
+        if k:
+            values, ids = torch.topk(lsm, k)
+            top = list(zip(ids.tolist(), values.tolist()))
+        return float(lsm[token]), top
+
+    def _eager_decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._decode_rows(tokens, lengths, window(int(lengths.max()) + 1, self.capacity))
+
+    def _decode_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        step = DecodeStep(self.slots, lengths, width)
+        return forward_tokens(self.model, step, tokens[:, None], lengths[:, None], None, self._encoded(None))
+
+    def _compiled_decode(self):
+        """--compile: the decode step at one shape (all rows, the full window), compiled once."""
+        compiled = torch.compile(self._decode_rows, dynamic=False)
+        return lambda tokens, lengths: compiled(tokens, lengths, self.capacity)
+
+    def _decode_step(self) -> None:
+        logits = self._decode(self.inputs, self.lengths.clone())
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(self.rows):
+            if seq is not None and seq.prefilled == len(seq.prompt):
+                self.lengths[row] += 1
+                self._next(seq, logits[row:row + 1], greedy[row])
+
+    def _next(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Choose seq's next token from its (1, V) logits, emit it, and finish or feed it back."""
+        s = seq.sampling
+        plain = not seq.cfg.sampling and not seq.history.active
+        blocked = self.eos and len(seq.generated) < s.min_tokens
+        if plain and not blocked and greedy is not None:
+            token = greedy
+        else:
+            raw = logits.float()
+            if blocked:
+                raw = raw.clone()
+                raw[:, list(self.eos)] = float("-inf")
+            token = int(choose(process(raw, seq.cfg, seq.history), seq.cfg.sampling, seq.generator)[0])
+        logprob = None
+        if s.logprobs is not None:
+            logprob = self._logprob_entry(torch.log_softmax(logits[0].float(), dim=-1), token, s.logprobs)
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - seq.arrived)
+        elif self.metrics is not None:
+            self.metrics.next_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        if seq.history.active:
+            seq.history.append(torch.tensor([token], device=self.device))
+        first = seq.prompt_lp if len(seq.generated) == 1 else None
+        seq.emit(Event(token=token, logprob=logprob, prompt_logprobs=first))
+        if token in self.eos and not s.ignore_eos:
+            self._finish(seq, "stop")
+        elif seq.stops is not None and seq.stops.push(token):
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= s.max_tokens:
+            self._finish(seq, "length")
+        else:
+            self.inputs[seq.row] = token
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.row is not None and self.rows[seq.row] is seq:
+            self.rows[seq.row] = None
+            self.slots.clear_row(seq.row)
+            self.lengths[seq.row] = 0
+            self.inputs[seq.row] = 0
+        seq.emit(Event(finish=reason))
