@@ -433,3 +433,15 @@ def test_embed_and_fill_mask_cli(encoder_ckpt, tok, tmp_path, capsys):
     assert [f["id"] for f in fillers] == probs.topk(3).indices.tolist()
     assert main(["fill-mask", str(encoder_ckpt), "--text", "no mask here"]) == 2
     assert capsys.readouterr().err.startswith("error: the text has no <mask>")
+
+
+def test_generate_cli_prints_encoder_decoder_output_as_its_own_field(tmp_path, tok, capsys):
+    torch.manual_seed(1)
+    cfg = ModelConfig(kind="encoder_decoder", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_encoder_layers=1,
+                      n_heads=4, ffn_hidden=48, max_seq_len=64, init_std=0.3)
+    model = build_model(cfg).eval()
+    path = checkpoint.save_checkpoint(tmp_path / "s2s", 1, model, tokenizer=tok)
+    assert main(["generate", str(path), "--prompt", "abc", "-n", "6", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    expected = generate(model, tok.encode("abc"), 6, tokenizer=tok, eos_token_id=[], return_dict=True).texts[0]
+    assert out == f"source: abc\noutput: {expected}\n"

@@ -131,7 +131,14 @@ def _report(stats: dict, notes: list[str] = ()) -> None:
         print(note, file=sys.stderr)
 
 
+def _lead(prompt: str, seq2seq: bool) -> str:
+    """What goes before the generated text: the prompt it continues, or (encoder-decoder) the
+    source on its own line and an ``output:`` label."""
+    return f"source: {prompt}\noutput: " if seq2seq else prompt
+
+
 def run(args) -> int:
+    from .. import kinds as model_kinds
     from ..generate.api import generate, stream_text
     from ..train.fit import resolve_device
     from ..train.monitor import apply_threads, tuned
@@ -147,11 +154,12 @@ def run(args) -> int:
     notes: list[str] = []  # thread-tuner notes, printed after the text rather than inside it
     tuner = apply_threads(args.threads, next(model.parameters()).device.type, notes.append)
     streaming = len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
+    seq2seq = model_kinds.get(model).cache.cross_attention  # the output is a new text, not a continuation
     if streaming:
         stats: dict = {}
         pieces = tuned(stream_text(model, tokenizer, prompts[0], draft_model=draft, stats=stats, **opts), tuner)
         first = next(pieces, "")  # bad options fail here, before the prompt is printed
-        print(prompts[0] + first, end="", flush=True)
+        print(_lead(prompts[0], seq2seq) + first, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
@@ -163,7 +171,7 @@ def run(args) -> int:
     for i, text in enumerate(out.texts):
         if per_prompt > 1 or len(prompts) > 1:
             print(f"--- {i // per_prompt + 1}" + (f".{i % per_prompt + 1}" if per_prompt > 1 else ""))
-        print(prompts[i // per_prompt] + text)
+        print(_lead(prompts[i // per_prompt], seq2seq) + text)
     _report(out.stats, notes)
     return 0
 
