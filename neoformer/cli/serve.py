@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens-default", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="decode only the busy rows: faster at low load, but a request's tokens may then "
+                        "differ in the last bits with the load")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one shape)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -64,7 +67,8 @@ def run(args) -> int:
     options = ServeOptions(api_key=args.api_key or os.environ.get("NEOFORMER_API_KEY") or None,
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_tokens_default=args.max_tokens_default, timeout=args.timeout,
-                           max_body_bytes=args.max_body, compile=args.compile)
+                           max_body_bytes=args.max_body, compile=args.compile,
+                           batch_invariant=args.batch_invariant)
     print(f"serving {name} ({model.config.kind}, context {model.config.max_seq_len}) on http://{args.host}:{args.port}"
           f"  (playground: /, API: /v1)", file=sys.stderr, flush=True)
     serve(model, tokenizer, config, name, options, host=args.host, port=args.port, log_level=args.log_level)

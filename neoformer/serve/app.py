@@ -36,6 +36,7 @@ class ServeOptions:
     timeout: float = 600.0  # seconds per request, queueing included
     max_body_bytes: int = 1 << 20
     compile: bool = False
+    batch_invariant: bool = True
 
 
 class Server:
@@ -49,7 +50,8 @@ class Server:
         self.template = chat_template_of(config)
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                                   metrics=self.metrics, compile=options.compile)
+                                   metrics=self.metrics, compile=options.compile,
+                                   batch_invariant=options.batch_invariant)
         self.eos = {tokenizer.eos_id} if tokenizer is not None and tokenizer.eos_id is not None else set()
         self.created = int(time.time())
 

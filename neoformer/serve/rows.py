@@ -9,9 +9,9 @@ hold. Two small views implement ``model/state.py``'s protocol over the shared bu
 - :class:`DecodeStep`: one new token for *every* row at its own slot.
 
 Batch invariance (a request's tokens do not depend on its neighbours): on this CPU a GEMM row's
-bits change with the number of rows M (MKL picks kernels by M), so a decode step always runs all
-``rows`` rows, idle ones included, and a prefill is always one request alone with fixed chunk
-boundaries. Attention reads a window of the first ``width`` slots; keys past a row's length are
+bits change with the number of rows M (MKL picks kernels by M; they do not change with the other
+rows' values or a row's place), so a decode step runs all ``rows`` rows, idle ones included, and
+a prefill is always one request alone with fixed chunk boundaries. Attention reads a window of the first ``width`` slots; keys past a row's length are
 masked, and a masked key adds an exact zero, so the window's size does not change a row's result
 (tests/test_serve.py checks the whole property end to end).
 """
@@ -81,14 +81,14 @@ class PrefillChunk:
 
 
 class DecodeStep:
-    """One token for every row: row b writes slot ``lengths[b]`` at position ``lengths[b]``.
+    """One token for each of the first ``n`` rows: row b writes slot ``lengths[b]`` at position ``lengths[b]``.
 
     Rows that are idle or still prefilling take part with a dummy token: they write the slot their
     next real token will overwrite (its keep flag is set by that write), so nothing of theirs is lost."""
 
-    def __init__(self, slots: RowSlots, lengths: torch.Tensor, width: int):
-        self.slots, self.lengths, self.width = slots, lengths, width
-        self.rows = torch.arange(slots.rows, device=lengths.device)
+    def __init__(self, slots: RowSlots, lengths: torch.Tensor, width: int, n: int):
+        self.slots, self.lengths, self.width, self.n = slots, lengths[:n], width, n
+        self.rows = torch.arange(n, device=lengths.device)
 
     @property
     def model_state(self):
@@ -102,25 +102,23 @@ class DecodeStep:
         pass
 
     def prepare(self, q_pos: torch.Tensor, new_keep: torch.Tensor | None):
-        s = self.slots
+        s, n = self.slots, self.n
         s.pos[self.rows, self.lengths] = q_pos[:, 0]
         s.keep[self.rows, self.lengths] = True
-        return s.pos[:, :self.width], s.keep[:, :self.width]
+        return s.pos[:n, :self.width], s.keep[:n, :self.width]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        i = layer_idx - self.slots.layer_offset
+        i, n = layer_idx - self.slots.layer_offset, self.n
         kb, vb = self.slots.k[i], self.slots.v[i]
         kb[self.rows, :, self.lengths] = k[:, :, 0]
         vb[self.rows, :, self.lengths] = v[:, :, 0]
-        return kb[:, :, :self.width], vb[:, :, :self.width]
+        return kb[:n, :, :self.width], vb[:n, :, :self.width]
 
 
 class CrossSlots:
     """Encoder-decoder: every row's cross-attention K/V of its source, padded to ``capacity`` source tokens."""
 
     def __init__(self, model, rows: int, capacity: int):
-        from ..model.transformer import CrossKV
-
         cfg = model.config
         weight = next(model.parameters())
         shape = (rows, cfg.resolved_n_kv_heads, capacity, cfg.resolved_head_dim)
@@ -128,7 +126,6 @@ class CrossSlots:
         self.layers = [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
                         torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(n)]
         self.src_mask = torch.zeros(rows, capacity, dtype=torch.long, device=weight.device)
-        self.memory = CrossKV(self.layers)
 
     def put(self, row: int, memory) -> None:
         """Row ``row`` attends to ``memory`` (a one-row CrossKV of S source tokens)."""
@@ -141,8 +138,8 @@ class CrossSlots:
         self.src_mask[row] = 0
         self.src_mask[row, :S] = 1
 
-    def row(self, row: int):
-        """(one-row CrossKV, src_mask) views of ``row``."""
+    def rows(self, rows: slice):
+        """(CrossKV, src_mask) views of some rows."""
         from ..model.transformer import CrossKV
 
-        return CrossKV([(k[row:row + 1], v[row:row + 1]) for k, v in self.layers]), self.src_mask[row:row + 1]
+        return CrossKV([(k[rows], v[rows]) for k, v in self.layers]), self.src_mask[rows]
