@@ -33,10 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: str, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(ckpt: str, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "neoformer.cli", "serve", ckpt, "--port", str(port), "--threads",
-                             "1", "--max-batch", str(max_batch), "--log-level", "warning"], env=env)
+                             "1", "--max-batch", str(max_batch), "--log-level", "warning", *extra], env=env)
     for _ in range(600):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -112,6 +112,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--no-batch-invariant", action="store_true", help="pass --no-batch-invariant to the server")
     args = parser.parse_args()
 
     import random
@@ -132,9 +133,10 @@ def main() -> int:
     prompts = [tok.encode(" ".join(rng.choice(words) for _ in range(rng.randrange(4, 40))))
                for _ in range(args.requests)]
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; load {os.getloadavg()[0]:.2f}")
+    print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; "
+          f"batch-invariant decode {'off' if args.no_batch_invariant else 'on'}; load {os.getloadavg()[0]:.2f}")
     port = free_port()
-    server = start_server(ckpt, port, max(levels))
+    server = start_server(ckpt, port, max(levels), ["--no-batch-invariant"] if args.no_batch_invariant else [])
     rows: dict[int, list[dict]] = {c: [] for c in levels}
     baseline = []
     try:

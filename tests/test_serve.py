@@ -445,3 +445,41 @@ def test_generate_cli_prints_encoder_decoder_output_as_its_own_field(tmp_path, t
     out = capsys.readouterr().out
     expected = generate(model, tok.encode("abc"), 6, tokenizer=tok, eos_token_id=[], return_dict=True).texts[0]
     assert out == f"source: abc\noutput: {expected}\n"
+
+
+@pytest.mark.slow
+def test_playground_streams_a_reply_in_a_headless_browser(served):
+    """Debian's chromium + chromium-driver (apt-get install chromium chromium-driver), driven by selenium."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    port, _ = served
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.binary_location = browser
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element("id", "max_tokens").clear()
+        driver.find_element("id", "max_tokens").send_keys("40")
+        driver.find_element("id", "message").send_keys("hello there\n")
+        seen = []
+        for _ in range(200):  # bounded: 20 s; record the reply as it grows
+            replies = driver.find_elements("css selector", "#log .assistant")
+            text = replies[-1].text if replies else ""
+            if not seen or text != seen[-1]:
+                seen.append(text)
+            if "tokens/s" in driver.find_element("id", "stats").text:
+                break
+            time.sleep(0.1)
+        assert "tokens/s" in driver.find_element("id", "stats").text
+        assert seen[-1] and not seen[-1].startswith("error")
+        assert driver.find_element("css selector", "#log .user").text == "hello there"
+    finally:
+        driver.quit()
