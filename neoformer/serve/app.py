@@ -147,7 +147,7 @@ def _failure(choices: list[Choice]) -> APIError | None:
 
 
 async def _events(queue: asyncio.Queue, request: Request, seqs: list[Sequence]):
-    """Scheduler events until every sequence finished; cancels them all if the client goes away."""
+    """Batches of scheduler events until every sequence finished; cancels them all if the client goes away."""
     pending, checked = len(seqs), time.monotonic()
     try:
         while pending:
@@ -161,9 +161,11 @@ async def _events(queue: asyncio.Queue, request: Request, seqs: list[Sequence]):
                     return
             if event is None:
                 continue
-            if event.finish is not None:
-                pending -= 1
-            yield index, event
+            batch = [(index, event)]
+            while not queue.empty():  # the loop fell behind: take what is there, send it in one write
+                batch.append(queue.get_nowait())
+            pending -= sum(e.finish is not None for _, e in batch)
+            yield batch
     finally:
         for seq in seqs:
             seq.cancel()
@@ -180,8 +182,9 @@ async def _complete(server: Server, req: GenerationRequest, request: Request):
     if req.stream:
         return StreamingResponse(_stream(server, req, request, seqs, choices, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async for index, event in _events(queue, request, seqs):
-        choices[index].push(event)
+    async for batch in _events(queue, request, seqs):
+        for index, event in batch:
+            choices[index].push(event)
     failure = _failure(choices)
     if failure is not None:
         raise failure
@@ -215,27 +218,32 @@ async def _stream(server: Server, req: GenerationRequest, request: Request, seqs
         for c in choices:
             yield _sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
-    async for index, event in _events(queue, request, seqs):
-        c = choices[index]
-        seen = len(c.logprobs)
-        delta = c.push(event)
-        finish = c.finish_reason if event.finish is not None else None
-        if event.finish is not None and _failure([c]) is not None:
-            yield _sse(_failure([c]).body())
-            continue
-        if not delta and finish is None and req.sampling.logprobs is None:
-            continue
-        if req.chat:
-            lp = c.chat_logprobs(seen) if req.sampling.logprobs is not None else None
-            body = {"index": index, "delta": {"content": delta} if delta or finish is None else {},
-                    "logprobs": lp, "finish_reason": finish}
-        else:
-            lp = c.completion_logprobs(None, seen) if req.sampling.logprobs is not None else None
-            body = {"index": index, "text": delta, "logprobs": lp, "finish_reason": finish}
-        yield _sse({**head, "choices": [body]})
+    async for batch in _events(queue, request, seqs):
+        text = "".join(_chunk(head, req, choices[index], event) for index, event in batch)
+        if text:
+            yield text
     if req.include_usage:
         yield _sse({**head, "choices": [], "usage": _usage(req, choices)})
     yield "data: [DONE]\n\n"
+
+
+def _chunk(head: dict, req: GenerationRequest, c: Choice, event) -> str:
+    """The SSE chunk of one event of choice c ("" when there is nothing to send yet)."""
+    seen = len(c.logprobs)
+    delta = c.push(event)
+    finish = c.finish_reason if event.finish is not None else None
+    if event.finish is not None and _failure([c]) is not None:
+        return _sse(_failure([c]).body())
+    if not delta and finish is None and req.sampling.logprobs is None:
+        return ""
+    if req.chat:
+        lp = c.chat_logprobs(seen) if req.sampling.logprobs is not None else None
+        body = {"index": c.index, "delta": {"content": delta} if delta or finish is None else {},
+                "logprobs": lp, "finish_reason": finish}
+    else:
+        lp = c.completion_logprobs(None, seen) if req.sampling.logprobs is not None else None
+        body = {"index": c.index, "text": delta, "logprobs": lp, "finish_reason": finish}
+    return _sse({**head, "choices": [body]})
 
 
 # ---- the app ------------------------------------------------------------------------------------
