@@ -105,6 +105,36 @@ def sequential_generate(model, prompts, max_tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def engine_rate(model, tok, prompts, max_tokens: int, batch_invariant: bool) -> float:
+    """The scheduler alone (no HTTP), every prompt submitted at once, 16 rows: output tokens/s."""
+    import torch
+
+    from neoformer.serve import Sampling, Scheduler, Sequence
+
+    sched = Scheduler(model, tok, max_batch=16, max_queue=len(prompts), batch_invariant=batch_invariant)
+    outs = [[] for _ in prompts]
+    for prompt, out in zip(prompts, outs):
+        sched.submit(Sequence(prompt, Sampling(max_tokens=max_tokens, ignore_eos=True), out.append))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        while not all(out and out[-1].finish for out in outs):
+            sched.step()
+    return len(prompts) * max_tokens / (time.perf_counter() - t0)
+
+
+def engine_table(model, tok, prompts, max_tokens: int, rounds: int) -> None:
+    """Batch invariance's price: one request and 16 at once, invariant decode on and off, vs generate."""
+    rows = []
+    for _ in range(rounds):
+        base = sequential_generate(model, prompts[:4], max_tokens)
+        rows.append([base] + [engine_rate(model, tok, prompts[:k], max_tokens, inv) for k in (1, 16)
+                              for inv in (True, False)])
+    med = [statistics.median(col) for col in zip(*rows)]
+    print(f"engine only (no HTTP), tok/s, median of {rounds}: generate {med[0]:.0f} | 1 request: invariant "
+          f"{med[1]:.0f} ({med[1] / med[0]:.2f}x), busy rows {med[2]:.0f} ({med[2] / med[0]:.2f}x) | 16 requests: "
+          f"invariant {med[3]:.0f} ({med[3] / med[0]:.2f}x), busy rows {med[4]:.0f} ({med[4] / med[0]:.2f}x)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="default: the trained small teacher")
@@ -113,6 +143,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--no-batch-invariant", action="store_true", help="pass --no-batch-invariant to the server")
+    parser.add_argument("--engine", action="store_true", help="only the scheduler in-process, no HTTP")
     args = parser.parse_args()
 
     import random
@@ -133,6 +164,9 @@ def main() -> int:
     prompts = [tok.encode(" ".join(rng.choice(words) for _ in range(rng.randrange(4, 40))))
                for _ in range(args.requests)]
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.engine:
+        engine_table(model, tok, prompts, args.max_tokens, args.rounds)
+        return 0
     print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; "
           f"batch-invariant decode {'off' if args.no_batch_invariant else 'on'}; load {os.getloadavg()[0]:.2f}")
     port = free_port()
