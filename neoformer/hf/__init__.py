@@ -137,7 +137,7 @@ def _load_into_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch
 
 
 # ---- to_hf --------------------------------------------------------------------------------
-def _export_family(cfg: ModelConfig):
+def stock_export_family(cfg: ModelConfig):
     """The converter module for this config, or a ValueError naming the first unsupported feature."""
     unsupported = [
         (cfg.kind != "decoder", f"kind={cfg.kind!r} (encoder kinds); only decoder-only models export"),
@@ -165,7 +165,7 @@ def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | 
     """
     _check_export_folder(Path(out_dir))
     cfg: ModelConfig = model.config
-    family = _export_family(cfg)
+    family = stock_export_family(cfg)
     arch = family.check_exportable(cfg)
     tokenizer_files = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
     sd = split_qkv({k: v.detach() for k, v in model.state_dict().items()}, cfg)
@@ -211,4 +211,4 @@ def _copy_tokenizer(files: list[Path], out: Path) -> None:
         (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
 
 
-__all__ = ["from_hf", "to_hf", "read_config", "read_weights", "SUPPORTED"]
+__all__ = ["from_hf", "to_hf", "stock_export_family", "read_config", "read_weights", "SUPPORTED"]
