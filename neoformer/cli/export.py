@@ -1,34 +1,45 @@
-"""`neoformer export CKPT --out DIR`: a training checkpoint as a Hugging Face transformers folder."""
+"""`neoformer export CKPT --format FMT --out DIR`: a checkpoint for another runtime, verified after writing."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+FORMAT_NAMES = ("hf", "onnx", "torch-export", "torchscript", "gguf")  # = neoformer.export.FORMATS (torch-free here)
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint to a Hugging Face transformers folder",
-        description="Write config.json + model.safetensors (+ the tokenizer) that "
-                    "transformers.AutoModelForCausalLM.from_pretrained loads with identical logits. "
-                    "Llama-, Mistral- and GPT-2-shaped decoders export; other features (RMC/NSB, MoE, ALiBi, "
-                    "T5 bias, nGPT, encoders) are refused with the reason.",
+        "export", help="export a checkpoint (hf, onnx, torch-export, torchscript, gguf), verified",
+        description="Write the checkpoint for another runtime, then load what was written with that runtime's "
+                    "own library and compare logits over a prefill plus three cached decode steps (gguf: "
+                    "every tensor read back). hf: stock transformers classes where one fits (Llama, Mistral, "
+                    "GPT-2, Mixtral), neoformer's own code (trust_remote_code=True) for every other kind. "
+                    "docs/export.md has the table of formats and model kinds.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint or run directory (from `neoformer train`)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty, or --force)")
+    parser.add_argument("--format", default="hf", choices=FORMAT_NAMES)
+    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    parser.add_argument("--quant", default=None, help="gguf only: q8_0 | q4_0")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check after writing")
+    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     parser.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
-    from ..checkpoint import TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
-    from ..hf import to_hf
-    from ..safepath import inside
+    from ..checkpoint import resolve_checkpoint
+    from ..export import export
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     _refuse_overlap(Path(args.out), checkpoint)
-    model, _, _ = load_checkpoint(checkpoint, command="export")
-    tokenizer_dir = inside(checkpoint, TOKENIZER_DIR, what="tokenizer folder", error=CheckpointError)
-    out = to_hf(model, args.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
-    print(f"exported {model.config.name} ({model.num_parameters():,} parameters) to {out}")
+    result = export(checkpoint, args.out, args.format, dtype=args.dtype, quant=args.quant, verify=args.verify,
+                    force=args.force)
+    print(f"exported {checkpoint} as {args.format} to {result.path} ({result.size_bytes / 1e6:.2f} MB: "
+          f"{', '.join(result.files)})")
+    if result.max_diff is None:
+        print("not verified (--no-verify)")
+    else:
+        print(f"verified: max |Δlogit| {result.max_diff:.3g} — {result.checked}")
     return 0
 
 
