@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": "neoformer.cli.serve",
     "embed": "neoformer.cli.embed",
     "fill-mask": "neoformer.cli.fill_mask",
+    "import": "neoformer.cli.import_",
 }
 
 

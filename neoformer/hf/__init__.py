@@ -21,11 +21,11 @@ import torch
 from ..config import ModelConfig
 from ..model import build_model
 from ..model.transformer import DecoderLM
-from . import gpt2, llama
+from . import gpt2, llama, mixtral, qwen2
 from .common import HFWeights, fuse_qkv, split_qkv
 
-FAMILIES = {arch: family for family in (llama, gpt2) for arch in family.ARCHITECTURES}
-MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES}
+FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2) for arch in family.ARCHITECTURES}
+MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES}
 SUPPORTED = ", ".join(FAMILIES)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "tokenizer_meta.json",
@@ -142,7 +142,7 @@ def stock_export_family(cfg: ModelConfig):
     unsupported = [
         (cfg.kind != "decoder", f"kind={cfg.kind!r} (encoder kinds); only decoder-only models export"),
         (cfg.rmc or cfg.nsb, "the NeoFormer-X memory layer (rmc/nsb)"),
-        (cfg.moe_experts > 0, f"mixture of experts (moe_experts={cfg.moe_experts})"),
+        (cfg.moe_experts > 0 and cfg.position != "rope", "a mixture of experts without rope"),
         (cfg.ngpt, "nGPT (ngpt=True)"),
         (cfg.norm_position != "pre", "post-norm (norm_position='post')"),
         (cfg.position == "alibi", "ALiBi positions (position='alibi')"),
@@ -155,6 +155,8 @@ def stock_export_family(cfg: ModelConfig):
     for bad, feature in unsupported:
         if bad:
             raise ValueError(f"to_hf: {feature} is not supported by any Hugging Face architecture we export to")
+    if cfg.moe_experts:
+        return mixtral
     return llama if cfg.position == "rope" else gpt2
 
 
