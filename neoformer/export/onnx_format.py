@@ -13,87 +13,17 @@ backend, the plain-matmul reference, which every opset expresses.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from .. import kinds
-from ..model.memory import MemoryState
-from ..model.state import Past
 from .common import (
     DECODE_STEPS, PREFILL, ExportError, Source, check_tolerance, max_abs_diff, optional_import, probe_ids,
     probe_padding_mask, seq2seq_reference, verify_steps, write_json,
 )
+from .steps import DecoderStep, EncoderLogits, Seq2SeqDecoderStep, Seq2SeqEncoder, eager_copy, kv_names, random_kv
 
 OPSET = 18
-
-
-def _kv_names(n_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{part}" for i in range(n_layers) for part in ("key", "value")]
-
-
-class DecoderStep(nn.Module):
-    """One cached forward of a decoder with flat tensor inputs/outputs (what ONNX can name)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.memory = model.rmc is not None
-
-    def forward(self, input_ids, attention_mask, *flat):
-        n = self.model.config.n_layers
-        state = MemoryState(flat[2 * n], flat[2 * n + 1]) if self.memory else None
-        past = Past.of([(flat[2 * i], flat[2 * i + 1]) for i in range(n)], state)
-        logits, present, _ = self.model(input_ids, past, attention_mask=attention_mask.bool(), use_cache=True)
-        out = [logits, *[t for kv in present for t in kv]]
-        if self.memory:
-            out += [present.memory_state.total, present.memory_state.count]
-        return tuple(out)
-
-
-class EncoderLogits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids, attention_mask=attention_mask.bool())
-
-
-class Seq2SeqEncoder(EncoderLogits):
-    def forward(self, input_ids, attention_mask):
-        return self.model.encode(input_ids, attention_mask.bool())
-
-
-class Seq2SeqDecoderStep(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, decoder_input_ids, memory, attention_mask, *flat):
-        n = self.model.config.n_layers
-        past = Past.of([(flat[2 * i], flat[2 * i + 1]) for i in range(n)])
-        logits, present = self.model.decode(decoder_input_ids, memory, attention_mask.bool(), past, use_cache=True)
-        return (logits, *[t for kv in present for t in kv])
-
-
-def _eager_copy(model):
-    """A copy whose attention layers use the eager reference backend (plain matmuls, exports everywhere)."""
-    model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        if hasattr(module, "backend") and hasattr(module, "head_dim"):
-            module.backend = "eager"
-    return model
-
-
-def _random_kv(cfg, batch: int, past: int, dtype, seed: int) -> list[torch.Tensor]:
-    """Distinct random example tensors, one per KV input (never one shared tensor)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, cfg.resolved_n_kv_heads, past, cfg.resolved_head_dim)
-    return [torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * cfg.n_layers)]
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic: dict[str, dict[int, str]]) -> None:
@@ -121,7 +51,7 @@ def check_supported(source: Source, dtype, quant) -> None:
 
 def write_onnx(source: Source, out: Path, dtype: torch.dtype) -> dict:
     cfg, kind = source.cfg, source.kind
-    model = _eager_copy(source.model)
+    model = eager_copy(source.model)
     B, P, L, S = 2, 3, 2, 4
     ids = torch.randint(0, cfg.vocab_size, (B, L))
     with torch.no_grad():
@@ -135,16 +65,16 @@ def write_onnx(source: Source, out: Path, dtype: torch.dtype) -> dict:
                     ["input_ids", "attention_mask"], ["memory"], {"input_ids": {0: "B", 1: "S"},
                                                                   "attention_mask": {0: "B", 1: "S"}})
             memory = torch.randn(B, S, cfg.d_model).to(dtype)
-            past_names, present_names = _kv_names(cfg.n_layers, "past_key_values"), _kv_names(cfg.n_layers, "present")
+            past_names, present_names = kv_names(cfg.n_layers, "past_key_values"), kv_names(cfg.n_layers, "present")
             kv_axes = {name: {0: "B", 2: "P"} for name in past_names}
             _export(Seq2SeqDecoderStep(model), (ids, memory, torch.ones(B, S, dtype=torch.long),
-                                                *_random_kv(cfg, B, P, dtype, 1)), out / "decoder.onnx",
+                                                *random_kv(cfg, B, P, dtype, 1)), out / "decoder.onnx",
                     ["decoder_input_ids", "memory", "attention_mask", *past_names], ["logits", *present_names],
                     {"decoder_input_ids": {0: "B", 1: "L"}, "memory": {0: "B", 1: "S"},
                      "attention_mask": {0: "B", 1: "S"}, **kv_axes})
         else:
-            past_names, present_names = _kv_names(cfg.n_layers, "past_key_values"), _kv_names(cfg.n_layers, "present")
-            args = [ids, torch.ones(B, P + L, dtype=torch.long), *_random_kv(cfg, B, P, dtype, 1)]
+            past_names, present_names = kv_names(cfg.n_layers, "past_key_values"), kv_names(cfg.n_layers, "present")
+            args = [ids, torch.ones(B, P + L, dtype=torch.long), *random_kv(cfg, B, P, dtype, 1)]
             axes = {"input_ids": {0: "B", 1: "L"}, "attention_mask": {0: "B", 1: "T"},
                     **{name: {0: "B", 2: "P"} for name in past_names}}
             if model.rmc is not None:
@@ -184,7 +114,7 @@ class OnnxDecoder:
 
         m = self.meta
         empty = np.zeros((batch, m["n_kv_heads"], 0, m["head_dim"]), dtype=self.np_dtype)
-        self.past = {name: empty for name in _kv_names(m["n_layers"], "past_key_values")}
+        self.past = {name: empty for name in kv_names(m["n_layers"], "past_key_values")}
         if m["memory"]:
             self.past["past_memory.total"] = np.zeros((batch, m["d_model"]), dtype=self.np_dtype)
             self.past["past_memory.count"] = np.zeros((batch,), dtype=self.np_dtype)
@@ -243,13 +173,13 @@ def _verify_seq2seq(source, out, dtype, ort, np):
     src_mask = np.ones(src.shape, dtype=np.int64)
     memory = encoder.run(None, {"input_ids": src.numpy(), "attention_mask": src_mask})[0]
     empty = np.zeros((src.shape[0], cfg.resolved_n_kv_heads, 0, cfg.resolved_head_dim), dtype=memory.dtype)
-    past = {name: empty for name in _kv_names(cfg.n_layers, "past_key_values")}
+    past = {name: empty for name in kv_names(cfg.n_layers, "past_key_values")}
     steps = []
     for chunk in [tgt[:, :PREFILL], *[tgt[:, t:t + 1] for t in range(PREFILL, tgt.shape[1])]]:
         outputs = decoder.run(None, {"decoder_input_ids": chunk.numpy(), "memory": memory,
                                      "attention_mask": src_mask, **past})
         steps.append(torch.from_numpy(np.asarray(outputs[0], dtype=np.float32)))
-        past = dict(zip(_kv_names(cfg.n_layers, "past_key_values"), outputs[1:]))
+        past = dict(zip(kv_names(cfg.n_layers, "past_key_values"), outputs[1:]))
     diff = max_abs_diff(ours, steps)
     check_tolerance("onnx", diff, dtype)
     return diff, f"onnxruntime: encoder + decoder prefill {PREFILL} + {DECODE_STEPS} cached steps"

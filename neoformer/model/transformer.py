@@ -267,7 +267,7 @@ class DecoderLM(NeoFormerModel):
         cache = self._open_cache(past, kv_cache, use_cache, k_pos, key_keep)
         if cache is not None:
             k_pos, key_keep = cache.prepare(q_pos, new_keep)
-        self._check_length(int(k_pos.shape[-1]) if packed is None else packed.max_seqlen)
+        self._check_length(k_pos.shape[-1] if packed is None else packed.max_seqlen)
 
         h = self.embed(input_ids, q_pos, new_keep)  # (B, L, D)
         delta = None
@@ -387,7 +387,7 @@ class EncoderDecoderLM(NeoFormerModel):
         cache = self._open_cache(past, kv_cache, use_cache, k_pos, tgt_keep)
         if cache is not None:
             k_pos, tgt_keep = cache.prepare(q_pos, None)
-        self._check_length(int(k_pos.shape[-1]))
+        self._check_length(k_pos.shape[-1])
         h = self.embed(tgt_ids, q_pos, None)
         ctx = self.decoder.context(q_pos, k_pos, tgt_keep, None, h.dtype)
         src_keep = keep_mask(src_mask) if src_mask is not None else None
