@@ -52,6 +52,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    c.add_argument("--onnx", action="store_true",
+                   help="CHECKPOINT is a `neoformer export --format onnx` folder: greedy decoding with onnxruntime")
     c.add_argument("--no-stream", action="store_true", help="print the result at the end")
     p.set_defaults(func=run)
 
@@ -144,6 +146,8 @@ def run(args) -> int:
     from ..train.monitor import apply_threads, tuned
 
     prompts = _prompts(args)
+    if args.onnx:
+        return _run_onnx(args, prompts)
     opts = _options(args)
     device = resolve_device(args.device) if args.device else None
     model, tokenizer = _load(args.checkpoint, device, args.dtype)
@@ -175,3 +179,22 @@ def run(args) -> int:
     _report(out.stats, notes)
     return 0
 
+
+
+def _run_onnx(args, prompts: list[str]) -> int:
+    """Greedy tokens from onnxruntime on an ONNX export (the same tokens neoformer picks greedily)."""
+    import time
+
+    from ..export.onnx_format import onnx_greedy
+    from ..tokenizer import load_tokenizer
+
+    if args.temperature or args.top_k or args.top_p or args.min_p or args.num_beams != 1 or args.draft:
+        raise UserError("--onnx decodes greedily: drop the sampling, beam and draft options")
+    tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+    eos = () if args.ignore_eos else tuple(args.eos_id or [tokenizer.eos_id])
+    for prompt in prompts:
+        start = time.perf_counter()
+        new = onnx_greedy(args.checkpoint, tokenizer.encode(prompt), args.max_new_tokens, eos)
+        print(prompt + tokenizer.decode(new))
+        _report({"new_tokens": len(new), "total_s": time.perf_counter() - start})
+    return 0

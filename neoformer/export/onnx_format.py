@@ -183,3 +183,25 @@ def _verify_seq2seq(source, out, dtype, ort, np):
     diff = max_abs_diff(ours, steps)
     check_tolerance("onnx", diff, dtype)
     return diff, f"onnxruntime: encoder + decoder prefill {PREFILL} + {DECODE_STEPS} cached steps"
+
+
+def onnx_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int,
+                eos_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy continuation of one prompt by onnxruntime on a decoder export (``generate --onnx``)."""
+    import numpy as np
+
+    decoder = OnnxDecoder(folder)
+    if decoder.meta["kind"] != "decoder":
+        raise ExportError(f"{folder} holds a {decoder.meta['kind']} ONNX export; --onnx generates with decoders")
+    if not prompt_ids:
+        raise ExportError("the prompt encodes to no tokens")
+    decoder.reset(1)
+    logits = decoder.step(np.asarray([prompt_ids]))
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if token in eos_ids:
+            break
+        logits = decoder.step(np.asarray([[token]]))
+    return new
