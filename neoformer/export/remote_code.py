@@ -105,6 +105,7 @@ class NeoFormerConfig(PretrainedConfig):
 
     def __init__(self, neoformer=None, **kwargs):
         self.neoformer = dict(neoformer or {})
+        self.use_cache = kwargs.pop("use_cache", True)
         n_layers = self.neoformer.get("n_layers", 1)
         kwargs.setdefault("num_hidden_layers", n_layers)
         kwargs.setdefault("hidden_size", self.neoformer.get("d_model", 1))
