@@ -287,3 +287,17 @@ def test_half_precision_exports_verify(dtype, tokenizer, tmp_path):
     for fmt in ("hf", "gguf"):
         result = export(tiny("lumi-debug", tokenizer), tmp_path / fmt, fmt, dtype=dtype, tokenizer=tokenizer)
         assert result.max_diff is not None
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "char"])
+def test_tokenizer_json_for_every_tokenizer_kind(kind, tmp_path):
+    from neoformer.export.tokenizer_files import write_tokenizer
+    from neoformer.tokenizer import CharTokenizer, train_sentencepiece
+
+    texts = [TEXT, "hello world, a tiny corpus for a tiny vocabulary."] * 100
+    ours = train_sentencepiece(texts, 300) if kind == "sentencepiece" else CharTokenizer.from_texts(texts)
+    ids = write_tokenizer(tmp_path, ours, {})
+    assert ids["eos_token_id"] == ours.eos_id
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)  # no sentencepiece/protobuf needed
+    for text in (TEXT, "  two  spaces\n\nand lines", "sat on"):
+        assert fast(text, add_special_tokens=False).input_ids == ours.encode(text)

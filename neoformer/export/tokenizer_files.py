@@ -25,24 +25,24 @@ def _fast_tokenizer(tokenizer):
 
 
 def _from_sentencepiece(tokenizer):
-    """transformers' own SentencePiece converter (needs sentencepiece + protobuf at export time only)."""
-    import tempfile
+    """transformers' SentencePiece reader, which follows the model's own normaliser settings (needs
+    sentencepiece + protobuf at export time only; loading the tokenizer.json needs neither)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        from transformers.convert_slow_tokenizer import SpmConverter
 
-    from transformers.convert_slow_tokenizer import SpmConverter
-
-    class _Slow:  # what SpmConverter reads from a slow tokenizer
-        def __init__(self, vocab_file):
-            self.vocab_file = vocab_file
-            self.legacy, self.add_prefix_space = True, True
-
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "tokenizer.model"
-        file.write_bytes(tokenizer._proto)
-        try:
-            converter = SpmConverter(_Slow(str(file)))
-            return converter.converted()
-        except Exception as error:  # protobuf missing, or an unusual model
-            raise ExportError(f"cannot convert the SentencePiece model to tokenizer.json ({error})") from None
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(tokenizer._proto)
+        pieces = [(p.piece, p.score) for p in proto.pieces]
+        is_bpe = proto.trainer_spec.model_type == proto.trainer_spec.BPE
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)} if is_bpe else pieces
+        fast = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    except (ImportError, AttributeError) as error:  # protobuf missing, or a transformers without the reader
+        raise ExportError(f"converting SentencePiece to tokenizer.json needs protobuf and transformers >= 5 "
+                          f"({error}); pip install protobuf 'transformers>=5'") from None
+    if fast is None:
+        raise ExportError("cannot convert this SentencePiece model type to tokenizer.json")
+    return fast
 
 
 def _from_chars(tokenizer):
