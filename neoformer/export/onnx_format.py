@@ -99,13 +99,16 @@ def write_onnx(source: Source, out: Path, dtype: torch.dtype) -> dict:
 class OnnxDecoder:
     """onnxruntime session of a decoder export with its cache kept between calls (what ``generate --onnx`` runs)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, threads: int | None = None):
         import json
 
         ort = optional_import("onnxruntime", "onnx")
         folder = Path(folder)
         self.meta = json.loads((folder / "neoformer_onnx.json").read_text())
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.np_dtype = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}[self.meta["dtype"]]
         self.reset(0)
 
@@ -185,12 +188,12 @@ def _verify_seq2seq(source, out, dtype, ort, np):
     return diff, f"onnxruntime: encoder + decoder prefill {PREFILL} + {DECODE_STEPS} cached steps"
 
 
-def onnx_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int,
+def onnx_greedy(folder: str | Path | OnnxDecoder, prompt_ids: list[int], max_new_tokens: int,
                 eos_ids: tuple[int, ...] = ()) -> list[int]:
     """Greedy continuation of one prompt by onnxruntime on a decoder export (``generate --onnx``)."""
     import numpy as np
 
-    decoder = OnnxDecoder(folder)
+    decoder = folder if isinstance(folder, OnnxDecoder) else OnnxDecoder(folder)
     if decoder.meta["kind"] != "decoder":
         raise ExportError(f"{folder} holds a {decoder.meta['kind']} ONNX export; --onnx generates with decoders")
     if not prompt_ids:
