@@ -91,6 +91,15 @@ def test_hf_export_of_every_family_matches_neoformer(preset, tokenizer, tmp_path
     assert fast.eos_token_id == tokenizer.eos_id and "messages" in fast.chat_template
 
 
+def test_mixture_of_experts_exports_as_mixtral(tokenizer, tmp_path):
+    model = tiny("nexus-debug", tokenizer, moe_experts=4, moe_top_k=2)
+    export(model, tmp_path / "hf", "hf", tokenizer=tokenizer)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = probe_ids(tokenizer.vocab_size, 8, seed=4)
+    assert_steps_close(decoder_reference(model, ids), hf_steps(hf, ids))
+
+
 @pytest.mark.parametrize("preset", ["nexus-debug", "neoformer-x-debug", "nima-transformer-debug"])
 def test_hf_generate_matches_neoformer_greedy_and_stops_at_eos(preset, tokenizer, tmp_path):
     model = tiny(preset, tokenizer)

@@ -275,7 +275,6 @@ def test_to_hf_round_trip(case, tmp_path):
 
 @pytest.mark.parametrize("preset, overrides, feature", [
     ("neoformer-x-debug", {}, "rmc/nsb"),
-    ("nexus-debug", dict(moe_experts=2), "mixture of experts"),
     ("nexus-debug", dict(position="alibi"), "ALiBi"),
     ("nima-transformer-debug", dict(position="relative"), "encoder kinds"),
     ("nexus-debug", dict(position="relative"), "T5 relative position bias"),
