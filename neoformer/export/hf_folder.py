@@ -3,14 +3,13 @@ Mixtral), else neoformer's own code as a trust_remote_code folder; tokenizer fil
 either way. Verification loads the folder with transformers' Auto classes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .. import kinds
 from .common import (
-    DECODE_STEPS, PREFILL, ExportError, Source, check_tolerance, max_abs_diff, optional_import, probe_ids,
+    DECODE_STEPS, PREFILL, Source, check_tolerance, max_abs_diff, optional_import, probe_ids,
     probe_padding_mask, seq2seq_reference, verify_steps, write_json,
 )
 from .remote_code import AUTO_CLASSES, write_remote_code
@@ -71,7 +70,19 @@ def _write_card(out: Path, cfg, arch: str | None) -> None:
         f"```python\nfrom transformers import AutoTokenizer, {loader}\n"
         f"model = {loader}.from_pretrained(PATH{remote})\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n\n"
         f"kind `{cfg.kind}`, d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"vocab {cfg.vocab_size}, position `{cfg.position}`.\n")
+        f"vocab {cfg.vocab_size}, position `{cfg.position}`.\n\n" + _planner_table(cfg))
+
+
+def _planner_table(cfg) -> str:
+    """Parameters by component and memory figures from neoformer's planner (exact counts)."""
+    from ..planner import count_parameters, human_bytes, human_count, weight_bytes
+
+    counts = count_parameters(cfg)
+    rows = [f"| {name} | {n:,} |" for name, n in counts.by_component.items()]
+    return ("| component | parameters |\n|---|---|\n" + "\n".join(rows) +
+            f"\n| **total** | **{counts.total:,}** ({human_count(counts.total)}) |\n\n"
+            f"Weights: {human_bytes(weight_bytes(cfg, 'fp32'))} in fp32, {human_bytes(weight_bytes(cfg, 'bf16'))} "
+            f"in bf16 (neoformer planner).\n")
 
 
 def load_hf(out: Path, kind_name: str, remote_code: bool):
@@ -119,6 +130,3 @@ def verify_hf(source: Source, out: Path, dtype: torch.dtype, facts: dict) -> tup
     return verify_steps("hf", source, dtype, run,
                         f"{facts['architecture']}: prefill {PREFILL} + {DECODE_STEPS} steps with the HF cache")
 
-
-def read_special_ids(out: Path) -> dict:
-    return {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k.endswith("token_id")}
