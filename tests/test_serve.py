@@ -452,12 +452,14 @@ def test_playground_streams_a_reply_in_a_headless_browser(served):
     """Debian's chromium + chromium-driver (apt-get install chromium chromium-driver), driven by selenium."""
     import shutil
 
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not browser or not driver_path:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+        missing = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        # .ci/run installs them and sets this, so CI never passes by skipping
+        (pytest.fail if os.environ.get("NEOFORMER_REQUIRE_BROWSER") else pytest.skip)(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     port, _ = served
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
