@@ -278,3 +278,42 @@ def test_cli_full_finetune_writes_a_normal_checkpoint_with_the_template(tmp_path
     assert tokenizer is not None
     assert main(["finetune", "merge", "--out", str(tmp_path / "x")]) == 2
     assert "needs ADAPTER" in capsys.readouterr().err
+
+
+# ---- peft: our adapter in peft, peft's adapter in neoformer ------------------------------------------
+@pytest.mark.parametrize("fused, targets", [(False, ("all-linear",)), (True, ("q", "v", "down"))])
+def test_peft_round_trip_both_ways(tmp_path, monkeypatch, fused, targets):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")  # in the test extra: runs in `make test`
+    from neoformer.finetune import adapter_settings
+    from neoformer.hf import to_hf
+
+    model = tiny(fused_qkv=fused)
+    base = save_single_checkpoint(tmp_path / "base", model, {}, None)
+    to_hf(model, tmp_path / "hf")
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=fused)
+    add_lora(model, lora)
+    randomize_adapter(model)
+    adapter = save_single_checkpoint(tmp_path / "adapter", AdapterModel(model, lora), adapter_settings(base, lora, None),
+                                     None)
+    assert main(["finetune", "export-peft", str(adapter), "--out", str(tmp_path / "peft")]) == 0
+    x = torch.randint(0, 96, (2, 11))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x)[0], rtol=1e-5, atol=1e-5)
+    if fused:
+        return  # peft's q/k/v LoRAs have separate A matrices: imported onto unfused bases only
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    torch.manual_seed(3)
+    trained_elsewhere = peft.get_peft_model(hf, peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        use_rslora=True, lora_dropout=0.0))
+    trained_elsewhere.save_pretrained(tmp_path / "theirs")
+    assert main(["finetune", "import-peft", str(tmp_path / "theirs"), "--base", str(base),
+                 "--out", str(tmp_path / "imported")]) == 0
+    imported, _, config = load_checkpoint(tmp_path / "imported")
+    assert config["lora"]["targets"] == ["q", "v", "down"] and config["lora"]["rslora"]
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x)[0], trained_elsewhere.eval()(x).logits, rtol=1e-5, atol=1e-5)
