@@ -6,7 +6,7 @@ in the default ChatML template, loss on the assistant reply only. 1,000 training
 greedy reply (up to ``<|im_end|>``), through ``neoformer.generate`` on the checkpoint each run
 writes, loaded with ``load_checkpoint`` (an adapter checkpoint loads its base and folds itself in).
 
-Compared: the base (before), LoRA (r=8 on q,k,v,o,gate,up,down), full fine-tuning, and QLoRA (NF4
+Compared: the base (before), LoRA (r=16 on q,k,v,o,gate,up,down), full fine-tuning, and QLoRA (NF4
 base) when ``neoformer.quantize`` exists. Each run is a separate process (its peak memory is its
 own: VmHWM minus the RSS after loading the base, i.e. gradients + optimizer state + activations +
 any quantization copies); step time is the median over its steps. Rounds interleave the methods.
@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 WORDS = ("file list name value string data object function class module return type error path line time "
          "number default method result format index key item text code test user system mode").split()
 METHODS = {  # name -> finetune() settings
-    "lora": dict(lora=dict(r=8, alpha=16, dropout=0.0), lr=3e-3),
+    "lora": dict(lora=dict(r=16, alpha=32, dropout=0.0), lr=3e-3),
     "full": dict(lora=None, lr=1e-3),
-    "qlora": dict(lora=dict(r=8, alpha=16, dropout=0.0), lr=3e-3, qlora="nf4"),
+    "qlora": dict(lora=dict(r=16, alpha=32, dropout=0.0), lr=3e-3, qlora="nf4"),
 }
 
 
@@ -116,7 +116,7 @@ def worker(method: str, base: str, data: str, out: str, steps: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "BASE", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
