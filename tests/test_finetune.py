@@ -257,7 +257,10 @@ def test_adapter_checkpoint_loads_everywhere_merges_and_refuses_a_changed_base(t
         torch.testing.assert_close(merged(x)[0], expected, rtol=1e-5, atol=1e-5)
     assert merged_config.get("contents", "full") == "full" and merged_config["chat_template"]
     # the base moved: refused by hash unless --base names a copy with the same weights
-    copy = save_single_checkpoint(tmp_path / "other", tiny(vocab_size=tokenizer.vocab_size), {}, tokenizer)
+    other = load_checkpoint(base_checkpoint)[0]
+    with torch.no_grad():
+        other.decoder.norm.weight.add_(1.0)  # one changed weight: another model
+    copy = save_single_checkpoint(tmp_path / "other", other, {}, tokenizer)
     with pytest.raises(CheckpointError, match="weights sha256 .* refused. Pass the right base with --base"):
         load_adapter(run.checkpoint, base=copy)
     moved = tmp_path / "moved-base"
