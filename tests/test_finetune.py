@@ -104,6 +104,40 @@ def test_only_adapter_parameters_get_gradients_and_residual_marks_survive():
                                          if isinstance(m, LoraLinear) for f in ("lora_A", "lora_B")}
 
 
+class Int8Linear(torch.nn.Module):
+    """The contract of a quantized linear (neoformer.quantize): in/out_features, forward, dequantize()."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = linear.weight.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("codes", torch.round(linear.weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def dequantize(self):
+        return self.codes.float() * self.scale
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
+
+
+def test_lora_wraps_a_quantized_linear_and_merges_through_dequantize():
+    model = tiny()
+    for block in model.decoder.blocks:
+        block.attn.q_proj, block.ffn.down = Int8Linear(block.attn.q_proj), Int8Linear(block.ffn.down)
+    x = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        before = model(x)[0]
+        add_lora(model, LoraConfig(r=4, targets=("q", "down")))
+        layer = model.decoder.blocks[0].attn.q_proj
+        assert isinstance(layer.base_layer, Int8Linear) and layer.lora_A.weight.dtype == torch.float32
+        torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+        randomize_adapter(model)
+        adapted = model(x)[0]
+        torch.testing.assert_close(merge_lora(model)(x)[0], adapted, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.decoder.blocks[0].attn.q_proj, torch.nn.Linear)
+
+
 def test_lora_config_parses_cli_strings_and_rejects_bad_ones():
     cfg = LoraConfig.parse("r=8,alpha=16,dropout=0,rslora=true", "q,v")
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.targets, cfg.rslora) == (8, 16.0, 0.0, ("q", "v"), True)

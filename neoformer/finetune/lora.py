@@ -217,7 +217,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         param.requires_grad_(False)
     wrapped = []
     for name, parent, attribute, rows in find_targets(model, config):
-        setattr(parent, attribute, LoraLinear(getattr(parent, attribute), config, rows))
+        layer = LoraLinear(getattr(parent, attribute), config, rows)
+        setattr(parent, attribute, layer.train(parent.training))  # a new module would be in train mode
         wrapped.append(name)
     if not wrapped:
         raise ConfigError(f"--targets {','.join(config.targets)} matches no linear layer of this model")
