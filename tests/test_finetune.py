@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -17,7 +18,7 @@ from neoformer.finetune import (
     AdapterModel, LoraConfig, LoraLinear, add_lora, chat_example, finetune, load_adapter, merge_lora,
 )
 from neoformer.finetune.adapter import save_single_checkpoint
-from neoformer.finetune.data import SFTBatches, load_examples, packed_batch
+from neoformer.finetune.data import Example, SFTBatches, load_examples, packed_batch
 from neoformer.model.weights import writes_residual
 from neoformer.tokenizer import CharTokenizer
 from neoformer.train.run_config import TrainConfig
@@ -171,7 +172,6 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer):
 def test_packed_examples_do_not_see_each_other():
     model = tiny()
     a, b = torch.randint(0, 96, (1, 7)), torch.randint(0, 96, (1, 5))
-    from neoformer.finetune.data import Example
     examples = [Example(t[0].numpy(), torch.ones(t.shape[1], dtype=torch.bool).numpy()) for t in (a, b)]
     batch = packed_batch(examples)
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, base_checkpoint, ca
     code = main(["finetune", str(base_checkpoint), "--data", str(data), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 # ---- runs, checkpoints, resume, merge ------------------------------------------------------------
