@@ -24,6 +24,7 @@ COMMANDS = {
     "embed": "neoformer.cli.embed",
     "fill-mask": "neoformer.cli.fill_mask",
     "import": "neoformer.cli.import_",
+    "finetune": "neoformer.cli.finetune",
 }
 
 
