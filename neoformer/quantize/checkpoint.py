@@ -1,0 +1,183 @@
+"""Quantized checkpoints: written with the checkpoint package's atomic save, loaded by ``load_checkpoint``.
+
+A quantized checkpoint is a plain checkpoint directory whose ``config.json`` says
+``"contents": "quantized"`` and ``"quantization": {scheme, group_size, skip, modules}``; its
+``model.safetensors`` holds each quantized Linear as ``<name>.qweight`` + scales (see
+:mod:`.kernels`) and every other tensor as it was. Nothing is pickled; the manifest covers it all.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import WEIGHTS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, verify_checkpoint
+from ..config import ConfigError, ModelConfig
+from .modules import STORED, QuantizedLinear
+from .swap import QUANTIZATION_ATTR, check_request, quantization_of, quantize_model
+
+
+class QuantizeError(ConfigError):
+    """A quantization request that cannot be done (one line)."""
+
+
+def save_quantized(model: nn.Module, out: str | os.PathLike, *, config: dict | None = None, tokenizer=None,
+                   step: int = 0) -> Path:
+    """Write a quantized model as ``out/step-N`` (+ ``out/latest``), atomically; returns the directory."""
+    settings = quantization_of(model)
+    if settings is None:
+        raise QuantizeError("the model is not quantized; call quantize_model first")
+    data = {k: v for k, v in (config or {}).items() if k not in ("format", "format_version", "step", "tokenizer")}
+    data.update(contents="quantized", quantization=settings)
+    data["model"] = model.config.to_dict()
+    return save_checkpoint(out, step, model, config=data, tokenizer=tokenizer, keep_last=1)
+
+
+def _refuse_overlap(out: Path, checkpoint: Path) -> None:
+    """--out must be a new (or empty) folder away from the checkpoint and its run folder."""
+    out, source = out.resolve(), checkpoint.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise QuantizeError(f"--out {out} overlaps the checkpoint {checkpoint}; choose a separate folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QuantizeError(f"--out {out} already exists and is not an empty folder; choose a new one")
+
+
+def quantize_checkpoint(path, out, scheme: str, group_size: int | None = None,
+                        skip: tuple[str, ...] = ("lm_head", "embed")) -> tuple[Path, nn.Module, dict]:
+    """Load a float checkpoint, quantize it and save it to ``out``: (written dir, model, config)."""
+    source = resolve_checkpoint(path)
+    _refuse_overlap(Path(out), source)
+    model, tokenizer, config = load_checkpoint(source, command="quantize")
+    if config.get("contents", "full") != "full":
+        raise QuantizeError(f"{source} is already a {config['contents']} checkpoint "
+                            f"({config.get('quantization', {}).get('scheme', '')}); quantize the float one")
+    if group_size is None and scheme in ("nf4", "int4"):
+        group_size = 64
+    check_request(model, scheme, group_size, tuple(skip))  # refuse before anything is written
+    quantize_model(model, scheme, group_size, skip)
+    written = save_quantized(model, out, config=config, tokenizer=tokenizer, step=int(config.get("step", 0)))
+    return written, model, config
+
+
+def tensor_bytes(path) -> int:
+    """Bytes of all tensors in a checkpoint's model.safetensors (its header read, no data)."""
+    from safetensors import safe_open
+
+    file = resolve_checkpoint(path) / WEIGHTS
+    sizes = {torch.bool: 1, torch.uint8: 1, torch.int8: 1}
+    with safe_open(str(file), framework="pt") as f:
+        total = 0
+        for key in f.keys():
+            piece = f.get_slice(key)
+            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8",
+                                    "U8": "uint8", "I32": "int32", "I64": "int64", "F64": "float64",
+                                    "BOOL": "bool"}[piece.get_dtype()])
+            count = 1
+            for n in piece.get_shape():
+                count *= n
+            total += count * sizes.get(dtype, torch.finfo(dtype).bits // 8 if dtype.is_floating_point
+                                        else torch.iinfo(dtype).bits // 8)
+    return total
+
+
+def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
+    """The ``"quantized"`` loader of :data:`neoformer.checkpoint.CONTENTS_LOADERS`: (model, tokenizer).
+
+    The float model is built from the config, each quantized Linear is replaced by a
+    QuantizedLinear holding the stored packed tensors, and the remaining tensors are loaded.
+    ``dtype`` casts the float parts (norms, embeddings, skipped Linears); packed tensors keep theirs."""
+    from ..model import build_model
+
+    path = Path(path)
+    verify_checkpoint(path)
+    settings = config.get("quantization")
+    if not isinstance(settings, dict) or not isinstance(settings.get("modules"), list):
+        raise CheckpointError(f"{path / 'config.json'} says contents 'quantized' but has no valid 'quantization' "
+                              "section (scheme, group_size, modules)")
+    scheme, group_size = settings.get("scheme"), settings.get("group_size")
+    if scheme not in STORED:
+        raise CheckpointError(f"{path} uses quantization scheme {scheme!r}, which this neoformer does not know; upgrade")
+    try:
+        model = build_model(ModelConfig.from_dict(config["model"]))
+    except ConfigError as err:
+        raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {err}") from None
+    tensors, metadata = _read_safetensors(path / WEIGHTS)
+    _resolve_aliases(tensors, metadata, path)
+    modules = dict(model.named_modules())
+    for name in settings["modules"]:
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{path} quantizes {name!r}, which is not a Linear of this model config")
+        stored = {key: tensors.pop(f"{name}.{key}", None) for key in (*STORED[scheme], "bias")}
+        missing = [key for key in STORED[scheme] if stored[key] is None]
+        if missing:
+            raise CheckpointError(f"{path / WEIGHTS} lacks {name}.{missing[0]}; the checkpoint is corrupt")
+        if stored["bias"] is None:
+            del stored["bias"]
+        quantized = _build_module(scheme, linear, stored, group_size, path, name)
+        parent_name, _, attr = name.rpartition(".")
+        from ..model.weights import mark_like
+
+        setattr(modules[parent_name] if parent_name else model, attr, mark_like(quantized, linear))
+    expected = set(model.state_dict())
+    unexpected = sorted(set(tensors) - expected)
+    missing = sorted(k for k in expected if k not in tensors and not _is_quantized_buffer(model, k))
+    if unexpected or missing:
+        raise CheckpointError(f"{path} does not fit its model config: "
+                              + "; ".join([f"unexpected {k}" for k in unexpected[:2]] + [f"missing {k}" for k in missing[:2]]))
+    model.load_state_dict(tensors, strict=False)
+    setattr(model, QUANTIZATION_ATTR, dict(settings))
+    if dtype is not None:
+        _cast_floats(model, dtype)
+    if device is not None:
+        model = model.to(device)
+    return model, load_checkpoint_tokenizer(path)
+
+
+def _resolve_aliases(tensors: dict, metadata: dict, path: Path) -> None:
+    import json
+
+    try:
+        for alias, target in json.loads(metadata.get("aliases", "{}")).items():
+            tensors[alias] = tensors[target]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path / WEIGHTS} has corrupt alias metadata") from None
+
+
+def _build_module(scheme, linear: nn.Linear, stored: dict, group_size, path: Path, name: str) -> QuantizedLinear:
+    """A QuantizedLinear from stored tensors, their shapes and dtypes checked against the Linear."""
+    out_f, in_f = linear.out_features, linear.in_features
+    groups = in_f // group_size if group_size else None
+    want = {"qweight": ((out_f, in_f), torch.int8) if scheme.startswith("int8") else ((out_f, in_f // 2), torch.uint8),
+            "scales": ((out_f,), torch.float32) if scheme.startswith("int8") else ((out_f, groups), torch.bfloat16),
+            "absmax": ((out_f, groups), torch.float32), "zeros": ((out_f, groups), torch.bfloat16),
+            "bias": ((out_f,), None)}
+    for key, tensor in stored.items():
+        shape, dtype = want[key]
+        if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+            raise CheckpointError(f"{path / WEIGHTS}: {name}.{key} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                                  f"{dtype or 'float'} {shape} for {scheme}; the checkpoint is corrupt")
+    return QuantizedLinear(scheme, in_f, out_f, stored, group_size)
+
+
+def _is_quantized_buffer(model: nn.Module, key: str) -> bool:
+    owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+    return isinstance(owner, QuantizedLinear)
+
+
+def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast float parameters and buffers, but not the packed tensors or their scales."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            if module.bias is not None:
+                module.bias = module.bias.to(dtype)
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                setattr(module, name, b.to(dtype))

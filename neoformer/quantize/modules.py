@@ -1,0 +1,142 @@
+"""QuantizedLinear: a frozen nn.Linear replacement holding packed weights (gpt-fast's module swap).
+
+Every scheme keeps a pure-PyTorch path (dequantize, then F.linear) used for autograd (QLoRA:
+gradients flow to the input, the packed base has no parameters), on non-CPU devices and by the
+tests; on CPU inference goes through the fastest op measured here (`benchmarks/quantize_kernels.py`,
+1 thread, load ~3 on 2 cores, 768 in x 2048 out; microseconds per call, batch 1 | batch 16):
+
+  fp32 F.linear                                   233 |   617    (bf16 F.linear 214 | 244)
+  int8          aten._weight_int8pack_mm, bf16 x   82 |   571    (fp32 x: 871 | 12868; pure 822 | 1016;
+                                                                  torchao Int8WeightOnly 630 | 1054)
+  int8-dynamic  torch._int_mm (VNNI), fp32 x      258 |   223    (torchao 420 | 457; bitsandbytes 863 | 1446)
+  int4 g64      aten._weight_int4pack_mm_for_cpu,  74 |   536    (fp32 x: 2410 | 37267; pure 3000 | 3582;
+                bf16 x                                           torchao's CPU int4 layout is not in 0.18)
+  nf4 g64       bitsandbytes.matmul_4bit          668 |  1160    (pure LUT dequantize 8906 | 7443; compiled 4486)
+
+So int8 and int4 cast the activations to bf16 for the packed op (AVX-512 BF16 here; the result is
+cast back), int8-dynamic quantizes activations per token, and nf4 uses bitsandbytes when it is
+installed (its CPU library; otherwise the pure path). nf4 is a storage / QLoRA format here, not a
+speed one: no CPU kernel measured beats fp32 for it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels as K
+
+SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")
+GROUPED = ("nf4", "int4")  # schemes with a group size (int8 is per output row)
+# buffers each scheme stores, in checkpoint order (bias is added when the Linear has one)
+STORED = {"int8": ("qweight", "scales"), "int8-dynamic": ("qweight", "scales"),
+          "nf4": ("qweight", "absmax"), "int4": ("qweight", "scales", "zeros")}
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W stored packed (see :mod:`.kernels` for the formats). Frozen: no parameters."""
+
+    def __init__(self, scheme: str, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 group_size: int | None = None):
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        self.scheme, self.in_features, self.out_features = scheme, in_features, out_features
+        self.group_size = group_size if scheme in GROUPED else None
+        for name in STORED[scheme]:
+            self.register_buffer(name, tensors[name])
+        self.register_buffer("bias", tensors.get("bias"))
+        self._int4_cpu = None  # (packed, scales_zeros) in the CPU kernel's layout, made on first use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = 64) -> "QuantizedLinear":
+        w = linear.weight.detach()
+        if scheme in ("int8", "int8-dynamic"):
+            q = K.quantize_int8(w)
+            tensors = {"qweight": q.qweight, "scales": q.scales}
+        elif scheme == "nf4":
+            q = K.quantize_nf4(w, group_size)
+            tensors = {"qweight": q.qweight, "absmax": q.absmax}
+        elif scheme == "int4":
+            q = K.quantize_int4(w, group_size)
+            tensors = {"qweight": q.qweight, "scales": q.scales, "zeros": q.zeros}
+        else:
+            raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach().clone()
+        return cls(scheme, linear.in_features, linear.out_features, tensors, group_size)
+
+    def packed(self):
+        """The weight as a :mod:`.kernels` dataclass."""
+        if self.scheme in ("int8", "int8-dynamic"):
+            return K.Int8Weight(self.qweight, self.scales)
+        if self.scheme == "nf4":
+            return K.NF4Weight(self.qweight, self.absmax, self.group_size)
+        return K.Int4Weight(self.qweight, self.scales, self.zeros, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (out, in) the packed one stands for."""
+        q = self.packed()
+        if self.scheme == "nf4":
+            return K.dequantize_nf4(q, dtype)
+        if self.scheme == "int4":
+            return K.dequantize_int4(q, dtype)
+        return K.dequantize_int8(q, dtype)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then F.linear: differentiable in x, any device; the tests' reference."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # do what autocast does for F.linear
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" and self.scheme != "nf4":
+            return self.forward_reference(x)
+        y = self._forward_fast(x.reshape(-1, self.in_features))
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "int8":
+            xb = x2.to(torch.bfloat16)
+            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16))
+        if self.scheme == "int8-dynamic":
+            return K.int8_dynamic_linear(x2, self.packed())
+        if self.scheme == "int4":
+            if self._int4_cpu is None:
+                packed, scales_zeros = K.int4_cpu_pack(self.packed())
+                self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
+            packed, scales_zeros = self._int4_cpu
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size,
+                                                              scales_zeros)
+        bnb = _bitsandbytes()  # nf4
+        if bnb is None:
+            return F.linear(x2, self.dequantize(x2.dtype))
+        return bnb.matmul_4bit(x2, self.qweight.reshape(-1, 1).t(), quant_state=self._bnb_state())
+
+    def _bnb_state(self):
+        from bitsandbytes.functional import QuantState, get_4bit_type
+
+        device = self.qweight.device
+        return QuantState(absmax=self.absmax.reshape(-1), shape=torch.Size((self.out_features, self.in_features)),
+                          code=get_4bit_type("nf4", device=device), blocksize=self.group_size,
+                          quant_type="nf4", dtype=torch.float32)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the cached kernel layout is rebuilt on first use
+        self._int4_cpu = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, "
+                f"bias={self.bias is not None}")
