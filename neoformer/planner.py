@@ -22,7 +22,7 @@ from .presets import PRESET_CLAIM_HINTS, PRESET_CLAIMS, PRESETS, get_preset
 
 GiB, MiB = 2 ** 30, 2 ** 20
 NF4_BLOCK = 64  # weights per fp32 absmax (bitsandbytes default, no double quantisation)
-WEIGHT_FORMATS = ("fp32", "bf16", "int8", "nf4")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "nf4", "int4")
 PRECISIONS = ("fp32", "bf16_mixed")
 PARALLEL = ("ddp", "fsdp")
 
@@ -50,6 +50,7 @@ ASSUMPTIONS = [
     "weights include buffers (the RMC episodic memory) at the weight dtype",
     "int8: 1 byte per nn.Linear weight + one fp32 scale per output row; other params bf16",
     "nf4: 4 bits per nn.Linear weight + one fp32 absmax per 64-weight block; other params bf16",
+    "int4: 4 bits per nn.Linear weight + a bf16 scale and zero per 64-weight group; other params bf16",
     "a tied LM head is the token embedding and stays bf16 when quantising",
     "training: AdamW, 16 bytes/param (fp32: weights 4 + grads 4 + moments 8; "
     "bf16 mixed: weights 2 + grads 2 + fp32 master 4 + moments 8); activations not included",
@@ -219,8 +220,15 @@ def num_parameters(cfg: ModelConfig) -> int:
 
 
 # ---- memory ----------------------------------------------------------------------------------
-def weight_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
-    """Bytes of the weights (parameters + buffers) stored as fp32 | bf16 | int8 | nf4."""
+def weight_bytes(cfg: ModelConfig, fmt: str = "bf16", *, group_size: int = NF4_BLOCK, skip: tuple[str, ...] = (),
+                 float_bytes: int = 2) -> int:
+    """Bytes of the weights (parameters + buffers) stored as fp32 | bf16 | int8 | nf4 | int4.
+
+    For the quantized formats (neoformer.quantize's layouts) ``group_size`` is the nf4/int4 group,
+    ``skip`` leaves Linears whose name contains one of its words unquantized (as
+    ``neoformer.quantize.skipped`` does) and ``float_bytes`` is the size of everything left in float;
+    so a quantized checkpoint's tensor bytes are ``weight_bytes(cfg, scheme, group_size=..., skip=...,
+    float_bytes=4)`` for one quantized from fp32 (tests/test_quantize.py checks it)."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} must be one of: {', '.join(WEIGHT_FORMATS)}")
     specs = param_specs(cfg) + buffer_specs(cfg)
@@ -228,12 +236,13 @@ def weight_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
         return sum(p.numel for p in specs) * (4 if fmt == "fp32" else 2)
     total = 0
     for p in specs:
-        if not p.linear:
-            total += 2 * p.numel  # bf16
+        module = p.name.rpartition(".")[0]
+        if not p.linear or any(word and word in module for word in skip):
+            total += float_bytes * p.numel
         elif fmt == "int8":
             total += p.numel + 4 * p.shape[0]  # int8 values + fp32 scale per output row
-        else:
-            total += (p.numel + 1) // 2 + 4 * math.ceil(p.numel / NF4_BLOCK)  # 4-bit values + fp32 absmax
+        else:  # 4-bit values + per group: an fp32 absmax (nf4) or a bf16 scale and zero (int4)
+            total += (p.numel + 1) // 2 + 4 * math.ceil(p.numel / group_size)
     return total
 
 
@@ -414,7 +423,8 @@ def _parameter_lines(p: dict[str, Any]) -> list[str]:
 def format_plan(p: dict[str, Any]) -> str:
     """The human-readable table of a ``plan()``."""
     lines = [_header(p), ""] + _parameter_lines(p)
-    notes = {"int8": "Linear 1 B + fp32 scale/row, rest bf16", "nf4": "Linear 4 bit + fp32 absmax/64, rest bf16"}
+    notes = {"int8": "Linear 1 B + fp32 scale/row, rest bf16", "nf4": "Linear 4 bit + fp32 absmax/64, rest bf16",
+             "int4": "Linear 4 bit + bf16 scale and zero/64, rest bf16"}
     rows = [("Weights", "", "")] + [(f"  {fmt}", human_bytes(b), notes.get(fmt, ""))
                                     for fmt, b in p["weights_bytes"].items()]
     lines += [""] + _rows(rows, left=(0, 2))

@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     e.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
+    e.add_argument("--quantize", metavar="SCHEME", help="quantize on load: int8 | int8-dynamic | nf4 | int4 "
+                   "(see `neoformer quantize`)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_eval)
 
@@ -44,6 +46,10 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} ({value}) must be {'a positive' if least else 'a non-negative'} integer")
     device = resolve_device(args.device)
     model, tokenizer, saved = load_checkpoint(args.checkpoint, device=device, command="eval")
+    if args.quantize:
+        from ..quantize import quantize_model
+
+        model = quantize_model(model, args.quantize)
     path = resolve_checkpoint(args.checkpoint)
     if tokenizer is None:
         raise ConfigError(f"{path} holds no tokenizer; evaluate it from Python with your own batches")
@@ -71,6 +77,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     record = {"checkpoint": str(path), "step": saved.get("step"), "data": run.data.source, "split": args.split,
+              **({"quantize": args.quantize} if args.quantize else {}),
               "loss": loss, "perplexity": ppl, "seconds": round(time.perf_counter() - started, 2)}
     if args.json:
         print(json.dumps(record))

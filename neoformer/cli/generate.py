@@ -54,6 +54,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     c.add_argument("--onnx", action="store_true",
                    help="CHECKPOINT is a `neoformer export --format onnx` folder: greedy decoding with onnxruntime")
+    c.add_argument("--quantize", metavar="SCHEME", help="quantize on load: int8 | int8-dynamic | nf4 | int4 "
+                   "(see `neoformer quantize`)")
     c.add_argument("--no-stream", action="store_true", help="print the result at the end")
     p.set_defaults(func=run)
 
@@ -75,7 +77,7 @@ def _options(args) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _load(path: str, device, dtype):
+def _load(path: str, device, dtype, quantize: str | None = None):
     import torch
 
     from .. import kinds as model_kinds
@@ -83,6 +85,10 @@ def _load(path: str, device, dtype):
 
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=getattr(torch, dtype) if dtype else None,
                                           kinds=model_kinds.names(generating=True), command="generate")
+    if quantize:
+        from ..quantize import quantize_model
+
+        model = quantize_model(model, quantize)
     return model, tokenizer
 
 
@@ -150,7 +156,7 @@ def run(args) -> int:
         return _run_onnx(args, prompts)
     opts = _options(args)
     device = resolve_device(args.device) if args.device else None
-    model, tokenizer = _load(args.checkpoint, device, args.dtype)
+    model, tokenizer = _load(args.checkpoint, device, args.dtype, args.quantize)
     draft = None
     if args.draft:
         draft, draft_tokenizer = _load(args.draft, device, args.dtype)

@@ -33,13 +33,41 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.target)
     result = plan(cfg, args.batch, args.seq, args.world_size, args.parallel, source=args.target)
     preset = args.target if args.target in PRESETS else None
+    quantized = _quantized(args.target)
     if args.json:
-        print(json.dumps({**result, "run_defaults": run_defaults(preset)}, indent=2))
+        print(json.dumps({**result, "run_defaults": run_defaults(preset),
+                          **({"quantized": quantized} if quantized else {})}, indent=2))
         return 0
     print(format_plan(result))
+    if quantized:
+        q = quantized
+        group = f" g{q['group_size']}" if q["group_size"] else ""
+        print(f"\nQuantized checkpoint: {q['scheme']}{group}, {q['quantized_linears']} Linears, skip "
+              f"{','.join(q['skip']) or '-'}: tensors {q['tensor_bytes']:,} bytes in model.safetensors "
+              f"(planner, rest at {q['float_bytes']} B: {q['planned_bytes']:,})")
     if format_run_defaults(preset):  # training settings the preset brings to `neoformer train --preset`
         print(f"\n{format_run_defaults(preset)}")
     return 0
+
+
+def _quantized(target: str) -> dict | None:
+    """The quantization summary of a quantized checkpoint (exact file bytes), else None."""
+    from pathlib import Path
+
+    if not Path(target).is_dir():
+        return None
+    from ..checkpoint import CheckpointError, read_config, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(target)
+        config = read_config(path)
+    except CheckpointError:
+        return None
+    if config.get("contents") != "quantized":
+        return None
+    from ..quantize import quantized_summary
+
+    return quantized_summary(path, config)
 
 
 __all__ = ["add_parser"]

@@ -10,11 +10,12 @@ Kernels and formats: :mod:`.kernels` and :mod:`.modules`; docs/quantize.md has t
 from __future__ import annotations
 
 from .checkpoint import (
-    QuantizeError, load_quantized_checkpoint, quantize_checkpoint, save_quantized, tensor_bytes,
+    QuantizeError, load_quantized_checkpoint, quantize_checkpoint, quantized_summary, save_quantized,
+    tensor_bytes,
 )
 from .modules import GROUPED, SCHEMES, QuantizedLinear
 from .swap import DEFAULT_SKIP, quantization_of, quantize_model, quantized_modules, skipped
 
 __all__ = ["DEFAULT_SKIP", "GROUPED", "SCHEMES", "QuantizeError", "QuantizedLinear", "load_quantized_checkpoint",
-           "quantization_of", "quantize_checkpoint", "quantize_model", "quantized_modules", "save_quantized",
+           "quantization_of", "quantize_checkpoint", "quantize_model", "quantized_summary", "quantized_modules", "save_quantized",
            "skipped", "tensor_bytes"]

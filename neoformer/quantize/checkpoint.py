@@ -62,25 +62,47 @@ def quantize_checkpoint(path, out, scheme: str, group_size: int | None = None,
     return written, model, config
 
 
-def tensor_bytes(path) -> int:
-    """Bytes of all tensors in a checkpoint's model.safetensors (its header read, no data)."""
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _tensor_sizes(path) -> dict[str, tuple[int, int]]:
+    """name -> (bytes, element size) of every tensor in a checkpoint's model.safetensors (header only)."""
     from safetensors import safe_open
 
-    file = resolve_checkpoint(path) / WEIGHTS
-    sizes = {torch.bool: 1, torch.uint8: 1, torch.int8: 1}
-    with safe_open(str(file), framework="pt") as f:
-        total = 0
+    sizes = {}
+    with safe_open(str(resolve_checkpoint(path) / WEIGHTS), framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
-            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8",
-                                    "U8": "uint8", "I32": "int32", "I64": "int64", "F64": "float64",
-                                    "BOOL": "bool"}[piece.get_dtype()])
+            element = _DTYPE_BYTES[piece.get_dtype()]
             count = 1
             for n in piece.get_shape():
                 count *= n
-            total += count * sizes.get(dtype, torch.finfo(dtype).bits // 8 if dtype.is_floating_point
-                                        else torch.iinfo(dtype).bits // 8)
-    return total
+            sizes[key] = (count * element, element)
+    return sizes
+
+
+def tensor_bytes(path) -> int:
+    """Bytes of all tensors in a checkpoint's model.safetensors (read from its header)."""
+    return sum(size for size, _ in _tensor_sizes(path).values())
+
+
+def quantized_summary(path, config: dict) -> dict:
+    """What `neoformer info` shows for a quantized checkpoint: its settings, the exact tensor bytes
+    in the file and the planner's figure for the same settings (they agree; a test checks it)."""
+    from ..planner import weight_bytes
+
+    settings = config.get("quantization") or {}
+    sizes = _tensor_sizes(path)
+    packed = {f"{name}.{key}" for name in settings.get("modules", []) for key in (*STORED.get(settings.get("scheme"), ()), "bias")}
+    floats = [element for key, (_, element) in sizes.items() if key not in packed]
+    float_bytes = max(set(floats), key=floats.count) if floats else 4
+    scheme = settings.get("scheme")
+    planned = weight_bytes(ModelConfig.from_dict(config["model"]), "int8" if scheme == "int8-dynamic" else scheme,
+                           group_size=settings.get("group_size") or 64, skip=tuple(settings.get("skip", ())),
+                           float_bytes=float_bytes)
+    return {"scheme": scheme, "group_size": settings.get("group_size"), "skip": settings.get("skip", []),
+            "quantized_linears": len(settings.get("modules", [])), "tensor_bytes": sum(s for s, _ in sizes.values()),
+            "float_bytes": float_bytes, "planned_bytes": planned}
 
 
 def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
