@@ -16,8 +16,8 @@ from torch import nn
 from ..checkpoint import WEIGHTS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, verify_checkpoint
 from ..config import ConfigError, ModelConfig
-from .modules import STORED, QuantizedLinear
-from .swap import QUANTIZATION_ATTR, check_request, quantization_of, quantize_model
+from .modules import GROUPED, STORED, QuantizedLinear
+from .swap import DEFAULT_GROUP, QUANTIZATION_ATTR, check_request, quantization_of, quantize_model
 
 
 class QuantizeError(ConfigError):
@@ -54,8 +54,8 @@ def quantize_checkpoint(path, out, scheme: str, group_size: int | None = None,
     if config.get("contents", "full") != "full":
         raise QuantizeError(f"{source} is already a {config['contents']} checkpoint "
                             f"({config.get('quantization', {}).get('scheme', '')}); quantize the float one")
-    if group_size is None and scheme in ("nf4", "int4"):
-        group_size = 64
+    if group_size is None and scheme in GROUPED:
+        group_size = DEFAULT_GROUP
     check_request(model, scheme, group_size, tuple(skip))  # refuse before anything is written
     quantize_model(model, scheme, group_size, skip)
     written = save_quantized(model, out, config=config, tokenizer=tokenizer, step=int(config.get("step", 0)))

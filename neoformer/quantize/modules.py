@@ -27,6 +27,7 @@ from torch import nn
 from . import kernels as K
 
 SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes; other groups run the pure path
 GROUPED = ("nf4", "int4")  # schemes with a group size (int8 is per output row)
 # buffers each scheme stores, in checkpoint order (bias is added when the Linear has one)
 STORED = {"int8": ("qweight", "scales"), "int8-dynamic": ("qweight", "scales"),
@@ -113,6 +114,8 @@ class QuantizedLinear(nn.Module):
         if self.scheme == "int8-dynamic":
             return K.int8_dynamic_linear(x2, self.packed())
         if self.scheme == "int4":
+            if self.group_size not in INT4_KERNEL_GROUPS:
+                return F.linear(x2, self.dequantize(x2.dtype))
             if self._int4_cpu is None:
                 packed, scales_zeros = K.int4_cpu_pack(self.packed())
                 self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))

@@ -45,14 +45,17 @@ def check_request(model: nn.Module, scheme: str, group_size: int | None, skip: t
     return targets
 
 
-def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int | None = 64,
+DEFAULT_GROUP = 64
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int | None = None,
                    skip: tuple[str, ...] | list[str] = DEFAULT_SKIP) -> nn.Module:
     """Replace every nn.Linear (except names containing a ``skip`` word and a tied head) with a
     frozen :class:`QuantizedLinear`; residual-projection marks are carried over. Returns ``model``.
-    ``group_size`` applies to nf4/int4 (int8 is per output row and ignores the default)."""
+    ``group_size`` applies to nf4/int4 (default 64); int8 is per output row and refuses one."""
     skip = tuple(skip)
-    if scheme not in GROUPED and group_size == 64:
-        group_size = None  # the default, not a request
+    if scheme in GROUPED and group_size is None:
+        group_size = DEFAULT_GROUP
     targets = check_request(model, scheme, group_size, skip)
     modules = dict(model.named_modules())
     for name, linear in targets:
