@@ -56,6 +56,9 @@ class QuantizedLinear(nn.Module):
         for name in STORED[scheme]:
             self.register_buffer(name, tensors[name])
         self.register_buffer("bias", tensors.get("bias"))
+        if scheme == "int8":  # the packed op takes bf16 scales; converting them inside a compiled graph
+            # trips an Inductor lowering assertion (torch 2.13), so a bf16 copy is kept (2 bytes per row)
+            self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
         self._int4_cpu = None  # (packed, scales_zeros) in the CPU kernel's layout, made on first use
 
     @classmethod
@@ -110,7 +113,7 @@ class QuantizedLinear(nn.Module):
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8":
             xb = x2.to(torch.bfloat16)
-            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16))
+            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales_bf16)
         if self.scheme == "int8-dynamic":
             return K.int8_dynamic_linear(x2, self.packed())
         if self.scheme == "int4":
