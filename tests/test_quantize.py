@@ -104,9 +104,7 @@ def test_frozen_base_and_gradients_reach_the_input(scheme):
 
 # ---- whole models -----------------------------------------------------------------------------
 def _logits(model, preset, x):
-    if preset == "nima-transformer-debug":
-        return model(x, x[:, :5])[0] if isinstance(model(x, x[:, :5]), tuple) else model(x, x[:, :5])
-    out = model(x)
+    out = model(x, x[:, :5]) if preset == "nima-transformer-debug" else model(x)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -170,6 +168,21 @@ def test_quantized_checkpoint_round_trips_bit_exactly(float_ckpt, tmp_path, sche
         assert torch.equal(model(x)[0], loaded(x)[0])
     assert [n for n, m in loaded.named_modules() if writes_residual(m)] == \
         [n for n, m in model.named_modules() if writes_residual(m)]
+
+
+@pytest.mark.parametrize("preset", ["nima-debug", "neobert-debug", "nima-transformer-debug"])
+def test_every_kind_loads_from_a_quantized_checkpoint(tmp_path, preset):
+    """Tied heads stay tied, biases survive, nothing is left on the meta device the loader builds on."""
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    path = save_checkpoint(tmp_path / "ck", 1, model)
+    _, quantized, _ = quantize_checkpoint(path, tmp_path / "q", "int4", 32)
+    loaded, _, _ = load_checkpoint(tmp_path / "q")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert loaded.lm_head.weight is loaded.embed.tokens.weight
+    x = torch.randint(1, 128, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(_logits(quantized, preset, x), _logits(loaded, preset, x))
 
 
 @pytest.mark.parametrize("scheme,group,skip", [("int8", None, ("lm_head", "embed")), ("nf4", 64, ("lm_head",)),

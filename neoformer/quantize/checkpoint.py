@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoint import WEIGHTS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, verify_checkpoint
 from ..config import ConfigError, ModelConfig
+from ..model.weights import mark_like
 from .modules import GROUPED, STORED, QuantizedLinear
 from .swap import DEFAULT_GROUP, QUANTIZATION_ATTR, check_request, quantization_of, quantize_model
 
@@ -122,12 +123,12 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     scheme, group_size = settings.get("scheme"), settings.get("group_size")
     if scheme not in STORED:
         raise CheckpointError(f"{path} uses quantization scheme {scheme!r}, which this neoformer does not know; upgrade")
-    try:
-        model = build_model(ModelConfig.from_dict(config["model"]))
+    try:  # on the meta device: no float copy of the weights that are about to be replaced is ever allocated
+        model = build_model(ModelConfig.from_dict(config["model"]), device="meta")
     except ConfigError as err:
         raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {err}") from None
     tensors, metadata = _read_safetensors(path / WEIGHTS)
-    _resolve_aliases(tensors, metadata, path)
+    aliases = _resolve_aliases(tensors, metadata, path)
     modules = dict(model.named_modules())
     for name in settings["modules"]:
         linear = modules.get(name)
@@ -141,8 +142,6 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
             del stored["bias"]
         quantized = _build_module(scheme, linear, stored, group_size, path, name)
         parent_name, _, attr = name.rpartition(".")
-        from ..model.weights import mark_like
-
         setattr(modules[parent_name] if parent_name else model, attr, mark_like(quantized, linear))
     expected = set(model.state_dict())
     unexpected = sorted(set(tensors) - expected)
@@ -150,7 +149,13 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     if unexpected or missing:
         raise CheckpointError(f"{path} does not fit its model config: "
                               + "; ".join([f"unexpected {k}" for k in unexpected[:2]] + [f"missing {k}" for k in missing[:2]]))
-    model.load_state_dict(tensors, strict=False)
+    try:
+        model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as err:  # a shape that does not fit the config
+        raise CheckpointError(f"{path} does not fit its model config: {str(err).splitlines()[-1].strip()}") from None
+    for alias, target in aliases.items():  # assign=True gave each tied name its own Parameter: share one again
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(target))
     setattr(model, QUANTIZATION_ATTR, dict(settings))
     if dtype is not None:
         _cast_floats(model, dtype)
@@ -159,14 +164,17 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     return model, load_checkpoint_tokenizer(path)
 
 
-def _resolve_aliases(tensors: dict, metadata: dict, path: Path) -> None:
+def _resolve_aliases(tensors: dict, metadata: dict, path: Path) -> dict[str, str]:
+    """Add every tied name (stored once) to ``tensors``; returns {alias: stored name}."""
     import json
 
     try:
-        for alias, target in json.loads(metadata.get("aliases", "{}")).items():
+        aliases = dict(json.loads(metadata.get("aliases", "{}")))
+        for alias, target in aliases.items():
             tensors[alias] = tensors[target]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
         raise CheckpointError(f"{path / WEIGHTS} has corrupt alias metadata") from None
+    return aliases
 
 
 def _build_module(scheme, linear: nn.Linear, stored: dict, group_size, path: Path, name: str) -> QuantizedLinear:

@@ -1,0 +1,210 @@
+"""Quantized vs fp32 on the trained teacher: quality (val perplexity ratio, KL, top-1), decode speed, bytes, RSS.
+
+    PYTHONPATH=$PWD NEOFORMER_TEACHER_CACHE=/work/main/.cache/teachers \
+        python benchmarks/quantize.py [--batches 16] [--rounds 3] [--tokens 48] [--big]
+
+Quality: every val window of the teacher's corpus (up to --batches), fp32 activations, no autocast:
+perplexity ratio to fp32, mean KL(fp32 || quantized) per token, top-1 agreement.
+Speed: batch-1 greedy decode (eager, static cache) with 1 and 2 threads, schemes interleaved over
+--rounds; median tokens/s with min-max, and the 16 x 128-token prefill time.
+Bytes: tensor bytes of the written quantized checkpoint. RSS: a fresh process loads the checkpoint
+and decodes; its resident-set growth over the bare interpreter, against weight bytes + KV cache.
+--big adds a random 162M Llama-shaped model (768 wide, 12 layers, vocab 32000) for speed only.
+llama.cpp is not compared here: building it took ~80 minutes on this machine (see BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+warnings.filterwarnings("ignore")
+
+from neoformer import ModelConfig, build_model  # noqa: E402
+from neoformer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from neoformer.generate import generate  # noqa: E402
+from neoformer.quantize import quantize_checkpoint, tensor_bytes  # noqa: E402
+
+SCHEMES = [("int8", None), ("int8-dynamic", None), ("nf4", 64), ("int4", 64), ("int4", 32)]  # 192 wide: no g128
+
+
+def label(scheme, group):
+    return f"{scheme} g{group}" if group else scheme
+
+
+def val_batches(checkpoint, tokenizer, config, limit):
+    from neoformer.train.batches import build_eval_batches
+    from neoformer.train.run_config import RunConfig, TrainConfig
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    run = RunConfig.from_dict({"model": config["model"], "train": {k: v for k, v in config["train"].items() if k in fields},
+                               "data": config.get("data") or {}})
+    batches = []
+    for number, batch in enumerate(build_eval_batches(run, tokenizer, "val")()):
+        if number >= limit:
+            break
+        batches.append(batch)
+    return batches
+
+
+@torch.no_grad()
+def quality(model, reference_logits, batches):
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for (x, y), ref in zip(batches, reference_logits):
+        logits = model(x)[0].float()
+        logp = F.log_softmax(logits, -1)
+        ref_logp = F.log_softmax(ref, -1)
+        nll += F.nll_loss(logp.flatten(0, 1), y.flatten(), reduction="sum").item()
+        kl += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+        agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
+        count += y.numel()
+    return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
+
+
+def decode_rate(model, prompt, tokens):
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = generate(model, [prompt], max_new_tokens=tokens, eos_token_id=[])
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - len(prompt)) / elapsed
+
+
+def prefill_ms(model, vocab):
+    x = torch.randint(0, vocab, (16, 128), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(x)
+        return (time.perf_counter() - start) * 1e3
+
+
+RSS_PROBE = r"""
+import sys, resource, torch, warnings
+warnings.filterwarnings("ignore")
+from neoformer.checkpoint import load_checkpoint
+from neoformer.generate import generate
+import neoformer.quantize, neoformer.quantize.modules
+try:
+    import bitsandbytes  # counted in the baseline: a library, not the model
+except ImportError:
+    pass
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+base = rss()
+model, _, _ = load_checkpoint(sys.argv[1])
+generate(model, [[1, 2, 3]], max_new_tokens=int(sys.argv[2]), eos_token_id=[])
+print(rss() - base)
+"""
+
+
+def rss_growth(path, tokens):
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), str(tokens)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def speed_table(models, prompt, tokens, rounds, vocab):
+    rates = {(name, t): [] for name in models for t in (1, 2)}
+    prefill = {name: [] for name in models}
+    for _ in range(rounds):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, model in models.items():
+                rates[(name, threads)].append(decode_rate(model, prompt, tokens))
+        torch.set_num_threads(1)
+        for name, model in models.items():
+            prefill[name].append(prefill_ms(model, vocab))
+    return rates, prefill
+
+
+def fmt_rate(values, base):
+    m = statistics.median(values)
+    return f"{m:6.1f} [{min(values):.1f}-{max(values):.1f}] {m / statistics.median(base):4.2f}x"
+
+
+def teacher_section(args, work):
+    from teacher import teacher_checkpoint
+
+    path = teacher_checkpoint("small")
+    fp32, tokenizer, config = load_checkpoint(path)
+    batches = val_batches(path, tokenizer, config, args.batches)
+    with torch.no_grad():
+        reference = [fp32(x)[0].float() for x, _ in batches]
+    base_q = quality(fp32, reference, batches)
+    models, rows = {"fp32": fp32}, {}
+    fp32_bytes = tensor_bytes(path)
+    for scheme, group in SCHEMES:
+        out = work / label(scheme, group).replace(" ", "-")
+        written, _, _ = quantize_checkpoint(path, out, scheme, group)
+        model, _, _ = load_checkpoint(written)
+        models[label(scheme, group)] = model
+        rows[label(scheme, group)] = {**quality(model, reference, batches), "bytes": tensor_bytes(written),
+                                      "path": written}
+    prompt = tokenizer.encode("def main(")
+    rates, prefill = speed_table(models, prompt, args.tokens, args.rounds, fp32.config.vocab_size)
+    windows = sum(x.shape[0] for x, _ in batches)
+    print(f"\nteacher {path.name}: {fp32.num_parameters():,} parameters, {windows} val windows x "
+          f"{batches[0][0].shape[1]} tokens; fp32 val ppl {base_q['ppl']:.4f}")
+    print(f"{'scheme':14s} {'ppl ratio':>9s} {'mean KL':>9s} {'top-1':>7s} {'bytes':>11s} {'RSS growth':>11s}  "
+          f"{'decode tok/s, 1 thread':>27s}  {'2 threads':>27s}  prefill 16x128 ms")
+    for name in models:
+        r = rows.get(name, {**base_q, "bytes": fp32_bytes, "path": path})
+        rss = rss_growth(r["path"], args.tokens)
+        print(f"{name:14s} {r['ppl'] / base_q['ppl']:9.4f} {r['kl']:9.5f} {r['top1']:7.2%} {r['bytes']:11,} "
+              f"{rss:11,}  {fmt_rate(rates[(name, 1)], rates[('fp32', 1)]):>27s}  "
+              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)]):>27s}  "
+              f"{statistics.median(prefill[name]):7.1f} [{min(prefill[name]):.1f}-{max(prefill[name]):.1f}]")
+
+
+def big_section(args, work):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, ffn_hidden=2048, max_seq_len=512,
+                      norm="rmsnorm", ffn="swiglu", position="rope", bias=False, tie_embeddings=False)
+    model = build_model(cfg).eval()
+    path = save_checkpoint(work / "big", 0, model)
+    del model
+    models = {"fp32": load_checkpoint(path)[0]}
+    for scheme, group in (("int8", None), ("int8-dynamic", None), ("int4", 64)):
+        for skip in (("lm_head", "embed"), ("embed",)):
+            name = label(scheme, group) + ("" if "lm_head" in skip else " +head")
+            written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
+            models[name] = load_checkpoint(written)[0]
+    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000)
+    print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), "
+          "speed only; '+head' also quantizes the 32000 x 768 LM head")
+    for name in models:
+        print(f"{name:18s} 1 thread {fmt_rate(rates[(name, 1)], rates[('fp32', 1)])}   2 threads "
+              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)])}   prefill 16x128 {statistics.median(prefill[name]):8.1f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--big", action="store_true")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f} (2 vCPUs), torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_section(args, Path(tmp))
+        if args.big:
+            big_section(args, Path(tmp))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
