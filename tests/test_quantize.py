@@ -92,6 +92,18 @@ def test_fast_forward_matches_the_float64_reference(scheme):
     assert (fast.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back():
+    torch.manual_seed(3)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 96), "int4", 64)
+    stored = {k: v.clone() for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes
+    assert q.qweight is None
+    again = q.state_dict()
+    assert stored.keys() == again.keys() and all(torch.equal(stored[k], again[k]) for k in stored)
+    assert torch.equal(q.dequantize(), K.dequantize_int4(K.Int4Weight(stored["qweight"], q.scales, q.zeros, 64)))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_frozen_base_and_gradients_reach_the_input(scheme):
     torch.manual_seed(2)

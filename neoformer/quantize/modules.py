@@ -85,7 +85,24 @@ class QuantizedLinear(nn.Module):
             return K.Int8Weight(self.qweight, self.scales)
         if self.scheme == "nf4":
             return K.NF4Weight(self.qweight, self.absmax, self.group_size)
-        return K.Int4Weight(self.qweight, self.scales, self.zeros, self.group_size)
+        qweight = self.qweight if self.qweight is not None else self._int4_recover()
+        return K.Int4Weight(qweight, self.scales, self.zeros, self.group_size)
+
+    def _int4_recover(self) -> torch.Tensor:
+        """The stored int4 bytes, read back from the CPU kernel's layout (once the kernel took over the
+        weight, the stored copy is dropped so the 4-bit weight is held once): the kernel applied to the
+        identity gives (q - 8) * scale + zero exactly in fp32, which gives q back."""
+        packed, scales_zeros = self._int4_cpu
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=packed.device)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, scales_zeros.float()).t()
+        groups = w.reshape(self.out_features, -1, self.group_size)
+        codes = torch.round((groups - self.zeros.float()[..., None]) / self.scales.float()[..., None] + 8)
+        return K.pack_nibbles(codes.clamp(0, 15).reshape(self.out_features, self.in_features))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.scheme == "int4" and self.qweight is None:  # dropped for the kernel layout: stored bytes again
+            destination[prefix + "qweight"] = self._int4_recover()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in) the packed one stands for."""
@@ -122,6 +139,7 @@ class QuantizedLinear(nn.Module):
             if self._int4_cpu is None:
                 packed, scales_zeros = K.int4_cpu_pack(self.packed())
                 self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
+                self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
             packed, scales_zeros = self._int4_cpu
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size,
                                                               scales_zeros)
@@ -138,8 +156,10 @@ class QuantizedLinear(nn.Module):
                           code=get_4bit_type("nf4", device=device), blocksize=self.group_size,
                           quant_type="nf4", dtype=torch.float32)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the cached kernel layout is rebuilt on first use
-        self._int4_cpu = None
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): back to the stored layout, rebuilt on first use
+        if self._int4_cpu is not None:
+            self.qweight = self._int4_recover()
+            self._int4_cpu = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
