@@ -35,11 +35,20 @@ STORED = {"int8": ("qweight", "scales"), "int8-dynamic": ("qweight", "scales"),
 
 
 def _bitsandbytes():
+    """bitsandbytes, or None. Its CPU backend warns on import that it cannot fetch a faster gemv from the
+    Hugging Face hub (the `kernels` package, a download at run time we never make); that line is muted."""
+    import logging
+
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import bitsandbytes
         import bitsandbytes.functional
     except ImportError:
         return None
+    finally:
+        quiet.setLevel(level)
     return bitsandbytes
 
 
