@@ -84,8 +84,8 @@ def decode_rate(model, prompt, tokens):
     return (out.shape[1] - len(prompt)) / elapsed
 
 
-def prefill_ms(model, vocab):
-    x = torch.randint(0, vocab, (16, 128), generator=torch.Generator().manual_seed(0))
+def prefill_ms(model, vocab, batch=16):
+    x = torch.randint(0, vocab, (batch, 128), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         start = time.perf_counter()
         model(x)
@@ -117,7 +117,7 @@ def rss_growth(path, tokens):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def speed_table(models, prompt, tokens, rounds, vocab):
+def speed_table(models, prompt, tokens, rounds, vocab, prefill_batch=16):
     rates = {(name, t): [] for name in models for t in (1, 2)}
     prefill = {name: [] for name in models}
     for _ in range(rounds):
@@ -127,7 +127,7 @@ def speed_table(models, prompt, tokens, rounds, vocab):
                 rates[(name, threads)].append(decode_rate(model, prompt, tokens))
         torch.set_num_threads(1)
         for name, model in models.items():
-            prefill[name].append(prefill_ms(model, vocab))
+            prefill[name].append(prefill_ms(model, vocab, prefill_batch))
     return rates, prefill
 
 
@@ -183,12 +183,12 @@ def big_section(args, work):
             name = label(scheme, group) + ("" if "lm_head" in skip else " +head")
             written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
             models[name] = load_checkpoint(written)[0]
-    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000)
+    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000, 4)
     print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), "
           "speed only; '+head' also quantizes the 32000 x 768 LM head")
     for name in models:
         print(f"{name:18s} 1 thread {fmt_rate(rates[(name, 1)], rates[('fp32', 1)])}   2 threads "
-              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)])}   prefill 16x128 {statistics.median(prefill[name]):8.1f} ms")
+              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)])}   prefill 4x128 {statistics.median(prefill[name]):8.1f} ms")
 
 
 def main():
@@ -196,12 +196,14 @@ def main():
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--big", action="store_true")
+    parser.add_argument("--big", action="store_true", help="add the random 162M model (speed only)")
+    parser.add_argument("--big-only", action="store_true", help="only the 162M model")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} (2 vCPUs), torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_section(args, Path(tmp))
-        if args.big:
+        if not args.big_only:
+            teacher_section(args, Path(tmp))
+        if args.big or args.big_only:
             big_section(args, Path(tmp))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
