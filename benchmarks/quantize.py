@@ -117,11 +117,11 @@ def rss_growth(path, tokens):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def speed_table(models, prompt, tokens, rounds, vocab, prefill_batch=16):
-    rates = {(name, t): [] for name in models for t in (1, 2)}
+def speed_table(models, prompt, tokens, rounds, vocab, prefill_batch=16, thread_counts=(1, 2)):
+    rates = {(name, t): [] for name in models for t in thread_counts}
     prefill = {name: [] for name in models}
     for _ in range(rounds):
-        for threads in (1, 2):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
             for name, model in models.items():
                 rates[(name, threads)].append(decode_rate(model, prompt, tokens))
@@ -177,18 +177,22 @@ def big_section(args, work):
     model = build_model(cfg).eval()
     path = save_checkpoint(work / "big", 0, model)
     del model
-    models = {"fp32": load_checkpoint(path)[0]}
-    for scheme, group in (("int8", None), ("int8-dynamic", None), ("int4", 64)):
-        for skip in (("lm_head", "embed"), ("embed",)):
-            name = label(scheme, group) + ("" if "lm_head" in skip else " +head")
-            written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
-            models[name] = load_checkpoint(written)[0]
-    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000, 4)
+    models, paths = {"fp32": load_checkpoint(path)[0]}, {"fp32": path}
+    variants = [("int8", None, ("lm_head", "embed")), ("int8", None, ("embed",)), ("int8-dynamic", None, ("embed",)),
+                ("int4", 64, ("embed",))]
+    for scheme, group, skip in variants:
+        name = label(scheme, group) + ("" if "lm_head" in skip else " +head")
+        written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
+        models[name], paths[name] = load_checkpoint(written)[0], written
+    threads = (1, 2) if args.big_threads == 2 else (1,)
+    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000, 4, threads)
     print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), "
           "speed only; '+head' also quantizes the 32000 x 768 LM head")
     for name in models:
-        print(f"{name:18s} 1 thread {fmt_rate(rates[(name, 1)], rates[('fp32', 1)])}   2 threads "
-              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)])}   prefill 4x128 {statistics.median(prefill[name]):8.1f} ms")
+        line = f"{name:18s} " + "   ".join(f"{t} thread(s) {fmt_rate(rates[(name, t)], rates[('fp32', t)])}"
+                                             for t in threads)
+        print(f"{line}   prefill 4x128 {statistics.median(prefill[name]):8.1f} ms   bytes {tensor_bytes(paths[name]):,}"
+              f"   RSS growth {rss_growth(paths[name], 8):,}")
 
 
 def main():
@@ -198,6 +202,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--big", action="store_true", help="add the random 162M model (speed only)")
     parser.add_argument("--big-only", action="store_true", help="only the 162M model")
+    parser.add_argument("--big-threads", type=int, choices=(1, 2), default=1, help="threads for the 162M model")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} (2 vCPUs), torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
