@@ -172,8 +172,8 @@ def teacher_section(args, work):
 
 def big_section(args, work):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, ffn_hidden=2048, max_seq_len=512,
-                      norm="rmsnorm", ffn="swiglu", position="rope", bias=False, tie_embeddings=False)
+    cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_seq_len=512,
+                      norm="rmsnorm", activation="swiglu", position="rope", bias=False, tie_embeddings=False)
     model = build_model(cfg).eval()
     path = save_checkpoint(work / "big", 0, model)
     del model
