@@ -27,11 +27,11 @@ from torch import nn
 from . import kernels as K
 
 SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes; other groups run the pure path
 # int8: above this many rows (tokens) the weight is cast to bf16 for one GEMM (exact: int8 fits bf16)
 # (768x2048, 1 thread: 3.5x faster than fp32 at 512 rows, 1.7x at 64; the packed op is a GEMV kernel,
 # 2.2x slower than fp32 for a 4 x 128-token prefill of the 162M model)
-PACKED_ROWS = 8  # what _weight_int4pack_mm_for_cpu takes; other groups run the pure path
+PACKED_ROWS = 8
 GROUPED = ("nf4", "int4")  # schemes with a group size (int8 is per output row)
 # buffers each scheme stores, in checkpoint order (bias is added when the Linear has one)
 STORED = {"int8": ("qweight", "scales"), "int8-dynamic": ("qweight", "scales"),
