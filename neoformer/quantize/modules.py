@@ -14,7 +14,8 @@ tests; on CPU inference goes through the fastest op measured here (`benchmarks/q
   nf4 g64       bitsandbytes.matmul_4bit          668 |  1160    (pure LUT dequantize 8906 | 7443; compiled 4486)
 
 So int8 and int4 cast the activations to bf16 for the packed op (AVX-512 BF16 here; the result is
-cast back), int8-dynamic quantizes activations per token, and nf4 uses bitsandbytes when it is
+cast back; int8 prefill of more than PACKED_ROWS tokens runs one bf16 GEMM instead, as the packed op
+is a GEMV kernel), int8-dynamic quantizes activations per token, and nf4 uses bitsandbytes when it is
 installed (its CPU library; otherwise the pure path). nf4 is a storage / QLoRA format here, not a
 speed one: no CPU kernel measured beats fp32 for it.
 """
