@@ -25,6 +25,7 @@ COMMANDS = {
     "fill-mask": "neoformer.cli.fill_mask",
     "import": "neoformer.cli.import_",
     "finetune": "neoformer.cli.finetune",
+    "ablate": "neoformer.cli.ablate",
 }
 
 
