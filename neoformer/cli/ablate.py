@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} is a file; pass a folder")
     if args.dry_run:
         for cell in plan.cells:
-            print(f"{cell.name}{' (base)' if cell.base else ''}: {' '.join(cell_command(plan, cell, out / 'cells' / cell.name))}")
+            command = " ".join(cell_command(plan, cell, out / "cells" / cell.name))
+            print(f"{cell.name}{' (base)' if cell.base else ''}: neoformer {command}")
         return 0
     results = run_grid(plan, out, threads=str(args.threads))
     info = json.loads((out / "plan.json").read_text())

@@ -171,8 +171,9 @@ def _same(a, b) -> bool:
 
 # ---- running cells -------------------------------------------------------------------------------
 def cell_command(plan: Plan, cell: Cell, out: Path, threads: str = "auto") -> list[str]:
-    cmd = [sys.executable, "-m", "neoformer.cli", "train", *plan.train_flags, "--out", str(out), "--seed",
-           str(cell.seed), "--no-progress", "--threads", threads, "--samples", "0"]
+    """The ``neoformer`` arguments that train one cell (``train --preset ... --out ... [--resume]``)."""
+    cmd = ["train", *plan.train_flags, "--out", str(out), "--seed", str(cell.seed), "--no-progress",
+           "--threads", threads, "--samples", "0"]
     for key, value in cell.settings.items():
         cmd += [f"--{key}", _show(value)]
     if (out / "checkpoints" / "latest").exists():  # a killed cell continues where it stopped
@@ -207,8 +208,15 @@ def _score_tasks(run: Path, tasks: str) -> dict[str, float]:
     return {f"{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}
 
 
-def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto") -> dict[str, Any]:
-    """Train (or resume) one cell and write its result.json; a finished cell is read back."""
+def run_in_child(args: list[str], logfile) -> int:
+    """``neoformer ARGS`` in a child process (the default runner of a cell)."""
+    return subprocess.run([sys.executable, "-m", "neoformer.cli", *args], stdout=logfile, stderr=subprocess.STDOUT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+
+
+def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto", runner=run_in_child) -> dict[str, Any]:
+    """Train (or resume) one cell and write its result.json; a finished cell is read back.
+    ``runner(args, logfile) -> exit code`` runs ``neoformer ARGS`` (tests run it in-process)."""
     out = root / "cells" / cell.name
     done = out / RESULT
     if done.is_file():
@@ -218,7 +226,7 @@ def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto
     log(f"run  {cell.name}{' (resume)' if '--resume' in cmd else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{cell.name}.log").open("a") as logfile:
-        code = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        code = runner(cmd, logfile)
     if code != 0:
         raise RuntimeError(f"cell {cell.name} failed (exit {code}); see {out.parent / (cell.name + '.log')}")
     result = {"cell": cell.label, "name": cell.name, "seed": cell.seed, "base": cell.base,
@@ -231,7 +239,8 @@ def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto
     return result
 
 
-def run_grid(plan: Plan, root: str | os.PathLike, log=print, threads: str = "auto") -> list[dict[str, Any]]:
+def run_grid(plan: Plan, root: str | os.PathLike, log=print, threads: str = "auto",
+             runner=run_in_child) -> list[dict[str, Any]]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps({"base": plan.base, "grid": {a.field: a.values for a in plan.axes},
@@ -240,9 +249,9 @@ def run_grid(plan: Plan, root: str | os.PathLike, log=print, threads: str = "aut
     started = time.perf_counter()
     results = []
     for cell in plan.cells:
-        results.append(run_cell(plan, cell, root, log, threads))
+        results.append(run_cell(plan, cell, root, log, threads, runner))
     log(f"grid of {len(plan.cells)} runs done in {time.perf_counter() - started:.0f} s")
     return results
 
 
-__all__ = ["Axis", "Cell", "Plan", "make_plan", "parse_axis", "run_cell", "run_grid", "read_metrics", "cell_command"]
+__all__ = ["Axis", "Cell", "Plan", "make_plan", "parse_axis", "run_cell", "run_grid", "read_metrics", "cell_command", "run_in_child"]
