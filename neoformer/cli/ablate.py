@@ -27,7 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", required=True, metavar="CONFIG_OR_PRESET", help="run config YAML or preset name")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="one axis of the grid (repeat for more axes)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default 1)")
+    p.add_argument("--one-at-a-time", action="store_true", default=None,
+                   help="the base plus one axis changed at a time (default: every combination)")
     limit = p.add_mutually_exclusive_group()
     limit.add_argument("--max-steps", type=int, help="optimizer steps per cell (same tokens for every cell)")
     limit.add_argument("--budget", type=_seconds, metavar="SECONDS", help="wall time per cell (e.g. 120s)")
@@ -44,17 +46,28 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import ConfigError
-    from ..eval.ablate import cell_command, make_plan, run_grid
+    from ..eval.ablate import cell_command, make_plan, read_base, run_grid
     from ..eval.report import write_report
 
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps ({args.max_steps}) must be >= 1")
-    extra = [a for a in args.train_args if a != "--"]
-    plan = make_plan(args.base, args.grid, seeds=args.seeds, max_steps=args.max_steps, budget=args.budget,
-                     tasks=args.tasks, extra=extra)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder")
+    base, saved = read_base(args.base, out)  # flags win over the base YAML's ablate section
+
+    def pick(flag, key, default=None):
+        return flag if flag is not None else saved.get(key, default)
+
+    max_steps = pick(args.max_steps, "max_steps")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"--max-steps ({max_steps}) must be >= 1")
+    budget = pick(args.budget, "budget")
+    if max_steps is not None and budget is not None:
+        raise ConfigError("--max-steps and --budget both set (flags or the ablate section); pass one")
+    extra = [a for a in args.train_args if a != "--"] or [str(a) for a in saved.get("train_args", [])]
+    grid = args.grid or saved.get("grid") or []
+    plan = make_plan(base, [str(g) for g in grid], seeds=pick(args.seeds, "seeds", 1), max_steps=max_steps,
+                     budget=budget, tasks=pick(args.tasks, "tasks"), extra=extra,
+                     one_at_a_time=bool(pick(args.one_at_a_time, "one_at_a_time", False)))
     if args.dry_run:
         for cell in plan.cells:
             command = " ".join(cell_command(plan, cell, out / "cells" / cell.name))

@@ -47,7 +47,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        parts = [f"{k.partition('.')[2]}-{_show(v)}" for k, v in self.settings.items()]
+        parts = [f"{k.partition('.')[2]}-{_show(v)}" for k, v in self.settings.items()] or ["base"]
         return "__".join(parts + [f"seed{self.seed}"]).replace("/", "_")
 
 
@@ -129,11 +129,44 @@ def _resolved_config(base: str, overrides: dict[str, Any]):
     return load_run_config(value if flag == "--config" else None, value if flag == "--preset" else None, overrides)
 
 
+ABLATE_KEYS = {"grid", "seeds", "max_steps", "budget", "tasks", "one_at_a_time", "train_args"}
+
+
+def read_base(base: str, out: Path) -> tuple[str, dict[str, Any]]:
+    """A base YAML may carry an ``ablate:`` section (grid, seeds, max_steps, budget, tasks,
+    one_at_a_time, train_args): it is split off, and the cells train on the rest (``OUT/base.yaml``)."""
+    path = Path(base)
+    if not path.is_file():
+        return base, {}
+    data = yaml.safe_load(path.read_text()) or {}
+    settings = data.pop("ablate", None) if isinstance(data, dict) else None
+    if not settings:
+        return base, {}
+    unknown = set(settings) - ABLATE_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in the ablate section "
+                          f"(known: {', '.join(sorted(ABLATE_KEYS))})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base.yaml").write_text(f"# the run config of {path} without its ablate section\n" + yaml.safe_dump(data))
+    return str(out / "base.yaml"), settings
+
+
+def _cell_settings(base: str, axes: list[Axis], base_values: dict[str, Any], one_at_a_time: bool):
+    """Settings of every cell: the full product of the axes, or the base plus one axis changed at a time."""
+    if not one_at_a_time:
+        return [dict(zip((a.field for a in axes), combo)) for combo in itertools.product(*(a.values for a in axes))]
+    cells: list[dict[str, Any]] = [{}]
+    for a in axes:
+        cells += [{a.field: v} for v in a.values if not _same(v, base_values[a.field])]
+    return cells
+
+
 def make_plan(base: str, grid: list[str], *, seeds: int = 1, max_steps: int | None = None,
-              budget: float | None = None, tasks: str | None = None, extra: list[str] | None = None) -> Plan:
+              budget: float | None = None, tasks: str | None = None, extra: list[str] | None = None,
+              one_at_a_time: bool = False) -> Plan:
     if not grid:
         raise ConfigError("pass at least one --grid SECTION.FIELD=V1,V2")
-    if seeds < 1:
+    if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be >= 1")
     axes = [parse_axis(g) for g in grid]
     if len({a.field for a in axes}) != len(axes):
@@ -141,8 +174,7 @@ def make_plan(base: str, grid: list[str], *, seeds: int = 1, max_steps: int | No
     base_run = _resolved_config(base, {})
     base_values = {a.field: _get(base_run, a.field) for a in axes}
     cells = []
-    for combo in itertools.product(*(a.values for a in axes)):
-        settings = dict(zip((a.field for a in axes), combo))
+    for settings in _cell_settings(base, axes, base_values, one_at_a_time):
         try:
             _resolved_config(base, settings)
         except (ConfigError, ValueError) as err:

@@ -82,12 +82,13 @@ def markdown(results: list[dict], plan_info: dict[str, Any]) -> str:
              f"Base cell: **{base['cell']}**. Values are mean ± standard deviation over seeds"
              + ("" if seeds > 1 else " (one seed: no spread measured, so small differences may be noise)")
              + "; Δ is the difference of means against the base.", ""]
-    header = ["cell", "runs"] + [f"{m}" for m in metrics] + [f"Δ {m}" for m in metrics if m != "seconds"]
+    compared = [m for m in metrics if m != "seconds" and "@" not in m and m != "train_loss"]  # the Δ columns
+    header = ["cell", "runs"] + [f"{m}" for m in metrics] + [f"Δ {m}" for m in compared]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [("**" + r["cell"] + "**") if r["base"] else r["cell"], str(r["n"])]
         cells += [_fmt(r.get(m), 1 if m == "seconds" else 4) for m in metrics]
-        cells += [_delta(r.get(m), base.get(m)) for m in metrics if m != "seconds"]
+        cells += [_delta(r.get(m), base.get(m)) for m in compared]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![validation loss curves](loss_curves.png)", "", "![final validation loss per cell](final_metric.png)",
               "", "![final validation loss vs wall time](metric_vs_time.png)", ""]
