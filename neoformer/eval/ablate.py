@@ -173,14 +173,15 @@ def make_plan(base: str, grid: list[str], *, seeds: int = 1, max_steps: int | No
         raise ConfigError("a --grid field is given twice; list all its values in one --grid")
     base_run = _resolved_config(base, {})
     base_values = {a.field: _get(base_run, a.field) for a in axes}
-    cells = []
-    for settings in _cell_settings(base, axes, base_values, one_at_a_time):
+    every = _cell_settings(base, axes, base_values, one_at_a_time)
+    for settings in every:
         try:
             _resolved_config(base, settings)
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"grid cell {settings}: {err}") from None
-        is_base = all(_same(settings[k], base_values[k]) for k in settings)
-        cells += [Cell(settings, seed, is_base) for seed in range(seeds)]
+    # seed-major order: a grid stopped early has every cell at least once
+    cells = [Cell(settings, seed, all(_same(settings[k], base_values[k]) for k in settings))
+             for seed in range(seeds) for settings in every]
     if not any(c.base for c in cells):  # the base config is not in the grid: compare against the first cell
         for c in cells:
             c.base = c.settings == cells[0].settings
