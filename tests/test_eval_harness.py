@@ -32,21 +32,21 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+def _tiny(preset: str, seed: int):
+    """A tiny decoder (random weights: equality tests, not quality) + a BPE trained on TEXT."""
+    torch.manual_seed(seed)
+    tok = train_bpe([TEXT], vocab_size=300)
+    return build_model(PRESETS[preset].replace(vocab_size=tok.vocab_size, max_seq_len=48)).eval(), tok
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny Llama-shaped decoder with GQA (random weights: equality tests, not quality) + a BPE."""
-    torch.manual_seed(0)
-    tok = train_bpe([TEXT], vocab_size=300)
-    cfg = PRESETS["nexus-debug"].replace(vocab_size=tok.vocab_size, max_seq_len=48)
-    return build_model(cfg).eval(), tok
+    return _tiny("nexus-debug", 0)  # Llama-shaped with GQA: exports to HF
 
 
 @pytest.fixture(scope="module")
 def tiny_rmc():
-    torch.manual_seed(1)
-    tok = train_bpe([TEXT], vocab_size=300)
-    cfg = PRESETS["neoformer-x-debug"].replace(vocab_size=tok.vocab_size, max_seq_len=48)
-    return build_model(cfg).eval(), tok
+    return _tiny("neoformer-x-debug", 1)  # RMC + NSB: model-owned state travels with the cache
 
 
 def direct_logprob(model, context, continuation):
