@@ -136,3 +136,12 @@ def test_a_real_kill_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "skip n_kv_heads-1__seed0" in done.stdout and "run  n_kv_heads-4__seed0 (resume)" in done.stdout
     assert json.loads((out / "cells/n_kv_heads-4__seed0/result.json").read_text())["steps"] == 400
+
+
+def test_the_shipped_seed0_config_plans_its_three_ablations(tmp_path, capsys):
+    assert main(["ablate", "--base", str(REPO / "configs/ablate/seed0.yaml"), "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names[:6] == ["base__seed0 (base)", "nsb-false__seed0", "n_kv_heads-1__seed0", "n_kv_heads-8__seed0",
+                         "rope_base-1000__seed0", "rope_base-500000__seed0"] and len(names) == 12
+    assert "--max-steps 250" in lines[0] and (tmp_path / "base.yaml").is_file()

@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     text = "train an ablation grid (each cell through `neoformer train`) and write a report"
     p = subparsers.add_parser(
         "ablate", help=text, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=text + ".\n\nExample:\n  neoformer ablate --base configs/ablate_seed0.yaml "
+        description=text + ".\n\nExample:\n  neoformer ablate --base configs/ablate/seed0.yaml "
         "--grid model.nsb=true,false --grid model.n_kv_heads=1,3 --seeds 2 --max-steps 300 --out runs/ablate\n"
         "Rerunning the same command skips finished cells and resumes a killed one (docs/ablations.md).")
     p.add_argument("--base", required=True, metavar="CONFIG_OR_PRESET", help="run config YAML or preset name")
