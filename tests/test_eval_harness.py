@@ -205,6 +205,15 @@ def test_eval_cli_tasks_table_json_and_run_metrics(tiny, tmp_path, capsys):
     assert record["step"] == 7 and 0 <= record["tasks"]["tiny_mc"]["acc"] <= 1
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["eval/tiny_mc/acc"] == record["tasks"]["tiny_mc"]["acc"] and lines[-1]["step"] == 7
+    # lm-eval's own entry point finds the registered class by name and loads the checkpoint
+    from lm_eval import simple_evaluate
+
+    from neoformer.eval.harness import task_manager
+
+    out = simple_evaluate(model="neoformer", model_args=f"pretrained={run},batch_size=4", tasks=["tiny_mc"],
+                          task_manager=task_manager(["tiny_mc"], tasks), limit=4, bootstrap_iters=0)
+    assert out["results"]["tiny_mc"]["acc,none"] == record["tasks"]["tiny_mc"]["acc"]
+    capsys.readouterr()  # lm-eval's progress bars
     for bad in (["--tasks", "tiny_mc", "--include-path", str(tmp_path / "nowhere")], ["--tasks", ","],
                 ["--tasks", "tiny_mc", "--bpb"], ["--stride", "4"], ["--tasks", "tiny_mc", "--limit", "0"]):
         assert main(["eval", str(run), *bad]) == 2
