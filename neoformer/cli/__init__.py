@@ -26,6 +26,7 @@ COMMANDS = {
     "import": "neoformer.cli.import_",
     "finetune": "neoformer.cli.finetune",
     "quantize": "neoformer.cli.quantize",
+    "ablate": "neoformer.cli.ablate",
 }
 
 

@@ -376,12 +376,40 @@ def _not_local(name: str) -> DataError:
 
 
 # ---- one entry point -------------------------------------------------------------------------
+# spec prefix -> a source a feature package provides, ``loader(rest, split, val_fraction=...) -> Corpus``,
+# named as "module:function" and imported on first use (data/ sits below the packages that provide them)
+SOURCE_PREFIXES: dict[str, object] = {"task:": "neoformer.eval.builtin:task_corpus"}
+
+
+def register_source(prefix: str, loader) -> None:
+    """Teach :func:`load_documents` a spec prefix (a callable or a ``"module:function"`` string)."""
+    SOURCE_PREFIXES[prefix] = loader
+
+
+def _prefixed_source(spec: str):
+    for prefix, loader in SOURCE_PREFIXES.items():
+        if spec.startswith(prefix):
+            if isinstance(loader, str):
+                module, _, function = loader.partition(":")
+                loader = getattr(importlib.import_module(module), function)
+            return prefix, loader
+    return None, None
+
+
 def load_documents(
     spec: str | os.PathLike = "stdlib", split: str = "train", *, val_fraction: float = VAL_FRACTION,
     text_field: str = "text", hf_config: str | None = None, streaming: bool = True,
 ) -> Corpus:  # fmt: skip
-    """``"stdlib"``, a file / directory / glob (text, .jsonl, .parquet), or ``"hf:NAME_OR_PATH"``."""
+    """``"stdlib"``, a file / directory / glob (text, .jsonl, .parquet), ``"hf:NAME_OR_PATH"``, or a
+    registered prefix (``"task:addition"``: neoformer's built-in tasks, see :data:`SOURCE_PREFIXES`)."""
     spec = str(spec)
+    prefix, loader = _prefixed_source(spec)
+    if loader is not None:
+        _check_split(split)
+        try:
+            return loader(spec[len(prefix):], split, val_fraction=val_fraction)
+        except ValueError as err:
+            raise DataError(f"--data {spec}: {err}") from None
     if spec == "stdlib":
         return stdlib_corpus(split, val_fraction)
     if spec.startswith("hf:"):

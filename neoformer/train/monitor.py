@@ -80,7 +80,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), flush_secs=10)  # readable while training
         except ImportError:
             self._tb = None
 

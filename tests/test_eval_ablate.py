@@ -1,0 +1,147 @@
+"""`neoformer ablate`: a 2x1 grid of tiny cells runs, a rerun skips finished cells and resumes a
+killed one, the report has mean ± std and deltas, bad grid specs are one line."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from neoformer.cli import main
+from neoformer.config import ConfigError
+from neoformer.eval.ablate import make_plan, parse_axis, run_grid
+from neoformer.eval.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--data", "task:addition", "--tokenizer", "char", "--batch", "2", "--seq", "24", "--eval-every", "2",
+         "--save-every", "2", "--train.eval_batches", "1", "--train.plot", "false", "--precision", "fp32"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOFORMER_CACHE", str(tmp_path / "cache"))
+
+
+def in_process(calls):
+    """A cell runner that calls `neoformer train` in this process (the same argv the child gets)."""
+    def run(args, logfile):
+        calls.append(args)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = main(args)
+        logfile.write(out.getvalue())
+        return code
+    return run
+
+
+def test_grid_runs_resumes_a_killed_cell_and_skips_done_ones(tmp_path):
+    plan = make_plan("nexus-debug", ["model.n_kv_heads=1,4"], max_steps=4, extra=TRAIN, tasks="builtin:copy")
+    assert [c.label for c in plan.cells] == ["n_kv_heads=1", "n_kv_heads=4"]
+    calls: list[list[str]] = []
+    results = run_grid(plan, tmp_path / "abl", log=lambda *a: None, threads="1", runner=in_process(calls))
+    assert len(calls) == 2 and all(r["steps"] == 4 and r["val_loss"] is not None for r in results)
+    assert "builtin:copy/exact_match" in results[0]["tasks"]
+    before = json.loads((tmp_path / "abl/cells/n_kv_heads-4__seed0/result.json").read_text())
+
+    # cell 2 "killed" after its step-2 checkpoint: no result, latest -> step 2, later files gone
+    cell = tmp_path / "abl/cells/n_kv_heads-4__seed0"
+    (cell / "result.json").unlink()
+    shutil.rmtree(cell / "checkpoints/step-000004")
+    (cell / "checkpoints/latest").write_text("step-000002\n")
+    (cell / "latest").unlink()
+    calls.clear()
+    again = run_grid(plan, tmp_path / "abl", log=lambda *a: None, threads="1", runner=in_process(calls))
+    assert len(calls) == 1 and "--resume" in calls[0] and str(cell) in calls[0]  # cell 1 skipped
+    assert again[1]["steps"] == 4 and again[0] == results[0]
+    # an exact resume (fp32, pinned thread) ends where the uninterrupted cell ended
+    assert again[1]["val_loss"] == pytest.approx(before["val_loss"], abs=1e-6)
+
+    paths = write_report(again, tmp_path / "abl", {"base": "nexus-debug", "grid": {"model.n_kv_heads": [1, 4]}})
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["model.n_kv_heads"] for r in rows] == ["1", "4"]
+    report = paths["report"].read_text()
+    assert "Δ val_loss" in report and "one seed: no spread" in report and "**n_kv_heads=1**" in report
+    assert {"loss_curves", "final_metric", "metric_vs_time"} <= set(paths)
+
+
+def test_report_mean_std_and_delta(tmp_path):
+    def result(cell, seed, loss, base):
+        return {"cell": cell, "seed": seed, "base": base, "settings": {"model.nsb": cell == "nsb=true"},
+                "val_loss": loss, "train_loss": loss, "seconds": 1.0, "curve": [[0, 3.0, 0.1], [4, loss, 1.0]]}
+    results = [result("nsb=true", 0, 2.0, True), result("nsb=true", 1, 2.2, True),
+               result("nsb=false", 0, 2.5, False), result("nsb=false", 1, 2.7, False)]
+    paths = write_report(results, tmp_path, {"base": "x", "grid": {"model.nsb": [True, False]}})
+    report = paths["report"].read_text()
+    assert "2.1000 ± 0.1414" in report and "2.6000 ± 0.1414" in report and "+0.5000" in report
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("model.nsb", "expected SECTION.FIELD=V1,V2"),
+    ("nsb=true,false", "SECTION one of model, train"),
+    ("model.n_kv_head=1,2", "did you mean 'n_kv_heads'"),
+    ("model.nsb=true,,false", "an empty value"),
+    ("model.n_kv_heads=1,1", "listed twice"),
+])
+def test_bad_grid_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_axis(spec)
+
+
+def test_bad_input_through_the_cli_is_one_line(tmp_path, capsys):
+    for args, message in (
+        (["--grid", "model.nsb"], "expected SECTION.FIELD"),
+        (["--grid", "model.n_kv_heads=1,5"], "grid cell {'model.n_kv_heads': 5}"),
+        (["--grid", "model.nsb=true", "--seeds", "0"], "--seeds (0)"),
+        (["--grid", "model.nsb=true", "--base", "no-such-preset"], "neither a config file nor a preset"),
+    ):
+        base = [] if "--base" in args else ["--base", "nexus-debug"]
+        assert main(["ablate", *base, *args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_dry_run_prints_every_cell(tmp_path, capsys):
+    assert main(["ablate", "--base", "nexus-debug", "--grid", "model.nsb=true,false", "--grid",
+                 "model.rope_base=1e4,5e5", "--seeds", "2", "--max-steps", "3", "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all("--max-steps 3" in line for line in lines)
+    assert "--model.rope_base 500000" in "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_a_real_kill_resumes(tmp_path):
+    """SIGKILL the grid (and its training child) mid-run; the rerun skips the done cell and resumes."""
+    out = tmp_path / "abl"
+    cmd = [sys.executable, "-m", "neoformer.cli", "ablate", "--base", "nexus-debug", "--grid", "model.n_kv_heads=1,4",
+           "--max-steps", "400", "--out", str(out), "--threads", "1", "--", *TRAIN, "--save-every", "20"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cell2 = out / "cells/n_kv_heads-4__seed0/checkpoints/latest"
+    deadline = time.time() + 300
+    while not cell2.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "cells/n_kv_heads-1__seed0/result.json").exists()
+    assert not (out / "cells/n_kv_heads-4__seed0/result.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "skip n_kv_heads-1__seed0" in done.stdout and "run  n_kv_heads-4__seed0 (resume)" in done.stdout
+    assert json.loads((out / "cells/n_kv_heads-4__seed0/result.json").read_text())["steps"] == 400
+
+
+def test_the_shipped_seed0_config_plans_its_three_ablations(tmp_path, capsys):
+    assert main(["ablate", "--base", str(REPO / "configs/ablate/seed0.yaml"), "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names[:6] == ["base__seed0 (base)", "nsb-false__seed0", "n_kv_heads-1__seed0", "n_kv_heads-8__seed0",
+                         "rope_base-1000__seed0", "rope_base-500000__seed0"] and len(names) == 12
+    assert "--max-steps 250" in lines[0] and (tmp_path / "base.yaml").is_file()
