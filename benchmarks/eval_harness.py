@@ -167,7 +167,7 @@ def main() -> int:
         print(f"round {r + 1}: " + ", ".join(f"{t} ours {times['ours'][t][-1]:.1f}s hf {times['hf'][t][-1]:.1f}s"
                                             for t in tasks), flush=True)
     print("\nseconds inside the backend's request methods (lm-eval's task setup excluded)")
-    print(f"\n| task | metric | neoformer | HFLM | max |Δ loglik| | speed-up (median, min-max) |")
+    print("\n| task | metric | neoformer | HFLM | max |Δ loglik| | speed-up (median, min-max) |")
     print("|---|---|---|---|---|---|")
     for task in tasks:
         (m_ours, l_ours), (m_hf, l_hf) = results[("ours", task)], results[("hf", task)]

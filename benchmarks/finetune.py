@@ -148,7 +148,7 @@ def main() -> int:
                 print(f"round {round_ + 1} {method:5} | acc {figures['accuracy']:.0%} | loss {figures['loss']:.3f} | "
                       f"{figures['step_ms']:.0f} ms/step | peak +{figures['peak_train_mib']:.0f} MiB | "
                       f"{figures['trainable']} | load {figures['load']:.1f}")
-    print(f"\n| method | accuracy (rounds) | gain vs full | trainable | ms/step (median, spread) | peak train MiB |")
+    print("\n| method | accuracy (rounds) | gain vs full | trainable | ms/step (median, spread) | peak train MiB |")
     print("|---|---|---|---|---|---|")
     full_gain = statistics.mean(r["accuracy"] for r in results["full"]) - before
     for method, runs in results.items():

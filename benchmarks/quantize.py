@@ -15,7 +15,6 @@ llama.cpp is not compared here: building it took ~80 minutes on this machine (se
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics

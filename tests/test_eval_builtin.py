@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-from neoformer.checkpoint import save_checkpoint
 from neoformer.cli import main
 from neoformer.data.sources import DataError, load_documents
 from neoformer.eval.builtin import GENERATORS, KV_DISTANCES, examples, grade, score_task
