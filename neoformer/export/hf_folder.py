@@ -91,6 +91,17 @@ def load_hf(out: Path, kind_name: str, remote_code: bool):
     return auto.from_pretrained(str(out), trust_remote_code=remote_code, dtype="auto").eval()
 
 
+def hf_cached_steps(theirs, ids: torch.Tensor) -> list[torch.Tensor]:
+    """transformers' logits for a prefill of PREFILL tokens, then one token at a time with its own cache."""
+    out = theirs(input_ids=ids[:, :PREFILL], use_cache=True)
+    steps, past = [out.logits], out.past_key_values
+    for t in range(PREFILL, ids.shape[1]):
+        out = theirs(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+        steps.append(out.logits)
+        past = out.past_key_values
+    return steps
+
+
 @torch.no_grad()
 def verify_hf(source: Source, out: Path, dtype: torch.dtype, facts: dict) -> tuple[float, str]:
     theirs = load_hf(out, source.cfg.kind, facts["remote_code"])
@@ -118,15 +129,6 @@ def verify_hf(source: Source, out: Path, dtype: torch.dtype, facts: dict) -> tup
         check_tolerance("hf", diff, dtype, float(ours[0].abs().max()) if dtype != torch.float32 else 1.0)
         return diff, f"{facts['architecture']}: encoder + decoder prefill {PREFILL} + {DECODE_STEPS} cached steps"
 
-    def run(ids):
-        out = theirs(input_ids=ids[:, :PREFILL], use_cache=True)
-        steps, past = [out.logits], out.past_key_values
-        for t in range(PREFILL, ids.shape[1]):
-            out = theirs(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            steps.append(out.logits)
-            past = out.past_key_values
-        return steps
-
-    return verify_steps("hf", source, dtype, run,
+    return verify_steps("hf", source, dtype, lambda ids: hf_cached_steps(theirs, ids),
                         f"{facts['architecture']}: prefill {PREFILL} + {DECODE_STEPS} steps with the HF cache")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .common import ExportError, PREFILL, Source, max_abs_diff, prepare_out, probe_ids, verify_steps
+from .. import kinds
+from .common import ExportError, Source, max_abs_diff, prepare_out, probe_ids, verify_steps
 
 # architectures whose layout neoformer cannot reproduce exactly, with the reason
 REFUSED = {
@@ -89,22 +90,14 @@ def import_hf(folder: str | os.PathLike, out: str | os.PathLike, *, dtype: torch
 @torch.no_grad()
 def _verify(model, folder: Path, arch: str, remote: bool) -> float:
     """neoformer's imported model vs transformers on the original folder (decoders: cached steps)."""
-    from .hf_folder import load_hf
+    from .hf_folder import hf_cached_steps, load_hf
 
     theirs = load_hf(folder, model.config.kind, remote)
     dtype = next(model.parameters()).dtype
-    if model.config.kind == "decoder":
-        def run(ids):
-            out = theirs(input_ids=ids[:, :PREFILL], use_cache=True)
-            steps, past = [out.logits], out.past_key_values
-            for t in range(PREFILL, ids.shape[1]):
-                out = theirs(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-                steps.append(out.logits)
-                past = out.past_key_values
-            return steps
-
-        return verify_steps("import", Source(model.eval()), dtype, run, arch)[0]
+    kind = kinds.get(model.config)
+    if kind.causal and not kind.encoder_layers:  # decoder-only
+        return verify_steps("import", Source(model.eval()), dtype, lambda ids: hf_cached_steps(theirs, ids), arch)[0]
     ids = probe_ids(model.config.vocab_size, 8)
-    if model.config.kind == "encoder":
+    if not kind.causal:  # encoder
         return max_abs_diff([model(ids).float()], [theirs(input_ids=ids).logits])
     return max_abs_diff([model(ids, ids)[0].float()], [theirs(input_ids=ids, decoder_input_ids=ids).logits])

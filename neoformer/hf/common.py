@@ -34,6 +34,16 @@ class HFWeights:
             raise ValueError(f"checkpoint has tensors this converter does not use: {', '.join(left[:3])}{more}")
 
 
+def take_lm_head(sd: dict[str, torch.Tensor], w: HFWeights, cfg: ModelConfig) -> None:
+    """The output head: the embedding itself when tied (a stored copy is consumed and dropped), else HF's lm_head."""
+    if cfg.tie_embeddings:
+        if "lm_head.weight" in w.tensors:
+            w.take("lm_head.weight", full=True)
+        sd["lm_head.weight"] = sd["embed.tokens.weight"]
+    else:
+        sd["lm_head.weight"] = w.take("lm_head.weight", full=True)
+
+
 def fuse_qkv(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Separate attn.{q,k,v}_proj -> attn.qkv (for models built with fused_qkv=True)."""
     out = dict(sd)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from .common import HFWeights
+from .common import HFWeights, take_lm_head
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
@@ -61,12 +61,7 @@ def weights_from_hf(w: HFWeights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         qkv_b = w.take(f"{theirs}attn.c_attn.bias").chunk(3, dim=0)
         for n, weight, bias in zip("qkv", qkv_w, qkv_b):
             sd[f"{ours}attn.{n}_proj.weight"], sd[f"{ours}attn.{n}_proj.bias"] = weight, bias
-    if cfg.tie_embeddings:
-        if "lm_head.weight" in w.tensors:
-            w.take("lm_head.weight", full=True)
-        sd["lm_head.weight"] = sd["embed.tokens.weight"]
-    else:
-        sd["lm_head.weight"] = w.take("lm_head.weight", full=True)
+    take_lm_head(sd, w, cfg)
     return sd
 
 

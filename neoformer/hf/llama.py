@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from .common import HFWeights
+from .common import HFWeights, take_lm_head
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -79,12 +79,7 @@ def weights_from_hf(w: HFWeights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         for ours, theirs in _LAYER.items():
             if cfg.bias or not ours.endswith("bias"):
                 sd[f"decoder.blocks.{i}.{ours}"] = w.take(f"layers.{i}.{theirs}")
-    if cfg.tie_embeddings:
-        if "lm_head.weight" in w.tensors:
-            w.take("lm_head.weight", full=True)  # the same tensor as the embedding
-        sd["lm_head.weight"] = sd["embed.tokens.weight"]
-    else:
-        sd["lm_head.weight"] = w.take("lm_head.weight", full=True)
+    take_lm_head(sd, w, cfg)
     return sd
 
 

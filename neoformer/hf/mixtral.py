@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from . import llama
-from .common import HFWeights
+from .common import HFWeights, take_lm_head
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 MODEL_TYPES = {"mixtral": "MixtralForCausalLM"}
@@ -52,12 +52,7 @@ def weights_from_hf(w: HFWeights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             else:
                 for name, hf_name in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
                     sd[f"{expert}{name}.weight"] = w.take(f"{moe}experts.{e}.{hf_name}.weight")
-    if cfg.tie_embeddings:
-        if "lm_head.weight" in w.tensors:
-            w.take("lm_head.weight", full=True)
-        sd["lm_head.weight"] = sd["embed.tokens.weight"]
-    else:
-        sd["lm_head.weight"] = w.take("lm_head.weight", full=True)
+    take_lm_head(sd, w, cfg)
     return sd
 
 

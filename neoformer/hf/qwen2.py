@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from . import llama
-from .common import HFWeights
+from .common import HFWeights, take_lm_head
 
 ARCHITECTURES = ("Qwen2ForCausalLM",)
 MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM"}
@@ -37,10 +37,5 @@ def weights_from_hf(w: HFWeights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         for ours in _ZERO_BIAS:
             weight = sd[f"decoder.blocks.{i}.{ours.replace('bias', 'weight')}"]
             sd[f"decoder.blocks.{i}.{ours}"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
-    if cfg.tie_embeddings:
-        if "lm_head.weight" in w.tensors:
-            w.take("lm_head.weight", full=True)
-        sd["lm_head.weight"] = sd["embed.tokens.weight"]
-    else:
-        sd["lm_head.weight"] = w.take("lm_head.weight", full=True)
+    take_lm_head(sd, w, cfg)
     return sd
