@@ -21,6 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(("OBJECTIVES", "causal_lm", "masked_lm", "objective_for", "seq2seq"),
                     "neoformer.train.objectives"),
     **dict.fromkeys(("Lion", "WarmupCosine", "build_optimizer"), "neoformer.train.optim"),
+    **dict.fromkeys(("Distillation", "distillation", "kd_loss"), "neoformer.train.distill"),
     **dict.fromkeys(("DataConfig", "RunConfig", "TokenizerConfig", "TrainConfig", "load_run_config"),
                     "neoformer.train.run_config"),
 }
@@ -43,6 +44,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "fit", "evaluate", "FitResult", "Trainer", "TrainingDiverged", "TrainConfig", "RunConfig", "DataConfig",
     "TokenizerConfig", "load_run_config", "Lion", "WarmupCosine", "build_optimizer", "OBJECTIVES", "causal_lm",
-    "masked_lm", "seq2seq", "objective_for", "CheckpointError", "save_checkpoint", "load_model", "load_weights",
+    "masked_lm", "seq2seq", "objective_for", "Distillation", "distillation", "kd_loss", "CheckpointError", "save_checkpoint", "load_model", "load_weights",
     "load_training_state", "resolve_checkpoint", "list_checkpoints", "inspect_checkpoint",
 ]

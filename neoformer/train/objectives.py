@@ -71,6 +71,8 @@ def seq2seq(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
 
 
 OBJECTIVES: dict[str, Objective] = {"causal_lm": causal_lm, "mlm": masked_lm, "seq2seq": seq2seq}
+# objectives built around extra state (a teacher): name -> "module:factory", imported on first use
+OBJECTIVE_FACTORIES: dict[str, str] = {"distill": "neoformer.train.distill:distillation"}
 
 
 def objective_for(kind_or_model) -> Objective:
@@ -81,4 +83,4 @@ def objective_for(kind_or_model) -> Objective:
     return get(kind_or_model).load("objective")
 
 
-__all__ = ["Objective", "causal_lm", "masked_lm", "seq2seq", "OBJECTIVES", "objective_for"]
+__all__ = ["Objective", "causal_lm", "masked_lm", "seq2seq", "OBJECTIVES", "OBJECTIVE_FACTORIES", "objective_for"]
