@@ -27,6 +27,7 @@ COMMANDS = {
     "finetune": "neoformer.cli.finetune",
     "quantize": "neoformer.cli.quantize",
     "ablate": "neoformer.cli.ablate",
+    "compress": "neoformer.cli.compress",
 }
 
 

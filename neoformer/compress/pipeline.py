@@ -27,7 +27,7 @@ from ..train.run_config import DataConfig, RunConfig, TrainConfig
 from .calibrate import Batch
 from .depth import choose_layers, keep_layers
 from .heads import head_importance, prune_heads
-from .plan import CompressPlan, check_heads, student_width
+from .plan import CompressPlan, check_plan, student_width
 from .report import ModelMeasure, format_table, measure, write_report
 from .vocab import VocabReduction, reduce_tokenizer, slice_vocab, token_counts
 from .width import prune_ffn, reduce_width
@@ -75,9 +75,7 @@ def reduce(teacher: nn.Module, tokenizer, plan: CompressPlan, calibration: list[
     model, choices = teacher, {}
     cfg = teacher.config
     uniform = plan.by == "uniform"
-    if plan.heads is not None or plan.kv_heads is not None:
-        check_heads(plan, cfg)  # refuse before any slow scoring
-    student_width(plan, cfg, plan.heads if plan.heads is not None else cfg.n_heads)
+    check_plan(plan, cfg)  # refuse before any slow scoring
     if plan.layers is not None:
         keep, scores = choose_layers(plan, model, calibration)
         choices["layers"] = {"kept": keep, "score": None if scores is None else plan.layer_score,
@@ -139,6 +137,7 @@ def compress(teacher_path, out_dir, plan: CompressPlan, settings: DistillConfig 
     teacher, tokenizer, _ = load_checkpoint(teacher_path, device=device, kinds=("decoder",),
                                                          contents=("full",), command="compress")
     teacher_path = resolve_checkpoint(teacher_path)
+    check_plan(plan, teacher.config)
     if tokenizer is None:
         raise ConfigError(f"{teacher_path} has no tokenizer; compress needs one to read the data")
     seed_everything(settings.train.seed)

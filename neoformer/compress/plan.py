@@ -124,6 +124,18 @@ def student_width(plan: CompressPlan, cfg: ModelConfig, n_heads: int) -> int:
     return width
 
 
+def check_plan(plan: CompressPlan, cfg: ModelConfig) -> None:
+    """Refuse an impossible request before any data is read or any score computed."""
+    if plan.layers is not None:
+        parse_layers(plan.layers, cfg.n_layers)
+    heads = check_heads(plan, cfg)[0] if plan.heads is not None or plan.kv_heads is not None else cfg.n_heads
+    student_width(plan, cfg, heads)
+    if plan.ffn_dim is not None and plan.ffn_dim > cfg.resolved_ffn_hidden:
+        raise CompressError(f"--ffn-dim {plan.ffn_dim} is larger than the teacher's FFN ({cfg.resolved_ffn_hidden})")
+    if plan.vocab is not None and plan.vocab > cfg.vocab_size:
+        raise CompressError(f"--vocab {plan.vocab} is larger than the teacher's vocabulary ({cfg.vocab_size})")
+
+
 # ---- Nexus recipes: the seed's Standard / Nano shapes as ratios of its 405B-class base ---------------
 def _recipe_ratios(name: str) -> dict[str, float]:
     from ..presets import PRESETS
@@ -155,5 +167,5 @@ def recipe_plan(name: str, cfg: ModelConfig, **choices: Any) -> CompressPlan:
                         vocab=max(1, int(round(cfg.vocab_size * r["vocab"]))), **choices)
 
 
-__all__ = ["CompressPlan", "CompressError", "parse_layers", "check_heads", "student_width", "recipe_plan",
+__all__ = ["CompressPlan", "CompressError", "check_plan", "parse_layers", "check_heads", "student_width", "recipe_plan",
            "RECIPES", "LAYER_SCORES", "SELECTIONS", "WIDTH_METHODS", "HEAD_SCORES"]

@@ -12,7 +12,8 @@
   keep the first ``d_model``. SliceGPT uses one Q per layer plus extra matrices on the residual
   path; one Q for the whole stream keeps the student an ordinary model (no new modules). The norm
   over k channels divides by sqrt(sum/k) instead of sqrt(sum/D): the constant sqrt(D/k) becomes
-  the norm's gain. At full width the rotation is exact (logits equal to float precision).
+  the norm's gain (and eps scales by D/k). At full width the rotation is exact (logits equal to
+  float precision), and so is any width that spans the activations.
 """
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ def _with_norm_gains(state: dict, gains: dict[str, torch.Tensor]) -> dict:
 
 
 def _student_config(cfg, d_model: int, untie: bool):
-    changes = {"d_model": d_model}
+    # rms over k channels = sqrt(sum/k + eps'): with eps' = eps * D / k and the gain sqrt(D/k) this is
+    # exactly the teacher's sqrt(sum/D + eps) whenever the removed channels were empty
+    changes = {"d_model": d_model, "norm_eps": cfg.norm_eps * cfg.d_model / d_model}
     if untie and cfg.tie_embeddings:
         changes["tie_embeddings"] = False  # the final norm's gain is folded into the head only
     return config_with(cfg, **changes)
