@@ -1,0 +1,203 @@
+"""Compression on the cached trained teacher: 2x / 4x students (depth, width, both) pruned and
+distilled, against same-shape students trained from scratch; importance vs every-k-th layer
+selection; head pruning without retraining; 4x vocabulary reduction.
+
+    python benchmarks/compress.py --part all          # or: heads, depth, width, vocab, scratch
+    python benchmarks/compress.py --teacher base      # the ~13M teacher (trains on first use)
+
+Each part prints a table and merges its results into ``--json`` (default
+benchmarks/results/compress.json); the parts can run separately to keep each under a few
+CPU minutes. Perplexities are per token on the teacher's validation split (8 batches x 16 x 128);
+``loss/char`` is nats per character of the same text, comparable across vocabularies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher import teacher_checkpoint  # noqa: E402
+
+from neoformer.checkpoint import load_checkpoint  # noqa: E402
+from neoformer.compress import CompressPlan, Distillation, prune_heads, reduce  # noqa: E402
+from neoformer.compress.heads import head_importance  # noqa: E402
+from neoformer.compress.report import decode_speed, validation_loss  # noqa: E402
+from neoformer.model import build_model  # noqa: E402
+from neoformer.train import causal_lm, fit  # noqa: E402
+from neoformer.train.batches import build_task_data  # noqa: E402
+from neoformer.train.run_config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+
+EVAL_BATCHES = 8
+
+
+class Bench:
+    def __init__(self, size: str, steps: int, threads: int):
+        torch.set_num_threads(threads)
+        self.teacher, self.tokenizer, _ = load_checkpoint(teacher_checkpoint(size), device="cpu")
+        self.steps, self.threads = steps, threads
+        self.task = self.data(self.teacher.config, self.tokenizer)
+        self.calibration = [(x, y) for (x, y), _ in zip(self.task.train, range(8))]
+        self.teacher_eval = self.evaluate(self.teacher, self.tokenizer)
+
+    def train_config(self, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(max_steps=steps, batch_size=16, seq_len=128, lr=lr, min_lr=lr / 10,
+                           warmup_steps=min(100, steps // 10), weight_decay=0.1, eval_every=0, save_every=0,
+                           progress=False, plot=False, threads=self.threads, seed=0)
+
+    def data(self, model_cfg, tokenizer):
+        run = RunConfig(model=model_cfg, train=self.train_config(1, 1e-3), data=DataConfig(source="stdlib"))
+        return build_task_data(run, tokenizer)
+
+    def evaluate(self, model, tokenizer, task=None) -> dict:
+        task = task or self.task
+        loss, per_char = validation_loss(model, tokenizer, task.val(), EVAL_BATCHES)
+        return {"val_loss": round(loss, 4), "val_ppl": round(math.exp(loss), 3), "loss_per_char": round(per_char, 4),
+                "params": model.num_parameters()}
+
+    def prune(self, plan: CompressPlan):
+        return reduce(self.teacher, self.tokenizer, plan, self.calibration, self._tokens(plan), log=lambda *_: None)
+
+    def _tokens(self, plan):
+        if plan.vocab is None:
+            return None
+        from neoformer.data import prepare_data
+
+        return [prepare_data("stdlib", tokenizer=self.tokenizer).train.tokens]
+
+    def distill(self, reduced, steps: int | None = None, alpha: float = 0.5) -> tuple[dict, float]:
+        steps = steps or self.steps
+        task = self.data(reduced.model.config, reduced.tokenizer)
+        objective = Distillation(self.teacher, alpha=alpha, temperature=2.0,
+                                 teacher_ids=None if reduced.vocab is None else reduced.vocab.kept)
+        started = time.perf_counter()
+        result = fit(reduced.model.train(), objective, task.train, self.train_config(steps, 1e-3), log=lambda *_: None)
+        seconds = time.perf_counter() - started
+        return {**self.evaluate(reduced.model, reduced.tokenizer, task), "tokens": result.tokens}, seconds
+
+    def scratch(self, model_cfg, steps: int) -> dict:
+        torch.manual_seed(0)
+        model = build_model(model_cfg)
+        task = self.data(model_cfg, self.tokenizer)
+        result = fit(model, causal_lm, task.train, self.train_config(steps, 2e-3), log=lambda *_: None)
+        return {**self.evaluate(model, self.tokenizer), "tokens": result.tokens, "steps": steps}
+
+
+def _ratio(bench: Bench, params: int) -> str:
+    return f"{bench.teacher_eval['params'] / params:.2f}x"
+
+
+def part_heads(bench: Bench) -> dict:
+    """Perplexity vs query heads kept, no retraining (Michel et al. importance vs keeping the first)."""
+    cfg = bench.teacher.config
+    scores = head_importance(bench.teacher, bench.calibration)
+    rows = []
+    for heads, kv in [(cfg.n_heads, cfg.resolved_n_kv_heads), (4, 2), (2, 2), (2, 1), (1, 1)]:
+        for by in ("importance", "uniform"):
+            student, _ = prune_heads(bench.teacher, CompressPlan(heads=heads, kv_heads=kv, by=by), scores)
+            rows.append({"heads": heads, "kv_heads": kv, "by": by, **bench.evaluate(student, bench.tokenizer)})
+            print(f"heads {heads} kv {kv} {by:<10} ppl {rows[-1]['val_ppl']:.2f}", flush=True)
+    return {"heads_curve": rows}
+
+
+DEPTH_2X = {"importance": CompressPlan(layers="3"), "every-2nd": CompressPlan(layers="every-2nd")}
+
+
+def part_depth(bench: Bench) -> dict:
+    """Importance (Block Influence, skip-loss) vs every-k-th, before and after KD."""
+    rows = []
+    for name, plan in [("influence", CompressPlan(layers="3")),
+                       ("skip-loss", CompressPlan(layers="3", layer_score="skip-loss")),
+                       ("every-2nd", CompressPlan(layers="every-2nd")),
+                       ("uniform (0,2/3,5)", CompressPlan(layers="3", by="uniform"))]:
+        reduced = bench.prune(plan)
+        before = bench.evaluate(reduced.model, reduced.tokenizer)
+        after, seconds = bench.distill(reduced) if name in bench.kd_for else ({}, 0.0)
+        rows.append({"selection": name, "kept": reduced.choices["layers"]["kept"], "before_kd": before,
+                     "after_kd": after, "kd_seconds": round(seconds, 1)})
+        print(f"depth {name:<18} kept {rows[-1]['kept']} ppl before {before['val_ppl']:.2f} "
+              f"after KD {after.get('val_ppl', float('nan')):.2f} ({_ratio(bench, before['params'])} smaller)",
+              flush=True)
+    return {"depth": rows}
+
+
+def part_width(bench: Bench) -> dict:
+    """Width (PCA vs channels), and depth + width together (~4x), before and after KD."""
+    rows = []
+    for name, plan in [("width 0.5 pca", CompressPlan(width=0.5, ffn_dim=256)),
+                       ("width 0.5 channels", CompressPlan(width=0.5, ffn_dim=256, width_method="channels")),
+                       ("depth 3 + width 0.5 pca", CompressPlan(layers="3", width=0.5, ffn_dim=256)),
+                       ("depth 2 + width 0.5 + heads 4", CompressPlan(layers="2", width=0.5, ffn_dim=256,
+                                                                        heads=4, kv_heads=2))]:
+        reduced = bench.prune(plan)
+        before = bench.evaluate(reduced.model, reduced.tokenizer)
+        after, seconds = bench.distill(reduced) if name in bench.kd_for else ({}, 0.0)
+        rows.append({"student": name, "before_kd": before, "after_kd": after, "kd_seconds": round(seconds, 1),
+                     "decode_tok_s": round(decode_speed(reduced.model), 1)})
+        print(f"{name:<30} {_ratio(bench, before['params'])} smaller: ppl before {before['val_ppl']:.2f} "
+              f"after KD {after.get('val_ppl', float('nan')):.2f}", flush=True)
+    return {"width": rows, "teacher_decode_tok_s": round(decode_speed(bench.teacher), 1)}
+
+
+def part_scratch(bench: Bench) -> dict:
+    """The depth-2x student's shape trained from scratch with 1x and 3x the KD token budget."""
+    reduced = bench.prune(CompressPlan(layers="3"))
+    rows = [bench.scratch(reduced.model.config, bench.steps * k) for k in (1, 3)]
+    for r in rows:
+        print(f"scratch {r['steps']} steps ({r['tokens']:,} tokens): ppl {r['val_ppl']:.2f}", flush=True)
+    return {"scratch": rows}
+
+
+def part_vocab(bench: Bench) -> dict:
+    """4x vocabulary reduction (4096 -> 1024) alone: loss per character before and after KD."""
+    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
+    before = bench.evaluate(reduced.model, reduced.tokenizer, bench.data(reduced.model.config, reduced.tokenizer))
+    after, seconds = bench.distill(reduced)
+    change = after["loss_per_char"] / bench.teacher_eval["loss_per_char"] - 1
+    print(f"vocab {bench.tokenizer.vocab_size} -> {reduced.tokenizer.vocab_size}: loss/char teacher "
+          f"{bench.teacher_eval['loss_per_char']:.4f}, before KD {before['loss_per_char']:.4f}, after KD "
+          f"{after['loss_per_char']:.4f} ({change:+.2%})", flush=True)
+    return {"vocab": {"size": reduced.tokenizer.vocab_size, "before_kd": before, "after_kd": after,
+                      "loss_per_char_change": round(change, 4), "kd_seconds": round(seconds, 1)}}
+
+
+PARTS = {"heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--teacher", choices=("small", "base"), default="small")
+    parser.add_argument("--steps", type=int, default=60, help="KD steps per student (16 x 128 tokens each)")
+    parser.add_argument("--kd-for", default="influence,every-2nd,width 0.5 pca,depth 3 + width 0.5 pca",
+                        help="comma-separated students that are distilled (the others are measured before KD only)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "compress.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
+    bench = Bench(args.teacher, args.steps, args.threads)
+    bench.kd_for = set(args.kd_for.split(","))
+    print(f"teacher ({args.teacher}): {bench.teacher_eval}", flush=True)
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update({"teacher": bench.teacher_eval, "kd_steps": args.steps, "teacher_size": args.teacher})
+    for name in PARTS if args.part == "all" else [args.part]:
+        started = time.perf_counter()
+        results.update(PARTS[name](bench))
+        results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+        results.setdefault("load", {})[name] = round(os.getloadavg()[0], 2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
