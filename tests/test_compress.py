@@ -14,7 +14,7 @@ from neoformer.compress import (
     CompressError, CompressPlan, Distillation, block_influence, choose_layers, keep_layers, kd_loss, prune_ffn,
     prune_heads, recipe_plan, reduce, reduce_tokenizer, rotate_width, slice_channels, slice_vocab,
 )
-from neoformer.compress.heads import head_importance
+from neoformer.compress.heads import entropy_importance, head_importance
 from neoformer.compress.vocab import token_counts
 from neoformer.model import build_model
 from neoformer.tokenizer import train_bpe
@@ -117,6 +117,23 @@ def test_head_pruning_respects_gqa_groups_and_removes_dead_heads_exactly():
     torch.testing.assert_close(_logits(student, batches[0][0]), _logits(teacher, batches[0][0]), rtol=0, atol=1e-6)
     one_group, _ = prune_heads(teacher, CompressPlan(heads=2, kv_heads=1), scores)  # a whole KV group removed
     assert one_group.config.n_kv_heads == 1 and one_group.config.head_dim == Dh
+
+
+def test_entropy_importance_ranks_a_uniform_head_last_and_restores_the_backends():
+    teacher, batches = _teacher(), _batches()
+    Dh = teacher.config.resolved_head_dim
+    with torch.no_grad():  # head 3's queries are zero: it attends uniformly (normalised entropy 1)
+        for block in teacher.decoder.blocks:
+            block.attn.q_proj.weight.mul_(40)  # the others attend sharply
+            block.attn.q_proj.weight[3 * Dh:].zero_()
+    before = _logits(teacher, batches[0][0])
+    scores = entropy_importance(teacher, batches)
+    assert all(s[3] == pytest.approx(0.0, abs=1e-5) and min(s[:3]) > 1e-3 for s in scores)
+    assert {b.attn.backend for b in teacher.decoder.blocks} == {"auto"}
+    torch.testing.assert_close(_logits(teacher, batches[0][0]), before, rtol=0, atol=0)
+    student = reduce(teacher, None, CompressPlan(heads=2, kv_heads=1, head_score="entropy"), batches,
+                     log=lambda *_: None).model
+    assert student.config.n_heads == 2
 
 
 def test_ffn_pruning_removes_dead_neurons_exactly():

@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
                       help="pca = SliceGPT rotation (default), channels = Minitron activation importance")
     what.add_argument("--ffn-dim", type=int, metavar="N", help="FFN hidden neurons kept per layer (by importance)")
     what.add_argument("--heads", type=int, metavar="N", help="attention (query) heads per layer")
+    what.add_argument("--head-score", choices=("gradient", "entropy"), default="gradient",
+                      help="head importance: Michel et al. gradient (default) or attention entropy")
     what.add_argument("--kv-heads", type=int, metavar="N", help="KV heads (GQA groups) kept; default the teacher's")
     what.add_argument("--vocab", type=int, metavar="K", help="tokens kept (most frequent on --data, plus specials "
                       "and all single bytes)")
@@ -72,7 +74,8 @@ def _plan(args, teacher_cfg):
 
     explicit = {name: getattr(args, name) for name in ("layers", "d_model", "width", "ffn_dim", "heads", "kv_heads",
                                                        "vocab") if getattr(args, name) is not None}
-    choices = dict(by=args.by, layer_score=args.layer_score, width_method=args.width_method)
+    choices = dict(by=args.by, layer_score=args.layer_score, head_score=args.head_score,
+                   width_method=args.width_method)
     if args.recipe:
         base = recipe_plan(args.recipe, teacher_cfg, **choices).to_dict()
         if "width" in explicit:

@@ -26,7 +26,7 @@ from ..train.batches import build_task_data
 from ..train.run_config import DataConfig, RunConfig, TrainConfig
 from .calibrate import Batch
 from .depth import choose_layers, keep_layers
-from .heads import head_importance, prune_heads
+from .heads import HEAD_SCORERS, prune_heads
 from .plan import CompressPlan, check_plan, student_width
 from .report import ModelMeasure, format_table, measure, write_report
 from .vocab import VocabReduction, reduce_tokenizer, slice_vocab, token_counts
@@ -84,7 +84,7 @@ def reduce(teacher: nn.Module, tokenizer, plan: CompressPlan, calibration: list[
             f"{i}:{s:.4f}" for i, s in enumerate(scores)) if scores else ""))
         model = keep_layers(model, keep)
     if plan.heads is not None or plan.kv_heads is not None:
-        scores = None if uniform else head_importance(model, calibration)
+        scores = None if uniform else HEAD_SCORERS[plan.head_score](model, calibration)
         model, kept = prune_heads(model, plan, scores)
         choices["heads"] = {"kept": kept, "scores": scores}
         log(f"heads: {model.config.n_heads} query / {model.config.resolved_n_kv_heads} KV heads per layer")

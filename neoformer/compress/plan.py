@@ -16,7 +16,7 @@ from ..config import ConfigError, ModelConfig
 LAYER_SCORES = ("influence", "skip-loss")  # ShortGPT Block Influence | loss increase when skipped
 SELECTIONS = ("importance", "uniform")  # --by: scores, or evenly spaced / first-k
 WIDTH_METHODS = ("pca", "channels")  # SliceGPT rotation | Minitron channel importance
-HEAD_SCORES = ("gradient",)  # Michel et al. 2019
+HEAD_SCORES = ("gradient", "entropy")  # Michel et al. 2019 | attention entropy
 
 
 class CompressError(ConfigError):
@@ -30,6 +30,7 @@ class CompressPlan:
     layers: str | None = None  # "every-3rd" | "every-k=3" | "keep=0,3,6" | "N" (a count)
     by: str = "importance"  # how a count of layers / heads is chosen: importance | uniform
     layer_score: str = "influence"
+    head_score: str = "gradient"
     d_model: int | None = None
     width: float | None = None  # fraction of d_model (alternative to d_model)
     width_method: str = "pca"
@@ -39,7 +40,8 @@ class CompressPlan:
     vocab: int | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("by", SELECTIONS), ("layer_score", LAYER_SCORES), ("width_method", WIDTH_METHODS)):
+        for name, allowed in (("by", SELECTIONS), ("layer_score", LAYER_SCORES), ("head_score", HEAD_SCORES),
+                              ("width_method", WIDTH_METHODS)):
             if getattr(self, name) not in allowed:
                 raise CompressError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be one of: "
                                     f"{', '.join(allowed)}")
