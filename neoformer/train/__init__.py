@@ -44,6 +44,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "fit", "evaluate", "FitResult", "Trainer", "TrainingDiverged", "TrainConfig", "RunConfig", "DataConfig",
     "TokenizerConfig", "load_run_config", "Lion", "WarmupCosine", "build_optimizer", "OBJECTIVES", "causal_lm",
-    "masked_lm", "seq2seq", "objective_for", "Distillation", "distillation", "kd_loss", "CheckpointError", "save_checkpoint", "load_model", "load_weights",
-    "load_training_state", "resolve_checkpoint", "list_checkpoints", "inspect_checkpoint",
+    "masked_lm", "seq2seq", "objective_for", "Distillation", "distillation", "kd_loss", "CheckpointError",
+    "save_checkpoint", "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "list_checkpoints", "inspect_checkpoint",
 ]
