@@ -282,7 +282,10 @@ def test_cli_compress_writes_a_normal_student_with_provenance(tmp_path, teacher_
     report = json.loads((out / "compress_report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["teacher", "pruned (before KD)", "distilled"]
     assert main(["generate", str(out), "--prompt", "the cat", "--max-new", "3"]) == 0
-    capsys.readouterr()
+    resumed = [a if a != "2" or i != args.index("--distill-steps") + 1 else "3" for i, a in enumerate(args)]
+    assert main([*resumed, "--resume"]) == 0  # the pruned student is reloaded, fit() continues at step 2
+    assert "resuming: the pruned student" in capsys.readouterr().out
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
 
     assert main(["compress", str(teacher_checkpoint), "--out", str(tmp_path / "x"), "--heads", "9"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --heads 9: the teacher has only 4 attention heads"]
