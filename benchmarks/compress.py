@@ -167,7 +167,35 @@ def part_vocab(bench: Bench) -> dict:
                       "loss_per_char_change": round(change, 4), "kd_seconds": round(seconds, 1)}}
 
 
-PARTS = {"heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab}
+@torch.no_grad()
+def teacher_loss_on_student_text(bench: Bench, reduced, task) -> float:
+    """The teacher's nats per character on exactly the text of the student's validation batches
+    (each row re-encoded with the teacher's tokenizer), so the per-character comparison uses the same
+    characters: a smaller vocabulary covers less text in the same number of batches."""
+    total, chars = 0.0, 0
+    for number, (x, y) in enumerate(task.val()):
+        if number >= EVAL_BATCHES:
+            break
+        for row_x, row_y in zip(x, y):
+            text = reduced.tokenizer.decode([int(row_x[0])] + row_y.tolist())
+            ids = torch.tensor([bench.tokenizer.encode(text)])
+            loss, _ = bench.teacher.loss(ids[:, :-1], ids[:, 1:])
+            total += float(loss) * (ids.shape[1] - 1)
+            chars += len(reduced.tokenizer.decode(row_y.tolist()))
+    return total / max(chars, 1)
+
+
+def part_vocab_text(bench: Bench) -> dict:
+    """The teacher's loss per character on the vocabulary-reduced student's validation text."""
+    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
+    task = bench.data(reduced.model.config, reduced.tokenizer)
+    value = teacher_loss_on_student_text(bench, reduced, task)
+    print(f"teacher loss/char on the student's validation text: {value:.4f}", flush=True)
+    return {"vocab_teacher_same_text_loss_per_char": round(value, 4)}
+
+
+PARTS = {"heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab,
+         "vocab-text": part_vocab_text}
 
 
 def main() -> int:
