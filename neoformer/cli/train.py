@@ -244,6 +244,14 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
         print(format_run_defaults(run.preset))
     device = ctx.device if ctx.distributed else resolve_device(t.device)
     print(f"device: {device.type}, precision: {describe_precision(t.precision, device)}")
+    if not ctx.distributed:  # per-rank memory under DDP/FSDP: `neoformer info --world-size`
+        from ..train.fit import resolve_precision
+        from ..train.memory import memory_report
+
+        for line in memory_report(model, task.objective, t.batch_size, task.row_tokens or run.model.max_seq_len,
+                                  device, amp_dtype=resolve_precision(t.precision, device),
+                                  gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer):
+            print(line)
     if ctx.is_main:  # parallel: rank 0 owns the run directory
         (out / "config.yaml").write_text(dump_yaml(run))
     ctx.barrier()
