@@ -84,7 +84,8 @@ def add_parser(subparsers) -> None:
     hyper.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per micro-batch")
     hyper.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
     hyper.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    hyper.add_argument("--optimizer", choices=("adamw", "lion"))
+    hyper.add_argument("--optimizer", choices=("adamw", "lion", "muon"),
+                       help="muon: torch.optim.Muon for the blocks' 2-D weights + AdamW for the rest")
     hyper.add_argument("--seed", type=int)
     speed = p.add_argument_group("device and speed")
     speed.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
