@@ -85,7 +85,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for variant in args.variants.split(","):
             for name, tree in trees.items():
-                results.setdefault((name, variant), []).append(run_child(tree, variant, args))
+                result = run_child(tree, variant, args)
+                print(f"{name} {variant}: {json.dumps(result)}", flush=True)  # slow runs: keep what finished
+                results.setdefault((name, variant), []).append(result)
     print(f"{args.preset}, batch {args.batch} x {args.seq}, {args.steps} timed steps, {args.threads} threads, "
           f"{args.rounds} round(s); load {os.getloadavg()[0]:.1f}")
     print("| tree | variant | peak RSS GiB | predicted GiB | tokens/s (median, min-max) |")

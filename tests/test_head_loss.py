@@ -124,3 +124,18 @@ def test_chunked_loss_under_bf16_autocast_is_close_to_plain():
         results.append((loss.detach(), model.lm_head.weight.grad.clone(), model.embed.tokens.weight.grad.clone()))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_frozen_head_and_no_grad_evaluation():
+    """Fine-tuning freezes the head (LoRA): the rest still gets exact gradients; evaluation needs none."""
+    model = _model()
+    model.lm_head.weight.requires_grad_(False)
+    objective, batch = _batch("decoder")
+    plain_loss, plain_grads = _loss_and_grads(model, objective, batch, rows=0)
+    chunk_loss, chunk_grads = _loss_and_grads(model, objective, batch, rows=4)
+    assert "lm_head.weight" not in chunk_grads and chunk_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(chunk_grads[name], plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():
+        model.loss_chunk_rows = 4
+        torch.testing.assert_close(objective(model.eval(), batch)[0], plain_loss.detach(), rtol=1e-12, atol=1e-12)
