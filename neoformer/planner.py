@@ -527,4 +527,12 @@ def load_config(target: str) -> ModelConfig:
 
 __all__ = ["ParamSpec", "ParamCount", "param_specs", "buffer_specs", "count_parameters", "num_parameters",
            "weight_bytes", "training_bytes", "kv_cache_bytes", "per_rank_bytes", "claim", "plan",
-           "format_plan", "list_presets", "load_config"]
+           "format_plan", "list_presets", "load_config", "training_peak"]
+
+
+def training_peak(model, objective, batch: int, seq: int, **options):
+    """Predicted peak memory of a fit() step (weights, grads, optimizer, activations read off the model,
+    the loss chunk; ``amp_dtype``, ``gradient_checkpointing``, ``optimizer``): neoformer.train.memory."""
+    from .train.memory import predict_training_memory
+
+    return predict_training_memory(model, objective, batch, seq, **options)

@@ -84,7 +84,8 @@ def add_parser(subparsers) -> None:
     hyper.add_argument("--batch", "--batch-size", dest="batch", type=int, help="sequences per micro-batch")
     hyper.add_argument("--seq", "--seq-len", dest="seq", type=int, help="tokens per sequence")
     hyper.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    hyper.add_argument("--optimizer", choices=("adamw", "lion"))
+    hyper.add_argument("--optimizer", choices=("adamw", "lion", "muon"),
+                       help="muon: torch.optim.Muon for the blocks' 2-D weights + AdamW for the rest")
     hyper.add_argument("--seed", type=int)
     speed = p.add_argument_group("device and speed")
     speed.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
@@ -244,6 +245,14 @@ def _run_train(args: argparse.Namespace, ctx, cleanup: contextlib.ExitStack) -> 
         print(format_run_defaults(run.preset))
     device = ctx.device if ctx.distributed else resolve_device(t.device)
     print(f"device: {device.type}, precision: {describe_precision(t.precision, device)}")
+    if not ctx.distributed:  # per-rank memory under DDP/FSDP: `neoformer info --world-size`
+        from ..train.fit import resolve_precision
+        from ..train.memory import memory_report
+
+        for line in memory_report(model, task.objective, t.batch_size, task.row_tokens or run.model.max_seq_len,
+                                  device, amp_dtype=resolve_precision(t.precision, device),
+                                  gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer):
+            print(line)
     if ctx.is_main:  # parallel: rank 0 owns the run directory
         (out / "config.yaml").write_text(dump_yaml(run))
     ctx.barrier()

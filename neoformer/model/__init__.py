@@ -6,6 +6,7 @@ import torch
 from .. import kinds
 from ..config import ModelConfig
 from ..presets import get_preset
+from .head_loss import chunked_cross_entropy, chunked_head_loss
 from .transformer import DecoderLM, EncoderDecoderLM, EncoderMLM, NeoFormerModel, Past
 
 
@@ -23,4 +24,4 @@ def build_model(config: ModelConfig | str, device: str | torch.device | None = N
     return model.to(dtype) if dtype is not None else model
 
 
-__all__ = ["build_model", "DecoderLM", "EncoderMLM", "EncoderDecoderLM", "NeoFormerModel", "Past"]
+__all__ = ["build_model", "chunked_head_loss", "chunked_cross_entropy", "DecoderLM", "EncoderMLM", "EncoderDecoderLM", "NeoFormerModel", "Past"]

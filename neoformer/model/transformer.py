@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo, keep_mask
 from .block import Block
+from .head_loss import at_least_fp32, chunked_head_loss, token_cross_entropy_sum
 from .memory import NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
 from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
@@ -203,13 +204,36 @@ class NeoFormerModel(nn.Module):
         logits = self.lm_head(hidden)
         return logits * self.logit_scale if self.config.ngpt else logits
 
+    # rows per chunk of the training loss (None: 32 MiB of fp32 logits, model/head_loss.py); 0: plain path
+    loss_chunk_rows: int | None = None
+
+    def head_loss_sum(self, hidden: torch.Tensor, row_inputs: tuple[torch.Tensor, ...],
+                      loss_fn=token_cross_entropy_sum) -> torch.Tensor:
+        """Sum over positions of ``loss_fn(logits, *row_inputs)`` without materialising the (B, L, V)
+        logits: the head (tied or not, with nGPT's logit scale) and the loss run over row chunks.
+        hidden (B, L, D); row_inputs: tensors (B, L, ...) such as targets or teacher logits. A head
+        that is not a plain bias-free nn.Linear (quantised, adapted) takes the plain path."""
+        head = self.lm_head
+        if self.loss_chunk_rows == 0 or type(head) is not nn.Linear or head.bias is not None:
+            logits = at_least_fp32(self.logits(hidden))
+            return loss_fn(logits.reshape(-1, logits.shape[-1]),
+                           *(x.reshape(logits.shape[0] * logits.shape[1], *x.shape[2:]) for x in row_inputs))
+        scale = self.logit_scale if self.config.ngpt else None
+        return chunked_head_loss(hidden, head.weight, row_inputs, loss_fn, scale, self.loss_chunk_rows)
+
+    def lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy over targets != -100: ``cross_entropy(self.logits(hidden), targets)``
+        computed in chunks (model/head_loss.py)."""
+        return self.head_loss_sum(hidden, (targets,)) / (targets != IGNORE_INDEX).sum()
+
 
 def _new_past(cache, use_cache: bool) -> Past | None:
     return cache.as_past() if use_cache and isinstance(cache, TupleCache) else None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    """The plain loss of full logits (B, L, V): the reference ``NeoFormerModel.lm_loss`` equals."""
+    return F.cross_entropy(at_least_fp32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _with_aux(cfg: ModelConfig, ce: torch.Tensor, aux: torch.Tensor | None):
@@ -296,7 +320,7 @@ class DecoderLM(NeoFormerModel):
     def loss(self, input_ids, targets, update=False, **kwargs):
         """Next-token cross-entropy (+ MoE balancing). Returns (loss, stats with ce, aux, delta)."""
         out = self.forward_hidden(input_ids, None, update, use_cache=False, **kwargs)
-        loss, stats = _with_aux(self.config, cross_entropy(self.logits(out.hidden), targets), out.aux_loss)
+        loss, stats = _with_aux(self.config, self.lm_loss(out.hidden, targets), out.aux_loss)
         stats["delta"] = out.delta
         return loss, stats
 
@@ -340,7 +364,7 @@ class EncoderMLM(NeoFormerModel):
     def loss(self, input_ids, labels, attention_mask=None, cu_seqlens=None):
         """Masked-LM cross-entropy over positions whose label is not -100."""
         out = self.encode_hidden(input_ids, attention_mask, cu_seqlens)
-        return _with_aux(self.config, cross_entropy(self.logits(out.hidden), labels), out.aux_loss)
+        return _with_aux(self.config, self.lm_loss(out.hidden, labels), out.aux_loss)
 
 
 class EncoderDecoderLM(NeoFormerModel):
@@ -414,4 +438,4 @@ class EncoderDecoderLM(NeoFormerModel):
         encoded = self.encode_hidden(src_ids, src_mask)
         decoded = self.decode_hidden(tgt_in, encoded.hidden, src_mask, use_cache=False)
         aux = [a for a in (encoded.aux_loss, decoded.aux_loss) if a is not None]
-        return _with_aux(self.config, cross_entropy(self.logits(decoded.hidden), tgt_out), sum(aux) if aux else None)
+        return _with_aux(self.config, self.lm_loss(decoded.hidden, tgt_out), sum(aux) if aux else None)

@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, Lion) and the warmup + cosine learning-rate schedule.
+"""Optimizers (AdamW, Lion, Muon + AdamW) and the warmup + cosine learning-rate schedule.
 
 Weight decay applies to matrices only (linear weights, embeddings, RMC memory, NSB rules);
 norm gains, biases and nGPT scales are never decayed, and nGPT models get no decay at all
@@ -76,16 +76,86 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _is_hidden_matrix(model: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """A 2-D weight inside a transformer block (attention and FFN projections): what Muon
+    orthogonalises. Embeddings, the LM head, norms, gains and the memory layers stay on AdamW
+    (Jordan et al. 2024; Moonshot's "Muon is Scalable for LLM Training", 2025)."""
+    from ..model.block import Block
+
+    if param.ndim != 2:
+        return False
+    modules = dict(model.named_modules())
+    parts = name.split(".")[:-1]
+    return any(isinstance(modules.get(".".join(parts[:i])), Block) for i in range(1, len(parts) + 1))
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
+    """(Muon groups: the blocks' 2-D weights, AdamW groups: everything else, decay-aware as
+    ``param_groups``). nGPT models are not decayed."""
+    ngpt = bool(getattr(getattr(model, "config", None), "ngpt", False))
+    hidden = [p for n, p in model.named_parameters() if p.requires_grad and _is_hidden_matrix(model, n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [g | {"params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in param_groups(model, weight_decay)]
+    muon = [{"params": hidden, "weight_decay": 0.0 if ngpt else weight_decay}]
+    return [g for g in muon if g["params"]], [g for g in rest if g["params"]]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` (Newton-Schulz orthogonalised momentum, Jordan et al. 2024) for the
+    blocks' 2-D weights and AdamW for the rest, as one optimizer for fit(): its ``param_groups``
+    are the two optimizers' own group dicts (so the schedule's ``set_lr`` reaches both), its
+    state dict holds both states (bit-exact resume)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        muon_groups, adam_groups = muon_param_groups(model, cfg.weight_decay)
+        # match_rms_adamw scales Muon's orthogonal updates to AdamW's RMS (Moonshot 2025), so the
+        # schedule's one lr (train.lr) serves both optimizers
+        self.muon = torch.optim.Muon(muon_groups, lr=cfg.lr, momentum=0.95, nesterov=True,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = _adamw(adam_groups, cfg)
+        self.defaults = {"lr": cfg.lr}
+        self.state = {}  # per-parameter state lives in the two inner optimizers
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def param_groups(self) -> list[dict]:  # read each time: load_state_dict replaces the inner group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
 def _fused_ok(params: list[torch.Tensor]) -> bool:
     """Fused AdamW kernels exist for CUDA/MPS/CPU (torch >= 2.4) floating tensors."""
     return all(p.is_floating_point() and p.device.type in ("cuda", "cpu", "mps", "xpu") for p in params)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused kernel when available, else foreach) or Lion, with decay-aware groups."""
+    """AdamW (fused kernel when available, else foreach), Lion, or Muon + AdamW, with decay-aware groups."""
+    if cfg.optimizer == "muon":
+        return MuonWithAdamW(model, cfg)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lion":
         return Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return _adamw(groups, cfg)
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     if _fused_ok(params):
@@ -131,4 +201,4 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-__all__ = ["Lion", "WarmupCosine", "build_optimizer", "param_groups", "set_lr"]
+__all__ = ["Lion", "MuonWithAdamW", "WarmupCosine", "build_optimizer", "param_groups", "muon_param_groups", "set_lr"]

@@ -23,7 +23,7 @@ from typing import Any
 from ..config import ConfigError, ModelConfig, check_field_names, coerce_value, did_you_mean, require_finite
 from ..presets import PRESETS, get_preset, run_defaults
 
-OPTIMIZERS = ("adamw", "lion")
+OPTIMIZERS = ("adamw", "lion", "muon")  # muon: Muon for the blocks' matrices + AdamW for the rest
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("shuffle", "random")

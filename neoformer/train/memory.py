@@ -1,0 +1,175 @@
+"""Peak training memory of ``fit()``, predicted before the first step (the planner's training half).
+
+peak = weights + grads + optimizer state + saved activations + the transient of the loss chunk.
+
+Weights, grads and optimizer state are arithmetic on the parameter count (fit() keeps fp32 weights
+under autocast, so the state does not depend on the precision). The activations are *read off the
+model*: a probe runs the objective's forward once at batch 1 and once at batch 2, at the training
+sequence length and precision, under ``saved_tensors_hooks`` and adds up the distinct storages
+autograd keeps for backward (parameters excluded). The difference is the cost of one row, the rest
+is the per-forward constant (RoPE tables, the head gradient of the chunked loss), so
+``activations(batch) = constant + batch * per_row``. Reading them off the model keeps the prediction
+right for every attention path (the CPU flash kernel, the math path attention dropout falls back
+to), MoE, RMC/NSB and autocast without a formula per layer type. With gradient checkpointing the
+probe sees only the block inputs; one block's activations are recomputed at a time in backward
+(the difference divided by the number of blocks), after the loss chunk is gone: the larger of the
+two is added once.
+Assumptions and the measured error: docs/planner.md.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.head_loss import chunk_rows_for
+
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "lion": 4}  # fp32 moments; fit() keeps fp32 weights and grads
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int  # saved for backward at the end of the forward
+    loss_chunk: int  # one chunk of logits, their softmax and gradient (at the end of the forward)
+    recompute: int = 0  # gradient checkpointing: one block's activations, rebuilt in backward
+
+    @property
+    def total(self) -> int:
+        # the loss chunk lives at the end of the forward, a recomputed block later in backward: never both
+        return self.weights + self.grads + self.optimizer + self.activations + max(self.loss_chunk, self.recompute)
+
+    def describe(self) -> str:
+        from ..planner import human_bytes
+
+        return (f"{human_bytes(self.total)} (weights {human_bytes(self.weights)}, grads {human_bytes(self.grads)}, "
+                f"optimizer {human_bytes(self.optimizer)}, activations {human_bytes(self.activations)}, "
+                f"loss chunk {human_bytes(self.loss_chunk)}"
+                + (f", recomputed block {human_bytes(self.recompute)})" if self.recompute else ")"))
+
+
+def _probe_batch(model: nn.Module, rows: int, seq: int, device) -> dict:
+    """One batch every built-in objective reads (each takes the fields it names)."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (rows, seq), device=device)
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "targets": ids, "labels": ids, "attention_mask": None,
+            "src_ids": ids, "src_mask": mask, "tgt_in": ids, "tgt_out": ids}
+
+
+def saved_activation_bytes(model: nn.Module, objective, rows: int, seq: int,
+                           amp_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one training forward."""
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and t.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            loss, _ = objective(model, _probe_batch(model, rows, seq, device))
+        del loss
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+def _blocks(model: nn.Module) -> int:
+    from ..model.block import Block
+
+    return max(1, sum(isinstance(m, Block) for m in model.modules()))
+
+
+def _activations(model, objective, batch: int, seq: int, amp_dtype) -> int:
+    one = saved_activation_bytes(model, objective, 1, seq, amp_dtype)
+    two = saved_activation_bytes(model, objective, 2, seq, amp_dtype)
+    per_row = max(0, two - one)
+    return max(0, one - per_row) + batch * per_row
+
+
+def predict_training_memory(model: nn.Module, objective, batch: int, seq: int, *, amp_dtype=None,
+                            gradient_checkpointing: bool = False, optimizer: str = "adamw") -> MemoryPrediction:
+    """Predicted peak bytes of a ``fit()`` step with micro-batches of ``batch`` x ``seq`` tokens."""
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    checkpointing = getattr(model.config, "gradient_checkpointing", False)
+    set_checkpointing = getattr(model, "set_gradient_checkpointing", None)
+    try:
+        if set_checkpointing is not None:
+            set_checkpointing(False)
+        activations = _activations(model, objective, batch, seq, amp_dtype)
+        recompute = 0
+        if gradient_checkpointing and set_checkpointing is not None:
+            set_checkpointing(True)
+            full, activations = activations, _activations(model, objective, batch, seq, amp_dtype)
+            recompute = max(0, full - activations) // _blocks(model)
+    finally:
+        if set_checkpointing is not None:
+            set_checkpointing(checkpointing)
+    vocab = model.config.vocab_size
+    rows = min(batch * seq, model.loss_chunk_rows or chunk_rows_for(vocab))
+    # one chunk: the logits, their fp32 copy/softmax and their gradient live at once
+    loss_chunk = 3 * rows * vocab * 4
+    return MemoryPrediction(weights=n_weights, grads=4 * n_params,
+                            optimizer=OPTIMIZER_BYTES_PER_PARAM.get(optimizer, 8) * n_params,
+                            activations=activations, loss_chunk=loss_chunk, recompute=recompute)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this process now: MemAvailable on CPU (Linux), free device memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+
+
+
+def memory_report(model: nn.Module, objective, batch: int, seq: int, device: torch.device, *, amp_dtype=None,
+                  gradient_checkpointing: bool = False, optimizer: str = "adamw") -> list[str]:
+    """The train header's lines: the predicted peak, and a warning with the flags to change when it
+    exceeds the memory available now (the prediction with gradient checkpointing, if that fits)."""
+    pred = predict_training_memory(model, objective, batch, seq, amp_dtype=amp_dtype,
+                                   gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
+    lines = [f"memory: predicted peak {pred.describe()}"]
+    free = available_memory(device)
+    if free is None or pred.total <= free:
+        return lines
+    from ..planner import human_bytes
+
+    advice = []
+    if not gradient_checkpointing:
+        ckpt = predict_training_memory(model, objective, batch, seq, amp_dtype=amp_dtype,
+                                       gradient_checkpointing=True, optimizer=optimizer)
+        advice.append(f"--gradient-checkpointing (predicted {human_bytes(ckpt.total)})")
+    advice.append(f"a smaller --batch with --grad-accum (activations are ~{human_bytes(pred.activations // batch)} "
+                  "per row)")
+    lines.append(f"warning: the predicted peak {human_bytes(pred.total)} exceeds the {human_bytes(free)} available on "
+                 f"{device.type}; use " + " or ".join(advice))
+    return lines
+
+
+__all__ = ["MemoryPrediction", "predict_training_memory", "saved_activation_bytes", "available_memory", "memory_report"]
