@@ -12,7 +12,7 @@ from neoformer.checkpoint import load_checkpoint, save_checkpoint
 from neoformer.cli import main
 from neoformer.compress import (
     CompressError, CompressPlan, Distillation, block_influence, choose_layers, keep_layers, kd_loss, prune_ffn,
-    prune_heads, recipe_plan, reduce, reduce_tokenizer, rotate_width, slice_channels, slice_vocab,
+    prune_heads, recipe_plan, reduce, reduce_tokenizer, rotate_width, slice_vocab,
 )
 from neoformer.compress.heads import entropy_importance, head_importance
 from neoformer.compress.vocab import token_counts

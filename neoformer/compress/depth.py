@@ -8,7 +8,6 @@ Scores (higher = more important, kept first):
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
