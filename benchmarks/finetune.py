@@ -113,10 +113,36 @@ def worker(method: str, base: str, data: str, out: str, steps: int) -> dict:
             "trainable": share.split(": ", 1)[1]}
 
 
+def base_weight_bytes(base: str, scheme: str = "nf4") -> dict:
+    """Bytes of the base's tensors in fp32 and after QLoRA's quantization (what training holds)."""
+    from neoformer.checkpoint import load_checkpoint
+    from neoformer.finetune.qlora import quantize_base
+    from neoformer.quantize import QuantizedLinear
+
+    def tensors(model):
+        seen = {}  # a tied head shares the embedding: counted once
+        for t in [*model.parameters(), *model.buffers()]:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def linear_bytes(model):
+        return sum(sum(t.numel() * t.element_size() for t in m.buffers()) if isinstance(m, QuantizedLinear)
+                   else m.weight.numel() * m.weight.element_size()
+                   for name, m in model.named_modules() if name != "lm_head" and hasattr(m, "in_features")
+                   and (isinstance(m, QuantizedLinear) or m.__class__.__name__ == "Linear"))
+
+    model = load_checkpoint(base, device="cpu", dtype=None)[0].float()
+    fp32 = {"all": tensors(model), "linears": linear_bytes(model)}
+    quantize_base(model, scheme)
+    return {"fp32_all": fp32["all"], "fp32_linears": fp32["linears"], "q_all": tensors(model),
+            "q_linears": linear_bytes(model)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "BASE", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -127,8 +153,13 @@ def main() -> int:
 
     import importlib.util
 
-    methods = [m for m in METHODS if m != "qlora" or importlib.util.find_spec("neoformer.quantize")]
+    methods = [m for m in args.methods.split(",") if m != "qlora" or importlib.util.find_spec("neoformer.quantize")]
     base = str(teacher_checkpoint("small"))
+    if "qlora" in methods:
+        b = base_weight_bytes(base)
+        print(f"base weights, fp32 -> nf4 (group 64): linears {b['fp32_linears']:,} -> {b['q_linears']:,} B "
+              f"({b['q_linears'] / b['fp32_linears']:.3f}x); all tensors {b['fp32_all']:,} -> {b['q_all']:,} B "
+              f"({b['q_all'] / b['fp32_all']:.3f}x)")
     print(f"load: {os.getloadavg()[0]:.2f} | teacher {base} | methods {', '.join(methods)} | {args.steps} steps")
     results: dict[str, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +181,7 @@ def main() -> int:
                       f"{figures['trainable']} | load {figures['load']:.1f}")
     print("\n| method | accuracy (rounds) | gain vs full | trainable | ms/step (median, spread) | peak train MiB |")
     print("|---|---|---|---|---|---|")
-    full_gain = statistics.mean(r["accuracy"] for r in results["full"]) - before
+    full_gain = statistics.mean(r["accuracy"] for r in results["full"]) - before if results.get("full") else 0
     for method, runs in results.items():
         acc = [r["accuracy"] for r in runs]
         step = [r["step_ms"] for r in runs]

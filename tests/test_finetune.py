@@ -354,3 +354,95 @@ def test_peft_round_trip_both_ways(tmp_path, monkeypatch, fused, targets):
     assert config["lora"]["targets"] == ["q", "v", "down"] and config["lora"]["rslora"]
     with torch.no_grad():
         torch.testing.assert_close(imported(x)[0], trained_elsewhere.eval()(x).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- QLoRA: LoRA on a base quantized by neoformer.quantize ----------------------------------------
+def _capture_trained_model(monkeypatch):
+    """The model finetune() hands to fit(), kept for comparison with what is loaded back."""
+    from neoformer.finetune import run as run_module
+
+    seen = {}
+
+    def recording_fit(model, *args, **kwargs):
+        seen["model"] = model
+        return real_fit(model, *args, **kwargs)
+
+    real_fit = run_module.fit
+    monkeypatch.setattr(run_module, "fit", recording_fit)
+    return seen
+
+
+@pytest.mark.parametrize("scheme, group_size, merge_atol", [("nf4", 32, 1e-4), ("int8", None, 2e-2)])
+def test_qlora_trains_the_adapter_on_a_frozen_quantized_base_reloads_and_merges(
+        tmp_path, base_checkpoint, chat_data, monkeypatch, scheme, group_size, merge_atol):
+    from neoformer.quantize import QuantizedLinear, quantize_model
+
+    seen = _capture_trained_model(monkeypatch)
+    lora = LoraConfig(r=4, dropout=0.0, targets=("q", "v"))  # k, o, gate, up, down stay quantized, unadapted
+    run = finetune(base_checkpoint, chat_data, tmp_path / "run", lora=lora, train=_train(3), qlora=scheme,
+                   qlora_group_size=group_size, log=lambda *_: None, seq_len=80)
+    trained = seen["model"].eval()
+    base = trained.base_model
+    # the base is quantized (every linear but the head) and frozen; only the adapter has parameters that train
+    quantized = [m for m in base.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 2 * 7 and all(m.scheme == scheme and m.group_size == group_size for m in quantized)
+    assert all(isinstance(m.base_layer, QuantizedLinear) for m in base.modules() if isinstance(m, LoraLinear))
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == set(trained.state_dict())
+    fresh = quantize_model(load_checkpoint(base_checkpoint)[0], scheme, group_size)
+    for name, module in fresh.named_modules():  # training did not touch the packed base
+        if isinstance(module, QuantizedLinear):
+            held = base.get_submodule(name.replace("q_proj", "q_proj.base_layer").replace("v_proj", "v_proj.base_layer"))
+            assert torch.equal(held.qweight, module.qweight), name
+    # gradients reached every adapter: B starts at zero and moved
+    assert all(m.lora_B.weight.abs().max() > 0 for m in base.modules() if isinstance(m, LoraLinear))
+    config = read_config(run.checkpoint)
+    assert (config["quantize"], config["quantize_group_size"]) == (scheme, group_size)
+    x = torch.randint(0, base.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        expected = trained(x)[0]
+        assert (expected - load_checkpoint(base_checkpoint)[0](x)[0]).abs().max() > 1e-4  # it trained
+        loaded, _, _ = load_checkpoint(run.checkpoint)  # rebuilt: base quantized again + adapter, unmerged
+        assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 2 * 7
+        torch.testing.assert_close(loaded(x)[0], expected, rtol=0, atol=1e-6)
+    assert main(["finetune", "merge", str(run.checkpoint), "--out", str(tmp_path / "merged")]) == 0
+    merged, _, merged_config = load_checkpoint(tmp_path / "merged")
+    assert merged_config.get("contents", "full") == "full"
+    assert not any(isinstance(m, (QuantizedLinear, LoraLinear)) for m in merged.modules())
+    # the merged weight is the dequantized base + scaling * B A (float64 recomputation)
+    layer = base.decoder.blocks[1].attn.v_proj
+    want = layer.base_layer.dequantize().double() + layer.scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
+    torch.testing.assert_close(merged.decoder.blocks[1].attn.v_proj.weight.double(), want, rtol=0, atol=1e-6)
+    with torch.no_grad():  # int8's CPU kernel rounds activations to bf16: hence its looser tolerance
+        torch.testing.assert_close(merged(x)[0], expected, rtol=0, atol=merge_atol)
+
+
+def test_qlora_run_resumes_bit_exactly(tmp_path, base_checkpoint, chat_data):
+    quiet = dict(lora=LoraConfig(r=4, dropout=0.1), log=lambda *_: None, seq_len=80, qlora="nf4", qlora_group_size=32)
+    straight = finetune(base_checkpoint, chat_data, tmp_path / "a", train=_train(4), **quiet)
+
+    def stop_at_step_2(event, info):
+        if event == "step" and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = finetune(base_checkpoint, chat_data, tmp_path / "b", train=_train(4), callbacks=[stop_at_step_2], **quiet)
+    assert stopped.step == 2
+    resumed = finetune(base_checkpoint, chat_data, tmp_path / "b", train=_train(4), resume=True, **quiet)
+    from safetensors.torch import load_file
+
+    first = load_file(straight.checkpoint / "model.safetensors")
+    second = load_file(resumed.checkpoint / "model.safetensors")
+    assert resumed.step == 4 and set(first) == set(second) and all(".lora_" in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--qlora", "nf4", "--full"], "--qlora trains an adapter on a quantized base; it cannot be combined with --full"),
+    (["--qlora", "nf4"], "group size 64 does not divide the input width 32"),  # the tiny base is 32 wide
+    (["--qlora-group-size", "32"], "--qlora-group-size applies to --qlora nf4 only"),
+    (["--qlora", "int8", "--qlora-group-size", "32"], "int8 scales each output row"),
+])
+def test_qlora_refuses_bad_combinations_in_one_line(tmp_path, base_checkpoint, chat_data, capsys, flags, message):
+    code = main(["finetune", str(base_checkpoint), "--data", str(chat_data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress", "--threads", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err

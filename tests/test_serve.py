@@ -485,3 +485,54 @@ def test_playground_streams_a_reply_in_a_headless_browser(served):
         assert driver.find_element("css selector", "#log .user").text == "hello there"
     finally:
         driver.quit()
+
+
+# ---- `neoformer serve --quantize`, quantized and adapter checkpoints ---------------------------------
+def _server_of_cli(monkeypatch, argv):
+    """What `neoformer serve ARGV` would run (the Server it builds), without starting uvicorn."""
+    from neoformer.serve import app as app_module
+
+    built = {}
+
+    def capture(model, tokenizer, config, name, options, **_):
+        built["server"] = app_module.Server(model, tokenizer, config, name, options)
+
+    monkeypatch.setattr(app_module, "serve", capture)
+    code = main(["serve", *argv, "--threads", "1", "--log-level", "warning"])
+    return code, built.get("server")
+
+
+def test_serve_quantizes_on_load_and_serves_quantized_and_adapter_checkpoints(tmp_path, tok, monkeypatch, capsys):
+    from neoformer.finetune import AdapterModel, LoraConfig, adapter_settings, add_lora
+    from neoformer.quantize import QuantizedLinear, quantize_model, save_quantized
+    from neoformer.serve.app import create_app
+
+    base = checkpoint.save_checkpoint(tmp_path / "base", 1, tiny_decoder(tok, 64), tokenizer=tok)
+    quantized = save_quantized(quantize_model(tiny_decoder(tok, 64), "int8-dynamic"), tmp_path / "q8", tokenizer=tok)
+    lora = LoraConfig(r=2, dropout=0.0, targets=("q", "v"))
+    adapted = tiny_decoder(tok, 64)
+    add_lora(adapted, lora)
+    with torch.no_grad():
+        adapted.decoder.blocks[0].attn.v_proj.lora_B.weight.normal_(0, 0.5)
+    adapter = checkpoint.save_checkpoint(tmp_path / "adapter", 1, AdapterModel(adapted, lora),
+                                         config=adapter_settings(base, lora, None))
+    prompt = "the quick"
+    for path, flags, scheme in ((base, ["--quantize", "int8"], "int8"), (quantized, [], "int8-dynamic"),
+                                (adapter, [], None), (adapter, ["--quantize", "int8"], "int8")):
+        code, server = _server_of_cli(monkeypatch, [str(path), *flags])
+        assert code == 0, capsys.readouterr().err
+        schemes = {m.scheme for m in server.model.modules() if isinstance(m, QuantizedLinear)}
+        assert schemes == ({scheme} if scheme else set()), (path, flags)
+        want = generate(server.model, tok.encode(prompt), 6, tokenizer=tok, return_dict=True).new_tokens[0]
+        server.scheduler.start()
+        try:
+            body = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}).encode()
+            status, _, out = _asgi(create_app(server), "POST", "/v1/completions", body)
+        finally:
+            server.scheduler.stop()
+        assert status == 200, out
+        n = out["usage"]["completion_tokens"]
+        assert n >= 1 and out["choices"][0]["text"] == tok.decode(want[:n]), (path, flags)
+    code, _ = _server_of_cli(monkeypatch, [str(quantized), "--quantize", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the model is already quantized (int8-dynamic)"), err

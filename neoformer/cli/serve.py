@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one shape)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--quantize", metavar="SCHEME", help="quantize on load: int8 | int8-dynamic | nf4 | int4 "
+                   "(see `neoformer quantize`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -59,6 +61,10 @@ def run(args) -> int:
     model, tokenizer, config = load_checkpoint(args.checkpoint, device=device,
                                                dtype=getattr(torch, args.dtype) if args.dtype else None,
                                                command="serve")
+    if args.quantize:
+        from ..quantize import quantize_model
+
+        model = quantize_model(model, args.quantize)  # one-line refusal for an already quantized model
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.model_name or Path(resolve_checkpoint(args.checkpoint)).resolve().name

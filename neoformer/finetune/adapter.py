@@ -7,7 +7,8 @@ MB instead of the whole model. Its ``config.json`` says::
     "contents": "adapter",
     "base": {"path": "/abs/runs/teacher/checkpoints/step-001000", "weights_sha256": "<sha256>"},
     "lora": {"r": 16, "alpha": 32.0, "dropout": 0.05, "targets": [...], "rslora": false},
-    "quantize": null | "nf4",            # QLoRA: the base is quantized again when loaded
+    "quantize": null | "nf4" | "int8",   # QLoRA: the base is quantized again when loaded,
+    "quantize_group_size": null | 64,    #   with this group size (nf4)
     "chat_template": {...}               # the template the adapter was trained with
 
 The base reference is the one path that leaves a checkpoint folder (docs/checkpoints.md): the
@@ -116,9 +117,13 @@ def load_base(reference: Any, *, base: str | os.PathLike | None = None, device=N
     return load_checkpoint(path, device=device, dtype=dtype, contents=("full",), command=f"{where}'s base")
 
 
-def adapter_settings(base_path, lora: LoraConfig, chat_template: dict | None, quantize: str | None = None) -> dict:
-    """The ``config.json`` entries (fit's ``run_config``) that make a checkpoint an adapter."""
-    return {"contents": ADAPTER, "base": base_reference(base_path), "lora": lora.to_dict(), "quantize": quantize,
+def adapter_settings(base_path, lora: LoraConfig, chat_template: dict | None,
+                     quantization: dict | None = None) -> dict:
+    """The ``config.json`` entries (fit's ``run_config``) that make a checkpoint an adapter;
+    ``quantization`` is :func:`.qlora.quantization_settings` of a QLoRA base."""
+    return {"contents": ADAPTER, "base": base_reference(base_path), "lora": lora.to_dict(),
+            "quantize": quantization["scheme"] if quantization else None,
+            "quantize_group_size": quantization.get("group_size") if quantization else None,
             "chat_template": chat_template}
 
 
@@ -131,7 +136,7 @@ def attach_adapter(model: nn.Module, config: dict, where: str = "the adapter") -
     if config.get("quantize"):
         from .qlora import quantize_base
 
-        model = quantize_base(model, config["quantize"])
+        model = quantize_base(model, config["quantize"], config.get("quantize_group_size"))
     add_lora(model, lora)
     return AdapterModel(model, lora)
 
@@ -178,9 +183,15 @@ def save_single_checkpoint(out_dir: str | os.PathLike, model: nn.Module, config:
 
 def merge_adapter(path, out_dir, *, base=None) -> Path:
     """Fold an adapter into its base and save a normal ``full`` checkpoint at ``out_dir`` (fp32
-    arithmetic; the base's dtype is kept). It carries the adapter's chat template."""
+    arithmetic; the base's dtype is kept). It carries the adapter's chat template. A QLoRA adapter
+    folds into its dequantized base: an fp32 model equal to quantized base + adapter, up to the
+    quantized kernels' rounding (docs/finetune.md)."""
     model, tokenizer, config = load_adapter(path, base=base, device="cpu")
     merged = merge_lora(model.base_model)
+    if config.get("quantize"):  # QLoRA: the layers the adapter left alone are dequantized too
+        from .qlora import dequantize_base
+
+        merged = dequantize_base(merged)
     settings = {"model": merged.config.to_dict(), "chat_template": config.get("chat_template"),
                 "merged_from": {"adapter": str(resolve_checkpoint(path).resolve()), "base": config.get("base")}}
     return save_single_checkpoint(out_dir, merged, settings, tokenizer, step=int(config.get("step", 0)))

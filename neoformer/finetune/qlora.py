@@ -2,24 +2,56 @@
 
 The quantizer is ``neoformer.quantize`` (its quantized linears expose ``in_features``,
 ``out_features``, ``forward`` and ``dequantize()``, all LoRA needs); it is imported when asked.
+The base is never saved: an adapter checkpoint records the scheme and group size, and loading
+quantizes the (hash-verified) float base again, which is deterministic.
 """
 from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..model.weights import mark_like
 
 
-def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
-    """``model`` with its linear layers quantized by ``neoformer.quantize`` (in place where it can)."""
+def _quantize_package():
     try:
-        quantize = importlib.import_module("neoformer.quantize")
+        return importlib.import_module("neoformer.quantize")
     except ImportError:
         raise ConfigError("--qlora needs neoformer.quantize, which this neoformer lacks; use plain LoRA") from None
-    quantized = quantize.quantize_model(model, scheme=scheme)
+
+
+def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None) -> nn.Module:
+    """``model`` with its linear layers quantized by ``neoformer.quantize`` (in place; the output
+    head and embeddings stay float). ``group_size`` applies to nf4 (default 64)."""
+    quantized = _quantize_package().quantize_model(model, scheme=scheme, group_size=group_size)
     return model if quantized is None else quantized
 
 
-__all__ = ["quantize_base"]
+def quantization_settings(model: nn.Module) -> dict | None:
+    """{"scheme", "group_size"} of a base :func:`quantize_base` quantized, or None."""
+    settings = _quantize_package().quantization_of(model)
+    return None if settings is None else {"scheme": settings["scheme"], "group_size": settings.get("group_size")}
+
+
+@torch.no_grad()
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear left in ``model`` by an fp32 nn.Linear holding its dequantized
+    weight (in place): after merging a QLoRA adapter, the layers it did not adapt."""
+    quantize = _quantize_package()
+    for name, layer in list(quantize.quantized_modules(model).items()):
+        weight = layer.dequantize(torch.float32)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, mark_like(linear, layer))
+    # a float model again: nothing may take it for a quantized one (save_quantized, quantize_model)
+    vars(model).pop(quantize.swap.QUANTIZATION_ATTR, None)
+    return model
+
+
+__all__ = ["dequantize_base", "quantization_settings", "quantize_base"]

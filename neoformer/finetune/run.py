@@ -22,29 +22,32 @@ from ..train.run_config import TrainConfig
 from .adapter import AdapterModel, adapter_settings, trainable_share
 from .data import SFTBatches, load_examples, sft_objective, split_examples
 from .lora import LoraConfig, add_lora
-from .qlora import quantize_base
+from .qlora import quantization_settings, quantize_base
 
 DEFAULT_SEQ_LEN = 512
 
 
-def _prepare_model(model, lora: LoraConfig | None, qlora: str | None):
+def _prepare_model(model, lora: LoraConfig | None, qlora: str | None, qlora_group_size: int | None):
     if lora is None:
-        if qlora:
-            raise ValueError("--qlora trains an adapter on a quantized base; it cannot be combined with --full")
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     if qlora:
-        model = quantize_base(model, qlora)
+        model = quantize_base(model, qlora, qlora_group_size)
     add_lora(model, lora)
     return AdapterModel(model, lora)
 
 
 def finetune(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike | None, *,
              lora: LoraConfig | None = None, train: TrainConfig | None = None, seq_len: int | None = None,
-             train_on: str = "assistant", pack: bool = True, qlora: str | None = None, val_fraction: float = 0.05,
-             resume: bool = False, log: Callable[[str], None] = print, callbacks=()) -> FitResult:
+             train_on: str = "assistant", pack: bool = True, qlora: str | None = None,
+             qlora_group_size: int | None = None, val_fraction: float = 0.05, resume: bool = False,
+             log: Callable[[str], None] = print, callbacks=()) -> FitResult:
     """Fine-tune the decoder checkpoint ``base`` on ``data`` (see neoformer.finetune.data for formats)."""
+    if qlora and lora is None:
+        raise ValueError("--qlora trains an adapter on a quantized base; it cannot be combined with --full")
+    if qlora_group_size is not None and not qlora:
+        raise ValueError("--qlora-group-size applies to --qlora nf4 only")
     train = train or TrainConfig()
     model, tokenizer, base_config = load_checkpoint(base, device="cpu", kinds=("decoder",), contents=("full",),
                                                     command="neoformer finetune")
@@ -57,9 +60,9 @@ def finetune(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os
     log(report.describe() + (f"; {len(val_examples)} held out for validation" if val_examples else ""))
 
     seed_everything(train.seed)  # the adapter's init (A) and dropout: the same run gives the same adapter
-    model = _prepare_model(model, lora, qlora)
+    model = _prepare_model(model, lora, qlora, qlora_group_size)
     trainable, total = trainable_share(model)
-    log(f"{'LoRA' if lora else 'full fine-tuning'}: {trainable:,} of {total:,} parameters trainable "
+    log(f"{('QLoRA (' + qlora + ' base)') if qlora else 'LoRA' if lora else 'full fine-tuning'}: {trainable:,} of {total:,} parameters trainable "
         f"({trainable / total:.2%})")
     # the NeoFormer-X memory reads a running summary across the whole row: no packing there
     packed = pack and getattr(model, "rmc", None) is None
@@ -71,7 +74,8 @@ def finetune(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os
                   "finetune": {"data": str(Path(data).expanduser().resolve()), "format": report.format,
                                "train_on": train_on, "seq_len": seq_len, "packed": packed}}
     if lora is not None:
-        run_config.update(adapter_settings(base, lora, template.to_dict(), qlora))
+        run_config.update(adapter_settings(base, lora, template.to_dict(), quantization_settings(model.base_model)
+                                           if qlora else None))
     with contextlib.ExitStack() as stack:
         if out_dir is not None:
             stack.callback(RunLock(out_dir).acquire().release)
