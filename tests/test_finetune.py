@@ -17,7 +17,7 @@ from neoformer.config import IGNORE_INDEX, ModelConfig
 from neoformer.finetune import (
     AdapterModel, LoraConfig, LoraLinear, add_lora, chat_example, finetune, load_adapter, merge_lora,
 )
-from neoformer.finetune.adapter import save_single_checkpoint
+from neoformer.checkpoint import save_single_checkpoint
 from neoformer.finetune.data import Example, SFTBatches, load_examples, packed_batch
 from neoformer.model.weights import writes_residual
 from neoformer.tokenizer import CharTokenizer

@@ -25,7 +25,8 @@ import torch
 from .plain import (
     CONFIG, LATEST, MANIFEST, STATE_JSON, TOKENIZER_DIR, WEIGHTS, CheckpointError, CheckpointInfo, capture_rng_state,
     decode_state, encode_state, inspect_checkpoint, list_checkpoints, load_model, load_training_state, load_weights,
-    read_config, resolve_checkpoint, restore_rng_state, save_checkpoint, unwrap, verify_checkpoint,
+    read_config, resolve_checkpoint, restore_rng_state, save_checkpoint, save_single_checkpoint, unwrap,
+    verify_checkpoint,
 )
 
 # the public short names the issue tracker and docs use
@@ -149,5 +150,5 @@ __all__ = [
     "CONFIG", "CONTENTS_LOADERS", "LATEST", "MANIFEST", "STATE_JSON", "TOKENIZER_DIR", "WEIGHTS", "CheckpointError", "CheckpointInfo",
     "capture_rng_state", "decode_state", "encode_state", "inspect_checkpoint", "is_sharded", "list_checkpoints",
     "load_checkpoint", "load_model", "load_training", "load_training_state", "load_weights", "read_config", "register_contents", "require", "resolve",
-    "resolve_checkpoint", "restore_rng_state", "save", "save_checkpoint", "save_training", "unwrap", "verify_checkpoint",
+    "resolve_checkpoint", "restore_rng_state", "save", "save_checkpoint", "save_single_checkpoint", "save_training", "unwrap", "verify_checkpoint",
 ]

@@ -487,6 +487,23 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, *, con
     return final
 
 
+def save_single_checkpoint(out_dir: str | os.PathLike, model: nn.Module, config: dict, tokenizer, step: int = 0) -> Path:
+    """Write a normal checkpoint directory at ``out_dir`` (new or empty), atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.is_file() or (out_dir.exists() and any(out_dir.iterdir())):
+        raise ValueError(f"--out {out_dir} exists and is not an empty folder; choose a new one")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        written = save_checkpoint(staging, step, model, config=config, tokenizer=tokenizer, keep_last=1)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(written, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
 def load_training_state(path: str | os.PathLike) -> dict:
     """The training state (optimizer, schedule, RNG, sampler, ...) saved with a checkpoint."""
     path = resolve_checkpoint(path)

@@ -478,12 +478,4 @@ def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     tokenizer = plain.load_checkpoint_tokenizer(path)
     settings = {k: v for k, v in config.items() if k not in ("format", "format_version", "step", "sharded", "tokenizer")}
     step = int(config.get("step", 0))
-    staging = out_dir.parent / f".tmp-consolidate-{out_dir.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        written = plain.save_checkpoint(staging, step, model, config=settings, tokenizer=tokenizer, keep_last=1)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(written, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return plain.save_single_checkpoint(out_dir, model, settings, tokenizer, step=step)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from torch import nn
 
 from ..checkpoint import (
     MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, load_weights, read_config, resolve_checkpoint,
-    save_checkpoint,
+    save_single_checkpoint,
 )
 from ..safepath import inside
 from .lora import LoraConfig, adapter_parameters, add_lora, lora_layers, merge_lora
@@ -164,23 +162,6 @@ def load_adapter_checkpoint(path, config: dict, *, device=None, dtype=None, base
 
 
 # ---- merge ----------------------------------------------------------------------------------
-def save_single_checkpoint(out_dir: str | os.PathLike, model: nn.Module, config: dict, tokenizer, step: int = 0) -> Path:
-    """Write a normal checkpoint directory at ``out_dir`` (new or empty), atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.is_file() or (out_dir.exists() and any(out_dir.iterdir())):
-        raise ValueError(f"--out {out_dir} exists and is not an empty folder; choose a new one")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        written = save_checkpoint(staging, step, model, config=config, tokenizer=tokenizer, keep_last=1)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(written, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
 def merge_adapter(path, out_dir, *, base=None) -> Path:
     """Fold an adapter into its base and save a normal ``full`` checkpoint at ``out_dir`` (fp32
     arithmetic; the base's dtype is kept). It carries the adapter's chat template. A QLoRA adapter
@@ -198,5 +179,5 @@ def merge_adapter(path, out_dir, *, base=None) -> Path:
 
 
 __all__ = ["AdapterModel", "adapter_settings", "attach_adapter", "base_reference", "load_adapter",
-           "load_adapter_checkpoint", "load_base", "merge_adapter", "save_single_checkpoint", "trainable_share",
+           "load_adapter_checkpoint", "load_base", "merge_adapter", "trainable_share",
            "lora_layers"]

@@ -19,7 +19,8 @@ import torch
 from ..chat import chat_template_of
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..hf.llama import _LAYER as LLAMA_LAYER_NAMES
-from .adapter import AdapterModel, adapter_settings, load_adapter, save_single_checkpoint
+from ..checkpoint import save_single_checkpoint
+from .adapter import AdapterModel, adapter_settings, load_adapter
 from .lora import FUSED_QKV, LoraConfig, add_lora, lora_layers
 
 PEFT_CONFIG = "adapter_config.json"
