@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_mc_task
 
 pytest.importorskip("lm_eval")
 
@@ -131,21 +132,7 @@ def test_generate_until_honours_stop_sequences(tiny):
 
 
 def write_task(folder: Path, data: Path) -> Path:
-    folder.mkdir(exist_ok=True)
-    (folder / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    write_mc_task(folder, data)
     (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
 dataset_path: json
 dataset_kwargs:

@@ -3,16 +3,11 @@ through neoformer's LM adapter (issue 14): a local multiple-choice task, offline
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import serving, write_mc_task
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
@@ -40,44 +35,13 @@ def served(tmp_path, monkeypatch):
     hf_tok = tmp_path / "hf_tok"  # local-completions tokenizes with a Hugging Face tokenizer: the same BPE
     tok.save(hf_tok)
     (hf_tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "neoformer.cli", "serve", str(path), "--port", str(port),
-                             "--max-batch", "8", "--threads", "1", "--model-name", "tiny", "--log-level", "warning"],
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(600):  # bounded: 60 s
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield port, model, tok, hf_tok
-    proc.terminate()
+    with serving(path, max_batch=8) as (port, proc):
+        yield port, model, tok, hf_tok
     proc.wait(timeout=20)
 
 
 def write_task(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / "tiny_mc.json"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return folder
+    return write_mc_task(folder, DATA / "tiny_mc.json")
 
 
 def test_served_local_completions_agree_with_the_adapter(served, tmp_path):

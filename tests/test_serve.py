@@ -6,14 +6,13 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import serving
 
 from neoformer import ModelConfig, build_model, checkpoint
 from neoformer.cli import main
@@ -44,24 +43,9 @@ def tok():
 def served(tmp_path_factory, tok):
     """A checkpoint and a `neoformer serve` process on a free port (max batch 4)."""
     path = checkpoint.save_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", 1, tiny_decoder(tok), tokenizer=tok)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "neoformer.cli", "serve", str(path), "--port", str(port),
-                             "--max-batch", "4", "--threads", "1", "--model-name", "tiny", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(300):  # bounded: 30 s
-        try:
-            if _get(port, "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield port, path
-    proc.terminate()  # graceful SIGTERM: must exit on its own, promptly (uvicorn re-raises the signal at the end)
+    with serving(path, max_batch=4, timeout_s=30) as (port, proc):
+        yield port, path
+    # graceful SIGTERM: must exit on its own, promptly (uvicorn re-raises the signal at the end)
     assert proc.wait(timeout=20) in (0, -15)
 
 
