@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install install-test docs clean
+.PHONY: demo test install install-test docs clean llama-cpp
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3' with Python >= 3.10"; exit 1; }
@@ -30,6 +30,9 @@ test: $(VENV)/.installed-test
 
 docs: $(VENV)/.installed  # docs/config.md from the config dataclasses (a test checks it is current)
 	$(PY) docs/gen_config_md.py
+
+llama-cpp: $(VENV)/.installed  # llama.cpp's llama-bench + llama-completion for side-by-side benchmarks (~5 min)
+	bash benchmarks/build_llama_cpp.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
