@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 
 from neoformer.checkpoint import save_checkpoint  # noqa: E402
 from neoformer.cli import main  # noqa: E402
-from neoformer.eval import continuation_logprobs, rolling_windows  # noqa: E402
+from neoformer.eval import continuation_logprobs, rolling_windows, window_logprobs  # noqa: E402
 from neoformer.eval.harness import NeoformerLM, run_tasks  # noqa: E402
 from neoformer.model import build_model  # noqa: E402
 from neoformer.presets import PRESETS  # noqa: E402
@@ -106,6 +106,27 @@ def test_rolling_loglikelihood_equals_perplexity(tiny):
     assert len(ids) > 48  # more than one window was scored
     ppl = math.exp(-total / len(ids))
     assert ppl == pytest.approx(math.exp(-want / len(ids)), rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_rmc"])
+def test_batched_windows_equal_one_window_at_a_time_in_float64(which, request):
+    """window_logprobs batches windows of several documents (mixed lengths, right-padded, several
+    forwards): every window's score equals that window alone in float64, and the plain path."""
+    model, tok = request.getfixturevalue(which)
+    pairs = [w for text in (TEXT[:300], TEXT[40:90], TEXT[:130])
+             for w in rolling_windows(tok.encode(text), tok.eos_id, 48, stride=20)]
+    assert len({len(c) + len(t) for c, t in pairs}) > 3  # windows of different lengths share batches
+    got = window_logprobs(model, pairs, batch_size=3, pad_id=tok.pad_id)
+    want = [direct_logprob(model, c, t)[0] for c, t in pairs]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx([lp for lp, _ in continuation_logprobs(model, pairs, batch_size=1)], abs=1e-4)
+    model.double()
+    try:
+        got64 = window_logprobs(model, pairs, batch_size=3, pad_id=tok.pad_id)
+        one64 = [window_logprobs(model, [pair], batch_size=1)[0] for pair in pairs]
+    finally:
+        model.float()
+    assert got64 == pytest.approx(one64, abs=1e-9)
 
 
 def test_generate_until_honours_stop_sequences(tiny):

@@ -4,6 +4,6 @@ ablation grids with a report (``ablate``). See docs/evaluation.md and docs/ablat
 
 lm-eval is an optional extra (``pip install 'neoformer[eval]'``), imported only by ``harness``.
 """
-from .scoring import continuation_logprobs, rolling_windows
+from .scoring import continuation_logprobs, rolling_windows, window_logprobs
 
-__all__ = ["continuation_logprobs", "rolling_windows"]
+__all__ = ["continuation_logprobs", "rolling_windows", "window_logprobs"]

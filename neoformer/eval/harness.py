@@ -3,8 +3,9 @@
 :class:`NeoformerLM` is an lm-eval ``LM`` (registered as ``"neoformer"``, so
 ``lm_eval --model neoformer --model_args pretrained=runs/x/latest`` works too):
 
-- ``loglikelihood`` / ``loglikelihood_rolling`` go through :func:`.scoring.continuation_logprobs`
-  (sorted by length, shared contexts read once through the KV cache);
+- ``loglikelihood`` goes through :func:`.scoring.continuation_logprobs` (sorted by length, shared
+  contexts read once through the KV cache); ``loglikelihood_rolling`` batches the windows of every
+  document through :func:`.scoring.window_logprobs` (no greedy flag, no stored log-softmax);
 - ``generate_until`` runs batches of prompts, longest first, through ``neoformer.generate``
   (the static-cache engine) with the task's stop sequences and greedy or sampled decoding.
 
@@ -33,7 +34,7 @@ import torch
 from ..config import did_you_mean
 from ..generate import generate
 from ..generate.stops import cut_at_stop
-from .scoring import continuation_logprobs
+from .scoring import continuation_logprobs, window_logprobs
 
 ALLOW_DOWNLOAD_ENV = "NEOFORMER_ALLOW_DOWNLOAD"
 DEFAULT_MAX_GEN_TOKS = 256
@@ -108,13 +109,15 @@ class NeoformerLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for index, (text,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+            for window in map(make_disjoint_window, get_rolling_token_windows(
                     token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)):
-                windows.append((None, ctx, cont))
+                windows.append(window)
                 owner.append(index)
         totals = [0.0] * len(requests)
-        for index, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows)):
+        scores = window_logprobs(self.model, windows, batch_size=self.batch_size, max_length=self.max_length,
+                                 pad_id=self._pad_id)
+        for index, logprob in zip(owner, scores):
             totals[index] += logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)

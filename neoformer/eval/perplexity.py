@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from .scoring import continuation_logprobs, rolling_windows
+from .scoring import rolling_windows, window_logprobs
 
 
 @dataclass
@@ -66,9 +66,9 @@ def score_text(model, tokenizer, documents: Iterable[str], *, stride: int | None
     if not n_docs:
         raise ValueError("no text to score (every document is empty)")
     pad = getattr(tokenizer, "pad_id", None)
-    scores = continuation_logprobs(model, pairs, batch_size=batch_size, max_length=max_length,
-                                   pad_id=pad if pad is not None else tokenizer.eos_id)
-    return TextScore(-sum(lp for lp, _ in scores), n_tokens, n_bytes, n_docs)
+    scores = window_logprobs(model, pairs, batch_size=batch_size, max_length=max_length,
+                             pad_id=pad if pad is not None else tokenizer.eos_id)
+    return TextScore(-sum(scores), n_tokens, n_bytes, n_docs)
 
 
 __all__ = ["TextScore", "score_text", "prefix_token"]

@@ -142,6 +142,48 @@ def continuation_logprobs(model, pairs, *, batch_size: int = 32, max_length: int
     return results  # type: ignore[return-value]
 
 
+# token positions per forward of window_logprobs: a chunk's activations stay in the CPU caches
+# (measured on the 3.9M teacher, 1 thread: 4 x 256 tokens per forward ~15% faster than 16 x 256)
+WINDOW_FORWARD_TOKENS = 1024
+
+
+@torch.inference_mode()
+def window_logprobs(model, pairs, *, batch_size: int = 32, max_length: int | None = None,
+                    pad_id: int = 0) -> list[float]:
+    """``log P(continuation | context)`` per ``(context_tokens, continuation_tokens)`` pair, with no
+    greedy flag: the windows of a rolling log-likelihood or a perplexity. Truncation as
+    :func:`continuation_logprobs`; windows of every document are batched together, longest first
+    (right-padded: causal attention never reads the padding of a scored position), and the head
+    runs only over the scored positions, reduced to a sum per window without storing (B, T, V)
+    log-probabilities or their argmax."""
+    if batch_size < 1:
+        raise ValueError(f"batch size ({batch_size}) must be >= 1")
+    max_length = max_length or model.config.max_seq_len
+    device = next(model.parameters()).device
+    windows = []  # (index, inputs, number of scored tokens)
+    for index, (context, continuation) in enumerate(pairs):
+        if not context or not continuation:
+            raise ValueError("every window needs a non-empty context and continuation")
+        if len(continuation) > max_length:
+            raise ValueError(f"a window of {len(continuation)} tokens is longer than the model's context ({max_length})")
+        windows.append((index, (list(context) + list(continuation))[-(max_length + 1):], len(continuation)))
+    windows.sort(key=lambda w: -len(w[1]))
+    results = [0.0] * len(windows)
+    start = 0
+    while start < len(windows):
+        rows = max(1, min(batch_size, WINDOW_FORWARD_TOKENS // len(windows[start][1])))
+        batch = windows[start:start + rows]
+        start += rows
+        ids = _right_pad([w[1] for w in batch], pad_id, device)  # (B, T + 1): inputs and targets
+        hidden = model.forward_hidden(ids[:, :-1], use_cache=False).hidden
+        for row, (index, inputs, n) in enumerate(batch):
+            end = len(inputs) - 1  # scored positions end-n .. end-1 predict inputs[end-n+1 .. end]
+            logits = model.logits(hidden[row, end - n:end]).float()  # (n, V): one window's at a time
+            nll = F.cross_entropy(logits, ids[row, end - n + 1:end + 1], reduction="none")
+            results[index] = -float(nll.double().sum())
+    return results
+
+
 def rolling_windows(tokens: list[int], prefix_token: int, max_length: int, stride: int | None = None):
     """``(context, continuation)`` pairs that score every token of ``tokens`` once, the first one
     after ``prefix_token``. ``stride`` (default ``max_length``: disjoint windows, lm-eval's rolling
@@ -159,4 +201,4 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int, strid
     return pairs
 
 
-__all__ = ["continuation_logprobs", "rolling_windows"]
+__all__ = ["continuation_logprobs", "window_logprobs", "rolling_windows"]
