@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def cache(tmp_path, monkeypatch):
 
 def in_process(calls):
     """A cell runner that calls `neoformer train` in this process (the same argv the child gets)."""
-    def run(args, logfile):
+    def run(args, logfile, env):
         calls.append(args)
         with contextlib.redirect_stdout(io.StringIO()) as out:
             code = main(args)
@@ -70,6 +71,69 @@ def test_grid_runs_resumes_a_killed_cell_and_skips_done_ones(tmp_path):
     report = paths["report"].read_text()
     assert "Δ val_loss" in report and "one seed: no spread" in report and "**n_kv_heads=1**" in report
     assert {"loss_curves", "final_metric", "metric_vs_time"} <= set(paths)
+
+
+def finished_run(args) -> int:
+    """What a finished `neoformer train ARGS` leaves behind for the grid: metrics.jsonl in --out."""
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 2.0, "val_loss": 1.5}) + "\n")
+    return 0
+
+
+def test_parallel_cells_run_at_once_split_the_cores_and_resume(tmp_path):
+    """--parallel 2 on CPU: both cells are inside their runner at the same time (a barrier that
+    only two concurrent cells can pass), each with half the cores; a rerun skips both; a failing
+    cell raises after the other one has finished and kept its result."""
+    plan = make_plan("nexus-debug", ["model.n_kv_heads=1,4"], max_steps=4, extra=TRAIN)
+    both_running = threading.Barrier(2, timeout=20)
+    calls: list[tuple[list[str], dict]] = []
+
+    def fake_train(args, logfile, env):
+        calls.append((args, env))
+        both_running.wait()
+        return finished_run(args)
+
+    results = run_grid(plan, tmp_path / "abl", log=lambda *a: None, runner=fake_train, parallel=2)
+    assert [r["cell"] for r in results] == ["n_kv_heads=1", "n_kv_heads=4"]  # plan order
+    cores = len(os.sched_getaffinity(0))
+    assert [a[a.index("--threads") + 1] for a, _ in calls] == [str(max(1, cores // 2))] * 2
+    assert all(env == {} for _, env in calls)  # no GPUs: CPU workers
+    calls.clear()
+    assert run_grid(plan, tmp_path / "abl", log=lambda *a: None, runner=fake_train, parallel=2) == results
+    assert calls == []  # finished cells are skipped, in parallel mode too
+
+    for cell in ("n_kv_heads-1__seed0", "n_kv_heads-4__seed0"):
+        (tmp_path / "abl/cells" / cell / "result.json").unlink()
+    first_failed = threading.Event()
+
+    def first_fails(args, logfile, env):
+        if args[args.index("--model.n_kv_heads") + 1] == "1":
+            first_failed.set()
+            return 3
+        assert first_failed.wait(20)  # the second cell is still running when the first one fails
+        return finished_run(args)
+
+    with pytest.raises(RuntimeError, match="cell n_kv_heads-1__seed0 failed"):
+        run_grid(plan, tmp_path / "abl", log=lambda *a: None, runner=first_fails, parallel=2)
+    assert (tmp_path / "abl/cells/n_kv_heads-4__seed0/result.json").is_file()  # the other cell finished
+
+
+def test_parallel_flag_and_gpu_slots(monkeypatch):
+    import torch
+
+    from neoformer.eval.ablate import split_threads, worker_slots
+
+    assert worker_slots("auto") == [{}] and worker_slots(3) == [{}, {}, {}]  # no GPU here
+    with pytest.raises(ConfigError, match="--parallel"):
+        worker_slots(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    slots = worker_slots("auto")
+    assert slots == [{"CUDA_VISIBLE_DEVICES": "4"}, {"CUDA_VISIBLE_DEVICES": "6"}]
+    assert split_threads("auto", slots) == "auto"  # GPU cells keep their own thread setting
+    assert worker_slots(3)[2] == {"CUDA_VISIBLE_DEVICES": "4"}
 
 
 def test_report_mean_std_and_delta(tmp_path):
@@ -136,6 +200,24 @@ def test_a_real_kill_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "skip n_kv_heads-1__seed0" in done.stdout and "run  n_kv_heads-4__seed0 (resume)" in done.stdout
     assert json.loads((out / "cells/n_kv_heads-4__seed0/result.json").read_text())["steps"] == 400
+
+
+@pytest.mark.slow
+def test_parallel_children_give_the_sequential_results(tmp_path):
+    """`neoformer ablate --parallel 2`: two real training children at once end exactly where the
+    same cells end when trained one after another in this process (fp32, one thread each)."""
+    grid = ["model.n_kv_heads=1,4"]
+    cmd = [sys.executable, "-m", "neoformer.cli", "ablate", "--base", "nexus-debug", "--grid", grid[0],
+           "--max-steps", "4", "--out", str(tmp_path / "par"), "--threads", "1", "--parallel", "2", "--", *TRAIN]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 cells at a time, 1 thread(s) each" in done.stdout
+    plan = make_plan("nexus-debug", grid, max_steps=4, extra=TRAIN)
+    one_by_one = run_grid(plan, tmp_path / "seq", log=lambda *a: None, threads="1", runner=in_process([]))
+    for cell, want in zip(plan.cells, one_by_one):
+        got = json.loads((tmp_path / "par/cells" / cell.name / "result.json").read_text())
+        assert got["steps"] == want["steps"] == 4
+        assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-6)
 
 
 def test_the_shipped_seed0_config_plans_its_three_ablations(tmp_path, capsys):

@@ -17,6 +17,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    from ..config import ConfigError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--parallel {text!r}: expected a number of cells at once or auto") from None
+
+
 def add_parser(subparsers) -> None:
     text = "train an ablation grid (each cell through `neoformer train`) and write a report"
     p = subparsers.add_parser(
@@ -35,6 +44,9 @@ def add_parser(subparsers) -> None:
     limit.add_argument("--budget", type=_seconds, metavar="SECONDS", help="wall time per cell (e.g. 120s)")
     p.add_argument("--tasks", metavar="NAME,...", help="score each finished cell on these tasks (as eval --tasks)")
     p.add_argument("--threads", default="auto", metavar="N|auto", help="CPU threads per cell (default auto)")
+    p.add_argument("--parallel", default="1", metavar="N|auto",
+                   help="cells trained at once: one per GPU (auto: every visible GPU) or N CPU processes that split "
+                        "the cores (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for cells, results.csv, report.md and PNGs")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, train nothing")
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN FLAGS",
@@ -73,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             command = " ".join(cell_command(plan, cell, out / "cells" / cell.name))
             print(f"{cell.name}{' (base)' if cell.base else ''}: neoformer {command}")
         return 0
-    results = run_grid(plan, out, threads=str(args.threads))
+    parallel = args.parallel if args.parallel == "auto" else _count(args.parallel)
+    results = run_grid(plan, out, threads=str(args.threads), parallel=parallel)
     info = json.loads((out / "plan.json").read_text())
     for kind, path in write_report(results, out, info).items():
         print(f"{kind}: {path}")

@@ -7,6 +7,9 @@ Each cell (one value per ``--grid`` axis, times ``--seeds``) is a ``neoformer tr
 ``OUT/cells/NAME`` (a child process: the exact training path, data and token budget of the command;
 a crash in one cell cannot take the grid down). A cell is finished when its ``result.json`` exists:
 a rerun skips it; a cell that was killed mid-run resumes from its last checkpoint (``--resume``).
+With ``parallel`` > 1 several cells train at once: one per CUDA device (``CUDA_VISIBLE_DEVICES``
+of each child), or N CPU processes that split the cores between them (``--threads auto`` becomes
+cores // N per cell).
 ``report.write_report`` then writes ``results.csv``, ``report.md`` and the PNGs.
 """
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,15 +246,42 @@ def _score_tasks(run: Path, tasks: str) -> dict[str, float]:
     return {f"{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}
 
 
-def run_in_child(args: list[str], logfile) -> int:
-    """``neoformer ARGS`` in a child process (the default runner of a cell)."""
+def run_in_child(args: list[str], logfile, env: dict[str, str] | None = None) -> int:
+    """``neoformer ARGS`` in a child process (the default runner of a cell); ``env``: extra variables."""
     return subprocess.run([sys.executable, "-m", "neoformer.cli", *args], stdout=logfile, stderr=subprocess.STDOUT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}).returncode
 
 
-def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto", runner=run_in_child) -> dict[str, Any]:
+def worker_slots(parallel: int | str) -> list[dict[str, str]]:
+    """The extra environment of each concurrent worker: ``"auto"`` is one worker per CUDA device
+    (one worker without several GPUs); N workers take the devices in turn, or share the CPU."""
+    import torch
+
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parallel == "auto":
+        parallel = max(1, devices)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"--parallel ({parallel}) must be a number >= 1 or auto")
+    if devices > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(devices)]
+        return [{"CUDA_VISIBLE_DEVICES": ids[i % devices]} for i in range(parallel)]
+    return [{} for _ in range(parallel)]
+
+
+def split_threads(threads: str, slots: list[dict[str, str]]) -> str:
+    """CPU workers split the cores: ``auto`` becomes cores // workers per cell (OpenMP threads of
+    several processes spinning on the same cores slow every one of them down)."""
+    if threads != "auto" or len(slots) == 1 or any(slots):
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return str(max(1, cores // len(slots)))
+
+
+def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto", runner=run_in_child,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     """Train (or resume) one cell and write its result.json; a finished cell is read back.
-    ``runner(args, logfile) -> exit code`` runs ``neoformer ARGS`` (tests run it in-process)."""
+    ``runner(args, logfile, env) -> exit code`` runs ``neoformer ARGS`` (tests run it in-process)."""
     out = root / "cells" / cell.name
     done = out / RESULT
     if done.is_file():
@@ -259,7 +291,7 @@ def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto
     log(f"run  {cell.name}{' (resume)' if '--resume' in cmd else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{cell.name}.log").open("a") as logfile:
-        code = runner(cmd, logfile)
+        code = runner(cmd, logfile, env or {})
     if code != 0:
         raise RuntimeError(f"cell {cell.name} failed (exit {code}); see {out.parent / (cell.name + '.log')}")
     result = {"cell": cell.label, "name": cell.name, "seed": cell.seed, "base": cell.base,
@@ -273,18 +305,43 @@ def run_cell(plan: Plan, cell: Cell, root: Path, log=print, threads: str = "auto
 
 
 def run_grid(plan: Plan, root: str | os.PathLike, log=print, threads: str = "auto",
-             runner=run_in_child) -> list[dict[str, Any]]:
+             runner=run_in_child, parallel: int | str = 1) -> list[dict[str, Any]]:
+    """Every cell of ``plan`` (finished ones read back), ``parallel`` at a time (see :func:`worker_slots`);
+    results in plan order. A failing cell stops new cells from starting; running ones finish."""
+    slots = worker_slots(parallel)
+    threads = split_threads(threads, slots)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps({"base": plan.base, "grid": {a.field: a.values for a in plan.axes},
                                                 "seeds": len({c.seed for c in plan.cells}),
                                                 "train_flags": plan.train_flags, "tasks": plan.tasks}, indent=1))
     started = time.perf_counter()
-    results = []
-    for cell in plan.cells:
-        results.append(run_cell(plan, cell, root, log, threads, runner))
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def one(cell: Cell) -> dict[str, Any]:
+        slot = free.get()  # a device (or a share of the CPU) for as long as the cell trains
+        try:
+            return run_cell(plan, cell, root, log, threads, runner, slot)
+        finally:
+            free.put(slot)
+
+    if len(slots) == 1:
+        results = [one(cell) for cell in plan.cells]
+    else:
+        log(f"{len(slots)} cells at a time{f', {threads} thread(s) each' if threads != 'auto' else ''}")
+        with ThreadPoolExecutor(len(slots)) as pool:
+            futures = [pool.submit(one, cell) for cell in plan.cells]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     log(f"grid of {len(plan.cells)} runs done in {time.perf_counter() - started:.0f} s")
     return results
 
 
-__all__ = ["Axis", "Cell", "Plan", "make_plan", "parse_axis", "run_cell", "run_grid", "read_metrics", "cell_command", "run_in_child"]
+__all__ = ["Axis", "Cell", "Plan", "make_plan", "parse_axis", "run_cell", "run_grid", "read_metrics", "cell_command", "run_in_child",
+           "worker_slots", "split_threads"]
