@@ -7,7 +7,8 @@ The model is the cached trained teacher (benchmarks/teacher.py). The tasks are l
 and shaped like the ones people run: ``stdlib_mc`` is HellaSwag-shaped (a ~100-token context of
 Python standard-library source, four endings of ~24 tokens, one of them the true continuation),
 ``stdlib_ppl`` is wikitext-shaped (rolling log-likelihood of whole files: word/byte perplexity) and
-``stdlib_gen`` is generate_until (greedy, stop at a newline). Each round runs both backends on
+``stdlib_gen`` is generate_until (greedy, stop at a newline) and ``stdlib_gen_fewshot`` the same
+prompts after a fixed two-example preamble (~600 characters, as tasks with fixed exemplars have). Each round runs both backends on
 every task, interleaved; the script prints per-task accuracies, the largest per-request
 log-likelihood difference and the speed ratio with its spread over rounds.
 """
@@ -53,6 +54,8 @@ def build_tasks(folder: Path, tokenizer, n_mc: int, n_ppl: int, n_gen: int) -> N
         cut = doc.find("\ndef ")
         if cut > 200:
             gen.append({"context": doc[max(0, cut - 400):cut + 5], "target": doc[cut + 5:].split("\n")[0]})
+    # a fixed few-shot preamble (as tasks with fixed exemplars have: MMLU's first_n dev examples, BBH, gsm8k-cot)
+    shots = [d[d.find("\ndef ") + 1:][:300] for d in docs[n_gen:] if "\ndef " in d][:2]
     ppl = [{"text": d[:6000]} for d in docs[:n_ppl]]
     for name, rows in (("mc", mc), ("ppl", ppl), ("gen", gen)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -70,6 +73,8 @@ def build_tasks(folder: Path, tokenizer, n_mc: int, n_ppl: int, n_gen: int) -> N
         "output_type: generate_until\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\n"
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 24\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n")
+    gen_yaml = (folder / "stdlib_gen.yaml").read_text().replace("task: stdlib_gen", "task: stdlib_gen_fewshot")
+    (folder / "stdlib_gen_fewshot.yaml").write_text(gen_yaml + f"description: {json.dumps(''.join(shots) + chr(10))}\n")
 
 
 def export_hf(model, tokenizer, ckpt: Path, out: Path) -> Path:
@@ -133,6 +138,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mc", type=int, default=100, help="multiple-choice items")
+    parser.add_argument("--gen-docs", type=int, default=60, help="documents searched for generation prompts")
     args = parser.parse_args()
 
     import torch
@@ -147,9 +153,9 @@ def main() -> int:
     model, tokenizer, _ = load_checkpoint(ckpt, device="cpu", dtype=torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     (tmp / "tasks").mkdir()
-    build_tasks(tmp / "tasks", tokenizer, args.mc, 6, 24)
+    build_tasks(tmp / "tasks", tokenizer, args.mc, 6, args.gen_docs)
     export = export_hf(model, tokenizer, ckpt, tmp / "hf")
-    tasks = ["stdlib_mc", "stdlib_ppl", "stdlib_gen"]
+    tasks = ["stdlib_mc", "stdlib_ppl", "stdlib_gen", "stdlib_gen_fewshot"]
     manager = task_manager(tasks, tmp / "tasks")
     ours = NeoformerLM(model, tokenizer, batch_size=args.batch)
     hf = HFLM(pretrained=str(export), backend="causal", batch_size=args.batch, device="cpu", dtype="float32",

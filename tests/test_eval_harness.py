@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ pytest.importorskip("lm_eval")
 from neoformer.checkpoint import save_checkpoint  # noqa: E402
 from neoformer.cli import main  # noqa: E402
 from neoformer.eval import continuation_logprobs, rolling_windows, window_logprobs  # noqa: E402
+from neoformer.eval.generation import greedy_until, shared_prefix  # noqa: E402
 from neoformer.eval.harness import NeoformerLM, run_tasks  # noqa: E402
+from neoformer.generate import generate  # noqa: E402
+from neoformer.generate.stops import cut_at_stop  # noqa: E402
 from neoformer.model import build_model  # noqa: E402
 from neoformer.presets import PRESETS  # noqa: E402
 from neoformer.tokenizer import train_bpe  # noqa: E402
@@ -150,6 +154,23 @@ def test_generate_until_honours_stop_sequences(tiny):
     assert stop and stop not in texts[0][:3]
     cut = lm.generate_until([Instance("generate_until", {}, (prompts[0], {"until": [stop], "max_gen_toks": 12}), 0)])
     assert cut == [texts[0][:texts[0].index(stop)]]
+
+
+@pytest.mark.parametrize("prefix", ["", "Q: The cat sat on the mat. A: yes. Q: "])
+def test_greedy_until_equals_generate_one_prompt_at_a_time(tiny, prefix):
+    """The shared prefix read once (or none), the rest prefilled per length group without padding,
+    rows of different and equal lengths, EOS and a stop string: the same text as generate()."""
+    model, tok = tiny
+    prompts = [tok.encode(prefix + p) for p in ("The dog ran", "Two plus two is four and", "A bird", "A cat",
+                                                "The sun is hot and the moon")]
+    assert len({len(p) for p in prompts}) < len(prompts)  # some rows share a length group
+    assert shared_prefix(prompts) == len(os.path.commonprefix(prompts)) and (shared_prefix(prompts) > 0) == bool(prefix)
+    for stops in ([], [" the"]):
+        got = greedy_until(model, tok, prompts, 10, stops, tok.eos_id)
+        for p, text in zip(prompts, got):
+            out = generate(model, p, 10, tokenizer=tok, eos_token_id=tok.eos_id, stop=tuple(stops), return_dict=True)
+            assert text == cut_at_stop(tok.decode([x for x in out.new_tokens[0] if x != tok.eos_id]), stops)
+        assert not stops or any(len(t) < 20 for t in got)
 
 
 def write_task(folder: Path, data: Path) -> Path:

@@ -6,8 +6,10 @@
 - ``loglikelihood`` goes through :func:`.scoring.continuation_logprobs` (sorted by length, shared
   contexts read once through the KV cache); ``loglikelihood_rolling`` batches the windows of every
   document through :func:`.scoring.window_logprobs` (no greedy flag, no stored log-softmax);
-- ``generate_until`` runs batches of prompts, longest first, through ``neoformer.generate``
-  (the static-cache engine) with the task's stop sequences and greedy or sampled decoding.
+- ``generate_until`` runs batches of prompts, longest first: greedy ones through
+  :func:`.generation.greedy_until` (a shared prefix read once, the rest prefilled without padding,
+  then the engine's decode step), sampled ones through ``neoformer.generate``; the task's stop
+  sequences and EOS end each row.
 
 :func:`run_tasks` runs named tasks offline: ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``
 unless ``NEOFORMER_ALLOW_DOWNLOAD=1``, local YAML tasks from ``include_path``, and a one-line
@@ -34,6 +36,7 @@ import torch
 from ..config import did_you_mean
 from ..generate import generate
 from ..generate.stops import cut_at_stop
+from .generation import greedy_until, keeps_model_state
 from .scoring import continuation_logprobs, window_logprobs
 
 ALLOW_DOWNLOAD_ENV = "NEOFORMER_ALLOW_DOWNLOAD"
@@ -124,7 +127,8 @@ class NeoformerLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        by_options = Collator([req.args for req in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
+        self._encoded = {text: self.tok_encode(text) for text in {req.args[0] for req in requests}}  # once each
+        by_options = Collator([req.args for req in requests], sort_fn=lambda r: (-len(self._encoded[r[0]]), r[0]),
                               group_by="gen_kwargs", group_fn=lambda r: r[1])
         eos_text = self.tokenizer.decode([self.eot_token_id])
         out: list[str] = []
@@ -142,11 +146,13 @@ class NeoformerLM(TemplateLM):
         if max_new >= self.max_length:
             raise ValueError(f"max_gen_toks ({max_new}) must be below the model's context ({self.max_length})")
         room = self.max_length - max_new
-        prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-room:] for c in contexts]
+        prompts = [(self._encoded[c] or [self.prefix_token_id])[-room:] for c in contexts]
         sampling = {}
         if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) > 0:
             sampling = {"do_sample": True, "temperature": float(kwargs.get("temperature", 1.0)),
                         "top_p": kwargs.get("top_p"), "top_k": kwargs.get("top_k"), "seed": kwargs.get("seed", 1234)}
+        if not sampling and not keeps_model_state(self.model):  # shared prefix once, no padded prefill
+            return greedy_until(self.model, self.tokenizer, prompts, max_new, stops, self.eot_token_id)
         result = generate(self.model, prompts, max_new, tokenizer=self.tokenizer, stop=tuple(stops),
                           eos_token_id=self.eot_token_id, return_dict=True,
                           **{k: v for k, v in sampling.items() if v is not None})
