@@ -105,12 +105,14 @@ def test_parallel_cells_run_at_once_split_the_cores_and_resume(tmp_path):
 
     for cell in ("n_kv_heads-1__seed0", "n_kv_heads-4__seed0"):
         (tmp_path / "abl/cells" / cell / "result.json").unlink()
-    first_failed = threading.Event()
+    second_started, first_failed = threading.Event(), threading.Event()
 
     def first_fails(args, logfile, env):
         if args[args.index("--model.n_kv_heads") + 1] == "1":
+            assert second_started.wait(20)
             first_failed.set()
             return 3
+        second_started.set()
         assert first_failed.wait(20)  # the second cell is still running when the first one fails
         return finished_run(args)
 
