@@ -180,7 +180,7 @@ def window_logprobs(model, pairs, *, batch_size: int = 32, max_length: int | Non
             end = len(inputs) - 1  # scored positions end-n .. end-1 predict inputs[end-n+1 .. end]
             logits = model.logits(hidden[row, end - n:end]).float()  # (n, V): one window's at a time
             nll = F.cross_entropy(logits, ids[row, end - n + 1:end + 1], reduction="none")
-            results[index] = -float(nll.double().sum())
+            results[index] = -float(nll.sum())  # a float32 sum per window, as lm-eval's HF backend adds them
     return results
 
 
