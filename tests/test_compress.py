@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from neoformer.checkpoint import load_checkpoint, save_checkpoint
+from neoformer.config import ConfigError
 from neoformer.cli import main
 from neoformer.compress import (
     CompressError, CompressPlan, Distillation, block_influence, choose_layers, keep_layers, kd_loss, prune_ffn,
     prune_heads, recipe_plan, reduce, reduce_tokenizer, rotate_width, slice_vocab,
 )
 from neoformer.compress.heads import entropy_importance, head_importance
+from neoformer.compress.logit_cache import build_logit_cache, open_logit_cache, teacher_fingerprint
 from neoformer.compress.vocab import token_counts
 from neoformer.model import build_model
 from neoformer.tokenizer import train_bpe
 from neoformer.train import TrainConfig, causal_lm, fit
+from neoformer.train.distill import sparse_kd_loss
 
 TEXT = ("the cat sat on a mat while dogs ran past small red houses; "
         "über café naïve — 東京 and emoji 🙂 appear rarely\n") * 40
@@ -213,15 +216,21 @@ def test_kd_loss_matches_float64_and_is_zero_for_the_teacher_itself():
     assert float(ce) == pytest.approx(float(teacher.loss(*batches[0])[0]), rel=1e-6)
 
 
-def test_distillation_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["live-teacher", "logit-cache"])
+def test_distillation_resumes_bit_exactly(tmp_path, cached):
     teacher, batches = _teacher(), _batches(n=3)
     cfg = TrainConfig(max_steps=4, lr=1e-2, eval_every=0, save_every=2, progress=False, plot=False,
                       precision="fp32", device="cpu", warmup_steps=1, threads=1)
+    cache = None
+    if cached:
+        live = Distillation(teacher)
+        cache = build_logit_cache(tmp_path / "logits", {"data": "t"}, live.teacher_logits, batches, 3, top_k=8,
+                                  log=lambda *_: None).lookup
 
     def run(out, resume=None, steps=4):
         torch.manual_seed(0)
         student = keep_layers(teacher, [0, 3]).train()
-        objective = Distillation(teacher, alpha=0.7, temperature=2.0)
+        objective = Distillation(teacher, alpha=0.7, temperature=2.0, cached_logits=cache)
         fit(student, objective, iter(batches * 4), cfg.replace(max_steps=steps), out_dir=out, resume=resume,
             log=lambda *_: None)
         return student
@@ -231,6 +240,58 @@ def test_distillation_resumes_bit_exactly(tmp_path):
     resumed = run(tmp_path / "b", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_sparse_kd_loss_matches_its_float64_definition():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    y[1, 2] = -100
+    T, keep = 2.0, y != -100
+    values, indices = t.topk(4, dim=-1)
+    p = F.softmax(values.double() / T, -1)[keep]  # the teacher renormalised over its top 4
+    q = F.log_softmax(s.double() / T, -1).gather(-1, indices)[keep]  # the student's full softmax there
+    expected = (p * (p.log() - q)).sum(-1).mean() * T * T
+    assert float(sparse_kd_loss(s, values, indices, y, T)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(sparse_kd_loss(s, *t.topk(11, dim=-1), y, T)) == pytest.approx(float(kd_loss(s, t, y, T)), rel=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [None, 96], ids=["full-vocab", "reduced-vocab"])
+def test_cached_logits_at_full_vocab_give_the_live_teacher_kd_loss(tmp_path, vocab):
+    teacher, batches = _teacher(), _batches()
+    kept = None if vocab is None else torch.randperm(128, generator=torch.Generator().manual_seed(2))[:vocab]
+    student_batches = batches if kept is None else [(x % vocab, y % vocab) for x, y in batches]
+    student = reduce(teacher, None, CompressPlan(layers="keep=0,2"), batches, log=lambda *_: None).model.train()
+    if kept is not None:
+        student = slice_vocab(student, type("Reduction", (), {"kept": kept})()).train()
+    live = Distillation(teacher, alpha=1.0, teacher_ids=kept)
+    k = vocab or 128
+    for dtype, tolerance in (("float32", 1e-6), ("float16", 1e-4)):  # nats; measured 2e-7 / 3e-7
+        cache = build_logit_cache(tmp_path / dtype, {"data": "t"}, live.teacher_logits, student_batches, 2, top_k=k,
+                                  dtype=dtype, log=lambda *_: None)
+        cached = Distillation(teacher, alpha=1.0, teacher_ids=kept, cached_logits=cache.lookup)
+        for batch in student_batches:
+            expected, got = live(student, batch)[0].detach(), cached(student, batch)[0].detach()
+            assert float(got) == pytest.approx(float(expected), abs=tolerance), dtype
+
+
+def test_a_stale_or_short_logit_cache_is_refused_with_one_line(tmp_path):
+    teacher, batches = _teacher(), _batches(n=3)
+    key = {"teacher": teacher_fingerprint(teacher), "data": {"source": "a"}}
+    build_logit_cache(tmp_path, key, Distillation(teacher).teacher_logits, batches, 2, top_k=8, log=lambda *_: None)
+    other = _teacher()
+    with torch.no_grad():
+        other.embed.tokens.weight[0, 0] += 1e-3
+    for wrong, message in (({**key, "teacher": teacher_fingerprint(other)}, "another teacher"),
+                           ({**key, "data": {"source": "b"}}, "another data")):
+        with pytest.raises(ConfigError, match=message) as err:
+            open_logit_cache(tmp_path, wrong)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="another top_k"):
+        build_logit_cache(tmp_path, key, None, batches, 3, top_k=4, log=lambda *_: None)
+    cache = open_logit_cache(tmp_path, key)
+    assert len(cache) == 2 and cache.lookup(batches[1][0])[1].shape == (2, 16, 8)
+    with pytest.raises(ConfigError, match="no teacher logits for this batch"):
+        cache.lookup(batches[2][0])
 
 
 def test_bad_requests_get_one_line():
@@ -272,7 +333,7 @@ def test_cli_compress_writes_a_normal_student_with_provenance(tmp_path, teacher_
     out = tmp_path / "student"
     args = ["compress", str(teacher_checkpoint), "--out", str(out), "--layers", "2", "--width", "0.5", "--vocab",
             "280", "--distill-steps", "2", "--seq", "16", "--batch", "2", "--threads", "1", "--calibration-batches",
-            "1", "--precision", "fp32"]
+            "1", "--precision", "fp32", "--logit-cache", str(tmp_path / "logits"), "--logit-top-k", "16"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "distilled" in printed and "pruned (before KD)" in printed
@@ -284,7 +345,8 @@ def test_cli_compress_writes_a_normal_student_with_provenance(tmp_path, teacher_
     assert main(["generate", str(out), "--prompt", "the cat", "--max-new", "3"]) == 0
     resumed = [a if a != "2" or i != args.index("--distill-steps") + 1 else "3" for i, a in enumerate(args)]
     assert main([*resumed, "--resume"]) == 0  # the pruned student is reloaded, fit() continues at step 2
-    assert "resuming: the pruned student" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resuming: the pruned student" in printed and "1 batches added, 3 held (top 16" in printed
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
 
     assert main(["compress", str(teacher_checkpoint), "--out", str(tmp_path / "x"), "--heads", "9"]) == 2

@@ -13,7 +13,8 @@ EXAMPLES = """Examples:
   neoformer compress runs/teacher --out runs/half --layers every-2nd --distill-steps 300
   neoformer compress runs/teacher --out runs/slim --width 0.5 --ffn-dim 256 --heads 4 --by importance
   neoformer compress runs/teacher --out runs/nano --recipe nexus-nano --baseline-scratch
-  neoformer compress runs/teacher --out runs/half --resume             # continue the distillation"""
+  neoformer compress runs/teacher --out runs/half --resume             # continue the distillation
+  neoformer compress runs/teacher --out runs/w50 --width 0.5 --logit-cache runs/logits   # reusable teacher logits"""
 
 
 def add_parser(subparsers) -> None:
@@ -49,6 +50,11 @@ def add_parser(subparsers) -> None:
     kd.add_argument("--hidden-weight", type=float, default=0.0, help="weight of a final hidden-state MSE "
                     "(students as wide as the teacher)")
     kd.add_argument("--teacher-bf16", action="store_true", help="run the teacher in bf16")
+    kd.add_argument("--logit-cache", metavar="DIR", help="store the teacher's top-k logits here (safetensors) and "
+                    "distill from them; a later run with the same teacher and data reuses them")
+    kd.add_argument("--logit-top-k", type=int, default=64, metavar="K",
+                    help="teacher logits kept per position in --logit-cache (default 64; the teacher is "
+                    "renormalised over them)")
     kd.add_argument("--calibration-batches", type=int, default=8, metavar="N",
                     help="batches that score layers / heads / channels (default 8)")
     kd.add_argument("--baseline-scratch", action="store_true",
@@ -105,6 +111,7 @@ def _settings(args, saved: dict):
         data["source"] = args.data
     return DistillConfig(alpha=args.alpha, temperature=args.temperature, hidden_weight=args.hidden_weight,
                          teacher_bf16=args.teacher_bf16, calibration_batches=args.calibration_batches,
+                         logit_cache=args.logit_cache, logit_top_k=args.logit_top_k,
                          train=TrainConfig(**train), data=DataConfig.from_dict(data))
 
 

@@ -45,6 +45,9 @@ class DistillConfig:
     hidden_weight: float = 0.0  # MSE between final hidden states (students as wide as the teacher)
     teacher_bf16: bool = False
     calibration_batches: int = 8
+    logit_cache: str | None = None  # folder of cached teacher top-k logits (built or extended, then reused)
+    logit_top_k: int = 64
+    logit_dtype: str = "float16"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, eval_every=0, save_every=100,
                                                                    samples=0))
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +178,12 @@ def compress(teacher_path, out_dir, plan: CompressPlan, settings: DistillConfig 
                              teacher_ids=None if vocab is None else vocab.kept,
                              teacher_dtype=torch.bfloat16 if settings.teacher_bf16 else None)
     train = settings.train.replace(device=device)
+    if settings.logit_cache:
+        from .logit_cache import cache_for_distillation
+
+        objective.cached_logits = cache_for_distillation(
+            settings.logit_cache, objective, student_task.train, train, dataclasses.asdict(settings.data),
+            settings.logit_top_k, settings.logit_dtype, log).lookup
     result = fit(student, objective, student_task.train, train, val_batches=student_task.val, out_dir=out,
                  tokenizer=student_tok, run_config=extras, resume=resume or None, log=log)
     if result.stop_reason in ("interrupted", "terminated"):

@@ -10,10 +10,15 @@ bit-identical like any other run. A student with a reduced vocabulary reads the 
 distribution over its kept tokens only, renormalised (``teacher_ids``: the teacher id of each
 student id; student inputs are mapped to teacher ids before the teacher sees them).
 
+With ``cached_logits`` (e.g. ``neoformer.compress.logit_cache.LogitCache.lookup``) the teacher is not
+run: its top-k logits per position are read back and the KD term is :func:`sparse_kd_loss`.
+
 In eval mode (fit()'s validation) the objective returns the plain CE, so validation loss and
 perplexity mean the same thing for students and teachers.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +39,32 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     return kl * temperature ** 2
 
 
+def sparse_kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                   targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """kd_loss against a teacher known only by its top-k logits ``values`` at token ids ``indices`` (B, L, k).
+
+    The approximation: the teacher distribution is renormalised over its k tokens,
+    p~ = softmax(values / T), and compared with the student's full softmax q at those tokens,
+    T^2 * sum_k p~ (log p~ - log q). The student's mass outside the k tokens only enters through q's
+    normaliser (it is pushed down, as the teacher's tail is small); with k = the whole vocabulary
+    this is exactly :func:`kd_loss`.
+    """
+    keep = (targets != IGNORE_INDEX).reshape(-1)
+    k, V = values.shape[-1], student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, V)[keep] / temperature, dim=-1)
+    s = s.gather(-1, indices.reshape(-1, k)[keep])
+    t = F.log_softmax(values.float().reshape(-1, k)[keep] / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum() / max(int(keep.sum()), 1)
+    return kl * temperature ** 2
+
+
 class Distillation:
     """``objective(student, batch) -> (loss, stats)`` distilling ``teacher`` into the student."""
 
     def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 2.0,
                  hidden_weight: float = 0.0, teacher_ids: torch.Tensor | None = None,
-                 teacher_dtype: torch.dtype | None = None):
+                 teacher_dtype: torch.dtype | None = None,
+                 cached_logits: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"distillation alpha ({alpha}) must be in [0, 1]")
         if not temperature > 0:
@@ -51,6 +76,9 @@ class Distillation:
             self.teacher.to(teacher_dtype)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.teacher_ids = teacher_ids
+        if cached_logits is not None and hidden_weight:
+            raise ConfigError("the hidden-state loss needs the live teacher; drop the logit cache or hidden_weight")
+        self.cached_logits = cached_logits  # input_ids -> teacher top-k (values, indices): the teacher is not run
 
     def _teacher(self, x: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = self.teacher
@@ -64,6 +92,10 @@ class Distillation:
                 logits = logits[..., self.teacher_ids.to(device)]
         return logits.float(), out.hidden
 
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (B, L, V) over the student's vocabulary, as the KD term sees them."""
+        return self._teacher(x, x.device)[0]
+
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         x = _field(batch, "input_ids", index=0)
         y = _field(batch, "targets", "labels", index=1)
@@ -73,8 +105,11 @@ class Distillation:
         stats = {"tokens": x.numel(), "targets": (y != IGNORE_INDEX).sum(), "ce": ce.detach()}
         if not model.training or self.alpha == 0.0 and self.hidden_weight == 0.0:
             return ce, stats
-        teacher_logits, teacher_hidden = self._teacher(x, x.device)
-        kd = kd_loss(logits, teacher_logits, y, self.temperature)
+        if self.cached_logits is not None:
+            kd = sparse_kd_loss(logits, *self.cached_logits(x), y, self.temperature)
+        else:
+            teacher_logits, teacher_hidden = self._teacher(x, x.device)
+            kd = kd_loss(logits, teacher_logits, y, self.temperature)
         loss = (1 - self.alpha) * ce + self.alpha * kd
         if self.hidden_weight:
             if teacher_hidden.shape != out.hidden.shape:
@@ -90,4 +125,4 @@ def distillation(teacher: nn.Module, **options) -> Distillation:
     return Distillation(teacher, **options)
 
 
-__all__ = ["Distillation", "distillation", "kd_loss"]
+__all__ = ["Distillation", "distillation", "kd_loss", "sparse_kd_loss"]
