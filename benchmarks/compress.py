@@ -28,6 +28,7 @@ from teacher import teacher_checkpoint  # noqa: E402
 from neoformer.checkpoint import load_checkpoint  # noqa: E402
 from neoformer.compress import CompressPlan, Distillation, prune_heads, reduce  # noqa: E402
 from neoformer.compress.heads import head_importance  # noqa: E402
+from neoformer.compress.logit_cache import cache_for_distillation  # noqa: E402
 from neoformer.compress.report import decode_speed, validation_loss  # noqa: E402
 from neoformer.model import build_model  # noqa: E402
 from neoformer.train import causal_lm, fit  # noqa: E402
@@ -38,8 +39,11 @@ EVAL_BATCHES = 8
 
 
 class Bench:
-    def __init__(self, size: str, steps: int, threads: int):
+    def __init__(self, size: str, steps: int, threads: int, logit_cache: str | None = None, top_k: int = 64,
+                 lr: float = 1e-3):
         torch.set_num_threads(threads)
+        self.logit_cache, self.top_k, self.lr = logit_cache, top_k, lr
+        self.time_budget = None  # seconds per KD run (the cosine follows wall time); None = --steps
         self.teacher, self.tokenizer, _ = load_checkpoint(teacher_checkpoint(size), device="cpu")
         self.steps, self.threads = steps, threads
         self.task = self.data(self.teacher.config, self.tokenizer)
@@ -49,7 +53,8 @@ class Bench:
     def train_config(self, steps: int, lr: float) -> TrainConfig:
         return TrainConfig(max_steps=steps, batch_size=16, seq_len=128, lr=lr, min_lr=lr / 10,
                            warmup_steps=min(100, steps // 10), weight_decay=0.1, eval_every=0, save_every=0,
-                           progress=False, plot=False, threads=self.threads, seed=0)
+                           progress=False, plot=False, threads=self.threads, seed=0,
+                           time_budget=self.time_budget)
 
     def data(self, model_cfg, tokenizer):
         run = RunConfig(model=model_cfg, train=self.train_config(1, 1e-3), data=DataConfig(source="stdlib"))
@@ -72,14 +77,27 @@ class Bench:
         return [prepare_data("stdlib", tokenizer=self.tokenizer).train.tokens]
 
     def distill(self, reduced, steps: int | None = None, alpha: float = 0.5) -> tuple[dict, float]:
+        """KD through fit(); with --logit-cache the teacher's top-k logits are read back from disk
+        (built on first use: the build time is reported apart from the KD time)."""
         steps = steps or self.steps
         task = self.data(reduced.model.config, reduced.tokenizer)
-        objective = Distillation(self.teacher, alpha=alpha, temperature=2.0,
-                                 teacher_ids=None if reduced.vocab is None else reduced.vocab.kept)
+        kept = None if reduced.vocab is None else reduced.vocab.kept
+        objective = Distillation(self.teacher, alpha=alpha, temperature=2.0, teacher_ids=kept)
+        extra = {}
+        if self.logit_cache:
+            folder = Path(self.logit_cache) / ("full" if kept is None else f"vocab-{len(kept)}")
+            train = self.train_config(steps, self.lr)
+            started = time.perf_counter()
+            cache = cache_for_distillation(folder, objective, task.train, train, {"source": "stdlib"}, self.top_k,
+                                           log=lambda line: print(line, flush=True))
+            objective.cached_logits = cache.lookup
+            extra = {"cache_build_seconds": round(time.perf_counter() - started, 1), "top_k": self.top_k}
         started = time.perf_counter()
-        result = fit(reduced.model.train(), objective, task.train, self.train_config(steps, 1e-3), log=lambda *_: None)
+        result = fit(reduced.model.train(), objective, task.train, self.train_config(steps, self.lr),
+                     log=lambda *_: None)
         seconds = time.perf_counter() - started
-        return {**self.evaluate(reduced.model, reduced.tokenizer, task), "tokens": result.tokens}, seconds
+        return {**self.evaluate(reduced.model, reduced.tokenizer, task), "tokens": result.tokens, "steps": result.step,
+                "stop_reason": result.stop_reason, **extra}, seconds
 
     def scratch(self, model_cfg, steps: int) -> dict:
         torch.manual_seed(0)
@@ -145,6 +163,34 @@ def part_width(bench: Bench) -> dict:
     return {"width": rows, "teacher_decode_tok_s": round(decode_speed(bench.teacher), 1)}
 
 
+STUDENTS_2X = {  # exactly 2.00x fewer parameters than the small teacher (the embedding and head shrink too)
+    "width 0.5 pca": CompressPlan(width=0.5),
+    "width 0.5 channels": CompressPlan(width=0.5, width_method="channels"),
+    "depth 4 + d 128 + ffn 384 pca": CompressPlan(layers="4", layer_score="skip-loss", d_model=128, ffn_dim=384),
+}
+
+
+def part_two_x(bench: Bench) -> dict:
+    """The 2x goal with a real KD budget (--steps; --logit-cache makes the repeated runs cheaper)."""
+    rows = []
+    for name, plan in STUDENTS_2X.items():
+        if name not in bench.kd_for:
+            continue
+        reduced = bench.prune(plan)
+        before = bench.evaluate(reduced.model, reduced.tokenizer)
+        after, seconds = bench.distill(reduced)
+        rows.append({"student": name, "ratio": round(bench.teacher_eval["params"] / before["params"], 3),
+                     "before_kd": before, "after_kd": after, "kd_seconds": round(seconds, 1),
+                     "vs_teacher": round(after["val_ppl"] / bench.teacher_eval["val_ppl"], 4),
+                     "kd_share_of_teacher_tokens": round(after["tokens"] / TEACHER_TOKENS, 4),
+                     "load": round(os.getloadavg()[0], 2)})
+        print(f"{name:<30} {rows[-1]['ratio']}x smaller: ppl before {before['val_ppl']:.2f} after "
+              f"{after['steps']} KD steps {after['val_ppl']:.2f} = {rows[-1]['vs_teacher']:.3f}x teacher "
+              f"({seconds:.0f} s, load {rows[-1]['load']})", flush=True)
+        _merge(bench, {"two_x": {**bench.previous.get("two_x", {}), name: rows[-1]}})
+    return {"two_x": {**bench.previous.get("two_x", {}), **{r["student"]: r for r in rows}}}
+
+
 def part_scratch(bench: Bench) -> dict:
     """The depth-2x student's shape trained from scratch with 1x and 3x the KD token budget."""
     reduced = bench.prune(CompressPlan(layers="3"))
@@ -194,7 +240,16 @@ def part_vocab_text(bench: Bench) -> dict:
     return {"vocab_teacher_same_text_loss_per_char": round(value, 4)}
 
 
-PARTS = {"heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab,
+TEACHER_TOKENS = 1500 * 16 * 128  # the small teacher's training tokens (benchmarks/teacher.py)
+
+
+def _merge(bench: Bench, update: dict) -> None:
+    """Write a finished student at once, so a run stopped by its timeout keeps what it measured."""
+    bench.previous.update(update)
+    bench.json.write_text(json.dumps(bench.previous, indent=2) + "\n")
+
+
+PARTS = {"2x": part_two_x, "heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab,
          "vocab-text": part_vocab_text}
 
 
@@ -206,15 +261,24 @@ def main() -> int:
     parser.add_argument("--kd-for", default="influence,every-2nd,width 0.5 pca,depth 3 + width 0.5 pca",
                         help="comma-separated students that are distilled (the others are measured before KD only)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak KD learning rate")
+    parser.add_argument("--logit-cache", metavar="DIR", help="cache the teacher's top-k logits here and distill "
+                        "from them (reused by later students and runs)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="wall-clock seconds per KD run (stops before --steps; the cosine follows wall time)")
+    parser.add_argument("--top-k", type=int, default=64, help="teacher logits kept per position in the cache")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "compress.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
-    bench = Bench(args.teacher, args.steps, args.threads)
+    bench = Bench(args.teacher, args.steps, args.threads, args.logit_cache, args.top_k, args.lr)
     bench.kd_for = set(args.kd_for.split(","))
+    bench.time_budget = args.time_budget
     print(f"teacher ({args.teacher}): {bench.teacher_eval}", flush=True)
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {}
+    bench.previous, bench.json = results, path
+    path.parent.mkdir(parents=True, exist_ok=True)
     results.update({"teacher": bench.teacher_eval, "kd_steps": args.steps, "teacher_size": args.teacher})
     for name in PARTS if args.part == "all" else [args.part]:
         started = time.perf_counter()

@@ -225,7 +225,7 @@ def test_distillation_resumes_bit_exactly(tmp_path, cached):
     if cached:
         live = Distillation(teacher)
         cache = build_logit_cache(tmp_path / "logits", {"data": "t"}, live.teacher_logits, batches, 3, top_k=8,
-                                  log=lambda *_: None).lookup
+                                  temperature=2.0, log=lambda *_: None).lookup
 
     def run(out, resume=None, steps=4):
         torch.manual_seed(0)
@@ -242,17 +242,27 @@ def test_distillation_resumes_bit_exactly(tmp_path, cached):
         assert torch.equal(a, b), name
 
 
-def test_sparse_kd_loss_matches_its_float64_definition():
+def test_sparse_kd_loss_matches_its_float64_definitions():
     torch.manual_seed(0)
     s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
     y[1, 2] = -100
     T, keep = 2.0, y != -100
     values, indices = t.topk(4, dim=-1)
-    p = F.softmax(values.double() / T, -1)[keep]  # the teacher renormalised over its top 4
-    q = F.log_softmax(s.double() / T, -1).gather(-1, indices)[keep]  # the student's full softmax there
-    expected = (p * (p.log() - q)).sum(-1).mean() * T * T
-    assert float(sparse_kd_loss(s, values, indices, y, T)) == pytest.approx(float(expected), rel=1e-5)
-    assert float(sparse_kd_loss(s, *t.topk(11, dim=-1), y, T)) == pytest.approx(float(kd_loss(s, t, y, T)), rel=1e-5)
+    log_norm = torch.logsumexp(t / T, dim=-1)
+    q = F.log_softmax(s.double() / T, -1)
+    q_top = q.gather(-1, indices)[keep]
+    p = F.softmax(values.double() / T, -1)[keep]  # renormalised over the top 4
+    renormalised = (p * (p.log() - q_top)).sum(-1).mean() * T * T
+    assert float(sparse_kd_loss(s, values, indices, None, y, T)) == pytest.approx(float(renormalised), rel=1e-5)
+    p = (F.softmax(t.double() / T, -1)).gather(-1, indices)[keep]  # exact probabilities + one tail bucket
+    p_tail, q_tail = 1 - p.sum(-1), 1 - q_top.exp().sum(-1)
+    tail = ((p * (p.log() - q_top)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())).mean() * T * T
+    got = float(sparse_kd_loss(s, values, indices, log_norm, y, T))
+    assert got == pytest.approx(float(tail), rel=1e-5)
+    assert got <= float(kd_loss(s, t, y, T)) + 1e-6  # coarse-graining never raises a KL
+    everything = t.topk(11, dim=-1)
+    for norm in (None, log_norm):
+        assert float(sparse_kd_loss(s, *everything, norm, y, T)) == pytest.approx(float(kd_loss(s, t, y, T)), rel=1e-5)
 
 
 @pytest.mark.parametrize("vocab", [None, 96], ids=["full-vocab", "reduced-vocab"])
@@ -267,7 +277,7 @@ def test_cached_logits_at_full_vocab_give_the_live_teacher_kd_loss(tmp_path, voc
     k = vocab or 128
     for dtype, tolerance in (("float32", 1e-6), ("float16", 1e-4)):  # nats; measured 2e-7 / 3e-7
         cache = build_logit_cache(tmp_path / dtype, {"data": "t"}, live.teacher_logits, student_batches, 2, top_k=k,
-                                  dtype=dtype, log=lambda *_: None)
+                                  dtype=dtype, temperature=live.temperature, log=lambda *_: None)
         cached = Distillation(teacher, alpha=1.0, teacher_ids=kept, cached_logits=cache.lookup)
         for batch in student_batches:
             expected, got = live(student, batch)[0].detach(), cached(student, batch)[0].detach()
@@ -284,12 +294,15 @@ def test_a_stale_or_short_logit_cache_is_refused_with_one_line(tmp_path):
     for wrong, message in (({**key, "teacher": teacher_fingerprint(other)}, "another teacher"),
                            ({**key, "data": {"source": "b"}}, "another data")):
         with pytest.raises(ConfigError, match=message) as err:
-            open_logit_cache(tmp_path, wrong)
+            open_logit_cache(tmp_path, wrong, 1.0)
         assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="another temperature"):
+        open_logit_cache(tmp_path, key, 2.0)
     with pytest.raises(ConfigError, match="another top_k"):
         build_logit_cache(tmp_path, key, None, batches, 3, top_k=4, log=lambda *_: None)
-    cache = open_logit_cache(tmp_path, key)
-    assert len(cache) == 2 and cache.lookup(batches[1][0])[1].shape == (2, 16, 8)
+    cache = open_logit_cache(tmp_path, key, 1.0)
+    values, indices, log_norm = cache.lookup(batches[1][0])
+    assert len(cache) == 2 and indices.shape == (2, 16, 8) and log_norm.shape == (2, 16)
     with pytest.raises(ConfigError, match="no teacher logits for this batch"):
         cache.lookup(batches[2][0])
 

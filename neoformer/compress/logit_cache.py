@@ -1,15 +1,15 @@
 """Teacher logits cached on disk, so several distillation runs (or a resumed one) skip the teacher.
 
 For every training batch the teacher's ``top_k`` largest logits (values, fp16 by default, and
-their token ids) at every position are stored in safetensors shards, keyed by a hash of the batch's
-input ids; ``manifest.json`` records what the cache was built from (a fingerprint of the teacher's
+their token ids) and the log-normaliser of all its logits at the distillation temperature (fp32)
+at every position are stored in safetensors shards, keyed by a hash of the batch's input ids; ``manifest.json`` records what the cache was built from (a fingerprint of the teacher's
 weights, dtype and kept vocabulary, the data and batch settings) and which shard holds each batch.
 A distillation reads them through :meth:`LogitCache.lookup`; the KD loss over the top-k is
-``neoformer.train.distill.sparse_kd_loss`` (the teacher renormalised over its top-k tokens, the
-student's full softmax: exact when ``top_k`` is the whole vocabulary). Opening a cache built for
+``neoformer.train.distill.sparse_kd_loss``: exact probabilities of the k tokens plus one bucket for
+the rest of the vocabulary on both sides (exact when ``top_k`` is the whole vocabulary). Opening a cache built for
 another teacher or other data is refused with one line; nothing is unpickled.
 
-    cache = build_logit_cache("runs/logits", key, objective.teacher_logits, batches, n_batches=600)
+    cache = build_logit_cache("runs/logits", key, objective.teacher_logits, batches, n_batches=600, temperature=2.0)
     objective.cached_logits = cache.lookup
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def teacher_fingerprint(teacher: nn.Module, teacher_ids: torch.Tensor | None = N
 
 
 class LogitCache:
-    """A built cache: ``lookup(input_ids) -> (values (B, L, k) float32, indices (B, L, k) int64)``."""
+    """A built cache: ``lookup(input_ids) -> (values (B, L, k) float32, indices (B, L, k) int64,
+    log_norm (B, L) float32)``."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = root, manifest
@@ -73,9 +74,9 @@ class LogitCache:
             raise ConfigError(f"the logit cache {self.root} has no teacher logits for this batch (it holds "
                               f"{len(self)} batches); rebuild it for at least as many steps as the distillation")
         f = self._shard(shard)
-        values, indices = f.get_tensor(f"{key}.values"), f.get_tensor(f"{key}.indices")
+        values, indices, norm = (f.get_tensor(f"{key}.{part}") for part in ("values", "indices", "log_norm"))
         device = input_ids.device
-        return values.to(device, torch.float32), indices.to(device, torch.int64)
+        return values.to(device, torch.float32), indices.to(device, torch.int64), norm.to(device)
 
 
 def _read_manifest(root: Path) -> dict | None:
@@ -101,9 +102,10 @@ def _check_key(root: Path, manifest: dict, key: dict, top_k: int | None, dtype: 
                               f"{value!r}); delete it or pass another --logit-cache")
 
 
-def open_logit_cache(root, key: dict, top_k: int | None = None, dtype: str | None = None) -> LogitCache:
-    """The cache at ``root`` if it was built for ``key`` (teacher fingerprint, data settings)."""
-    root = Path(root)
+def open_logit_cache(root, key: dict, temperature: float, top_k: int | None = None,
+                     dtype: str | None = None) -> LogitCache:
+    """The cache at ``root`` if it was built for ``key`` (teacher fingerprint, data settings) at ``temperature``."""
+    root, key = Path(root), {**key, "temperature": temperature}
     manifest = _read_manifest(root)
     if manifest is None:
         raise ConfigError(f"{root} holds no logit cache; build one first (neoformer compress --logit-cache)")
@@ -127,11 +129,13 @@ def _write_manifest(root: Path, manifest: dict) -> None:
 
 def build_logit_cache(root, key: dict, teacher_logits: Callable[[torch.Tensor], torch.Tensor],
                       batches: Iterable, n_batches: int, top_k: int = 64, dtype: str = "float16",
-                      shard_batches: int = 32, log: Callable[[str], None] = print) -> LogitCache:
+                      temperature: float = 1.0, shard_batches: int = 32,
+                      log: Callable[[str], None] = print) -> LogitCache:
     """Run the teacher over the first ``n_batches`` of ``batches`` and store its top-k logits.
 
     ``teacher_logits(input_ids) -> (B, L, V)`` is the distillation's own teacher call (kept vocabulary
-    already applied). A cache already built for ``key`` is extended: batches it holds are skipped, so
+    already applied); ``temperature`` is the distillation's (the stored log-normaliser depends on
+    it, so it is part of the cache's key). A cache already built for ``key`` is extended: batches it holds are skipped, so
     a longer distillation reuses the shorter one's logits.
     """
     root = Path(root)
@@ -139,6 +143,7 @@ def build_logit_cache(root, key: dict, teacher_logits: Callable[[torch.Tensor], 
         raise ConfigError(f"logit cache dtype {dtype!r} must be one of: {', '.join(DTYPES)}")
     if top_k < 1:
         raise ConfigError(f"--logit-top-k ({top_k}) must be a positive integer")
+    key = {**key, "temperature": temperature}
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_key(root, manifest, key, top_k, dtype)
@@ -169,8 +174,9 @@ def build_logit_cache(root, key: dict, teacher_logits: Callable[[torch.Tensor], 
         index_dtype = torch.int16 if logits.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
         pending[f"{digest}.values"] = values.to(DTYPES[dtype]).cpu().contiguous()
         pending[f"{digest}.indices"] = indices.to(index_dtype).cpu().contiguous()
+        pending[f"{digest}.log_norm"] = torch.logsumexp(logits.float() / temperature, dim=-1).cpu().contiguous()
         added += 1
-        if len(pending) // 2 >= shard_batches:
+        if len(pending) // 3 >= shard_batches:
             flush()
     flush()
     _write_manifest(root, manifest)
@@ -199,7 +205,7 @@ def cache_for_distillation(root, objective, sampler, train, data: dict, top_k: i
     if state is None:
         raise ConfigError("the logit cache needs a batch source that can be rewound (state_dict / load_state_dict)")
     cache = build_logit_cache(root, key, objective.teacher_logits, sampler, distillation_batches(train), top_k, dtype,
-                              log=log)
+                              objective.temperature, log=log)
     sampler.load_state_dict(state)
     return cache
 __all__ = ["LogitCache", "build_logit_cache", "cache_for_distillation", "distillation_batches", "open_logit_cache",

@@ -40,22 +40,31 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                   targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """kd_loss against a teacher known only by its top-k logits ``values`` at token ids ``indices`` (B, L, k).
+                   teacher_log_norm: torch.Tensor | None, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """kd_loss against a teacher known by its top-k logits ``values`` at token ids ``indices`` (B, L, k).
 
-    The approximation: the teacher distribution is renormalised over its k tokens,
-    p~ = softmax(values / T), and compared with the student's full softmax q at those tokens,
-    T^2 * sum_k p~ (log p~ - log q). The student's mass outside the k tokens only enters through q's
-    normaliser (it is pushed down, as the teacher's tail is small); with k = the whole vocabulary
-    this is exactly :func:`kd_loss`.
+    With ``teacher_log_norm`` (B, L) = logsumexp(all teacher logits / T), the teacher's probabilities of
+    the k tokens are exact and the rest of the vocabulary is one "tail" bucket on both sides:
+    T^2 * [sum_k p (log p - log q) + p_tail (log p_tail - log q_tail)], q the student's softmax at T.
+    That is the KL between the two distributions coarse-grained to k + 1 outcomes (a lower bound of
+    the full KL); how the teacher spreads its tail is lost. Without it the teacher is renormalised over
+    its k tokens (it looks more confident than it is). With k = the whole vocabulary both are :func:`kd_loss`.
     """
     keep = (targets != IGNORE_INDEX).reshape(-1)
     k, V = values.shape[-1], student_logits.shape[-1]
-    s = F.log_softmax(student_logits.float().reshape(-1, V)[keep] / temperature, dim=-1)
-    s = s.gather(-1, indices.reshape(-1, k)[keep])
-    t = F.log_softmax(values.float().reshape(-1, k)[keep] / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum() / max(int(keep.sum()), 1)
-    return kl * temperature ** 2
+    student = F.log_softmax(student_logits.float().reshape(-1, V)[keep] / temperature, dim=-1)
+    top = indices.reshape(-1, k)[keep]
+    s = student.gather(-1, top)
+    t = values.float().reshape(-1, k)[keep] / temperature
+    if teacher_log_norm is None or k == V:
+        t = F.log_softmax(t, dim=-1)
+        kl = (t.exp() * (t - s)).sum()
+    else:
+        t = t - teacher_log_norm.float().reshape(-1)[keep, None]
+        p_tail = (1 - t.exp().sum(-1)).clamp_min(0)
+        s_tail = torch.logsumexp(student.scatter(-1, top, float("-inf")), dim=-1)
+        kl = (t.exp() * (t - s)).sum() + (torch.xlogy(p_tail, p_tail) - p_tail * s_tail).sum()
+    return kl / max(int(keep.sum()), 1) * temperature ** 2
 
 
 class Distillation:
@@ -64,7 +73,7 @@ class Distillation:
     def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 2.0,
                  hidden_weight: float = 0.0, teacher_ids: torch.Tensor | None = None,
                  teacher_dtype: torch.dtype | None = None,
-                 cached_logits: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 cached_logits: Callable[[torch.Tensor], tuple] | None = None):
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"distillation alpha ({alpha}) must be in [0, 1]")
         if not temperature > 0:
@@ -78,7 +87,7 @@ class Distillation:
         self.teacher_ids = teacher_ids
         if cached_logits is not None and hidden_weight:
             raise ConfigError("the hidden-state loss needs the live teacher; drop the logit cache or hidden_weight")
-        self.cached_logits = cached_logits  # input_ids -> teacher top-k (values, indices): the teacher is not run
+        self.cached_logits = cached_logits  # input_ids -> (values, indices, log_norm): the teacher is not run
 
     def _teacher(self, x: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = self.teacher
