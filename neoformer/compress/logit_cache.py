@@ -150,7 +150,7 @@ def build_logit_cache(root, key: dict, teacher_logits: Callable[[torch.Tensor], 
     else:
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "key": key, "top_k": top_k, "dtype": dtype, "batches": {}}
-    where, pending, added = manifest["batches"], {}, 0
+    where, pending, added, tail_mass = manifest["batches"], {}, 0, 0.0
     shard_no = len({*where.values()})
 
     def flush():
@@ -174,13 +174,17 @@ def build_logit_cache(root, key: dict, teacher_logits: Callable[[torch.Tensor], 
         index_dtype = torch.int16 if logits.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
         pending[f"{digest}.values"] = values.to(DTYPES[dtype]).cpu().contiguous()
         pending[f"{digest}.indices"] = indices.to(index_dtype).cpu().contiguous()
-        pending[f"{digest}.log_norm"] = torch.logsumexp(logits.float() / temperature, dim=-1).cpu().contiguous()
+        log_norm = torch.logsumexp(logits.float() / temperature, dim=-1)
+        pending[f"{digest}.log_norm"] = log_norm.cpu().contiguous()
+        tail_mass += float(1 - (values.float() / temperature - log_norm[..., None]).exp().sum(-1).mean())
         added += 1
         if len(pending) // 3 >= shard_batches:
             flush()
     flush()
     _write_manifest(root, manifest)
-    log(f"logit cache {root}: {added} batches added, {len(where)} held (top {top_k}, {dtype})")
+    log(f"logit cache {root}: {added} batches added, {len(where)} held (top {top_k}, {dtype})" + (
+        f"; teacher probability outside the top {top_k} at T={temperature:g}: {tail_mass / added:.1%} (the KD term "
+        "sees it as one bucket; raise --logit-top-k or lower --temperature if it is large)" if added else ""))
     return LogitCache(root, manifest)
 
 
