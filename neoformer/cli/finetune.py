@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
     how.add_argument("--qlora", choices=("nf4", "int8"), help="quantize the frozen base first (QLoRA)")
     how.add_argument("--qlora-group-size", type=int, metavar="N", help="nf4 group size (default 64; must divide "
                      "the layers' input widths)")
+    how.add_argument("--qlora-float-head", action="store_true", help="keep the output head in float (default: "
+                     "quantized with the base; the embedding always stays float)")
     how.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                      help="loss on assistant replies only (default) or on every token")
     how.add_argument("--no-packing", action="store_true", help="padded batches instead of packed rows")
@@ -107,7 +109,7 @@ def run_finetune(args) -> int:
                         weight_decay=0.0 if lora else 0.1, warmup_steps=min(20, args.max_steps // 10), plot=False)
     result = finetune(args.checkpoint, args.data, args.out, lora=lora, train=train, seq_len=args.seq,
                       train_on=args.train_on, pack=not args.no_packing, qlora=args.qlora,
-                      qlora_group_size=args.qlora_group_size,
+                      qlora_group_size=args.qlora_group_size, qlora_float_head=args.qlora_float_head,
                       val_fraction=args.val_fraction, resume=args.resume)
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     print(f"fine-tuned {result.step} steps (train loss {loss}); checkpoint {result.checkpoint}")

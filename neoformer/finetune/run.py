@@ -22,18 +22,20 @@ from ..train.run_config import TrainConfig
 from .adapter import AdapterModel, adapter_settings, trainable_share
 from .data import SFTBatches, load_examples, sft_objective, split_examples
 from .lora import LoraConfig, add_lora
-from .qlora import quantization_settings, quantize_base
+from .qlora import SKIP_EMBEDDING, SKIP_HEAD_AND_EMBEDDING, quantization_settings, quantize_base
 
 DEFAULT_SEQ_LEN = 512
 
 
-def _prepare_model(model, lora: LoraConfig | None, qlora: str | None, qlora_group_size: int | None):
+def _prepare_model(model, lora: LoraConfig | None, qlora: str | None, qlora_group_size: int | None,
+                   qlora_float_head: bool):
     if lora is None:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     if qlora:
-        model = quantize_base(model, qlora, qlora_group_size)
+        model = quantize_base(model, qlora, qlora_group_size,
+                              SKIP_HEAD_AND_EMBEDDING if qlora_float_head else SKIP_EMBEDDING)
     add_lora(model, lora)
     return AdapterModel(model, lora)
 
@@ -41,13 +43,15 @@ def _prepare_model(model, lora: LoraConfig | None, qlora: str | None, qlora_grou
 def finetune(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike | None, *,
              lora: LoraConfig | None = None, train: TrainConfig | None = None, seq_len: int | None = None,
              train_on: str = "assistant", pack: bool = True, qlora: str | None = None,
-             qlora_group_size: int | None = None, val_fraction: float = 0.05, resume: bool = False,
+             qlora_group_size: int | None = None, qlora_float_head: bool = False, val_fraction: float = 0.05, resume: bool = False,
              log: Callable[[str], None] = print, callbacks=()) -> FitResult:
     """Fine-tune the decoder checkpoint ``base`` on ``data`` (see neoformer.finetune.data for formats)."""
     if qlora and lora is None:
         raise ValueError("--qlora trains an adapter on a quantized base; it cannot be combined with --full")
     if qlora_group_size is not None and not qlora:
         raise ValueError("--qlora-group-size applies to --qlora nf4 only")
+    if qlora_float_head and not qlora:
+        raise ValueError("--qlora-float-head applies to --qlora only")
     train = train or TrainConfig()
     model, tokenizer, base_config = load_checkpoint(base, device="cpu", kinds=("decoder",), contents=("full",),
                                                     command="neoformer finetune")
@@ -60,7 +64,7 @@ def finetune(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os
     log(report.describe() + (f"; {len(val_examples)} held out for validation" if val_examples else ""))
 
     seed_everything(train.seed)  # the adapter's init (A) and dropout: the same run gives the same adapter
-    model = _prepare_model(model, lora, qlora, qlora_group_size)
+    model = _prepare_model(model, lora, qlora, qlora_group_size, qlora_float_head)
     trainable, total = trainable_share(model)
     log(f"{('QLoRA (' + qlora + ' base)') if qlora else 'LoRA' if lora else 'full fine-tuning'}: {trainable:,} of {total:,} parameters trainable "
         f"({trainable / total:.2%})")
