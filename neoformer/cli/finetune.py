@@ -17,14 +17,15 @@ EXAMPLES = """examples:
   neoformer finetune merge runs/sft --out runs/sft-merged
   neoformer finetune export-peft runs/sft --out peft-adapter
   neoformer finetune import-peft peft-adapter --base runs/base --out runs/imported
-data: .txt (plain text), .jsonl with {"messages": [...]} (chat), {"instruction", "input", "output"}
-(Alpaca) or {"text"}. See docs/finetune.md."""
+data: decoder: .txt (plain text), .jsonl with {"messages": [...]} (chat), {"instruction", "input",
+"output"} (Alpaca) or {"text"}; encoder (masked LM): .txt or {"text"}; encoder-decoder: .jsonl with
+{"source", "target"} or Alpaca. See docs/finetune.md."""
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a checkpoint (LoRA, QLoRA or full) on text, instruction or chat data",
-        description="Fine-tune a decoder checkpoint, or (first word merge | export-peft | import-peft) work "
+        description="Fine-tune a decoder, encoder or encoder-decoder checkpoint, or (first word merge | export-peft | import-peft) work "
                     "with adapters.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)
     p.add_argument("checkpoint", metavar="CKPT | ACTION", help="base checkpoint to fine-tune, or one of: "
@@ -47,6 +48,8 @@ def add_parser(subparsers) -> None:
                      "quantized with the base; the embedding always stays float)")
     how.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                      help="loss on assistant replies only (default) or on every token")
+    how.add_argument("--mask-prob", type=float, default=0.15, help="encoders: share of tokens masked (BERT's "
+                     "80/10/10 rule)")
     how.add_argument("--no-packing", action="store_true", help="padded batches instead of packed rows")
     how.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for validation")
     run = p.add_argument_group("run")
@@ -110,6 +113,7 @@ def run_finetune(args) -> int:
     result = finetune(args.checkpoint, args.data, args.out, lora=lora, train=train, seq_len=args.seq,
                       train_on=args.train_on, pack=not args.no_packing, qlora=args.qlora,
                       qlora_group_size=args.qlora_group_size, qlora_float_head=args.qlora_float_head,
+                      mask_prob=args.mask_prob,
                       val_fraction=args.val_fraction, resume=args.resume)
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     print(f"fine-tuned {result.step} steps (train loss {loss}); checkpoint {result.checkpoint}")
