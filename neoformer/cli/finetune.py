@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
                    "adapter says (its weights must have the recorded sha256)")
     how = p.add_argument_group("what to train")
     how.add_argument("--lora", metavar="r=16,alpha=32,dropout=0.05",
-                     help="LoRA settings (also rslora=true); the default when --full is not given")
+                     help="LoRA settings (also rslora=true, dora=true); the default when --full is not given")
     how.add_argument("--targets", metavar="q,k,v,o,gate,up,down|all-linear", help="layers that get LoRA "
                      "(default q,k,v,o,gate,up,down; fused QKV adapts the chosen slices)")
     how.add_argument("--full", action="store_true", help="train every weight instead of an adapter")
