@@ -150,11 +150,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--write-data", metavar="DIR", help="only write the training file (DIR/reverse.jsonl) and "
+                        "the held-out test conversations (DIR/reverse-test.jsonl), then exit")
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "BASE", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, base, data, out, steps = args.worker
         print(json.dumps(worker(method, base, data, out, int(steps))))
+        return 0
+    if args.write_data:
+        folder = Path(args.write_data)
+        folder.mkdir(parents=True, exist_ok=True)
+        train, tests = make_data(folder)
+        (folder / "reverse-test.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in tests))
+        print(f"wrote {train} and {folder / 'reverse-test.jsonl'}")
         return 0
     from teacher import teacher_checkpoint
 
