@@ -48,6 +48,17 @@ def test_dora_layer_is_the_papers_formula_in_float64():
     with torch.no_grad():
         torch.testing.assert_close(dora.eval()(x), x @ want.T + layer.bias, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dora.merged().weight, want, rtol=1e-12, atol=1e-12)
+        # training with dropout: the base term (m/n - 1) W h sees the same dropped-out input h as B A h
+        dropping = LoraLinear(layer, LoraConfig(r=3, alpha=6, dropout=0.5, dora=True))
+        dropping.load_state_dict(dora.state_dict())
+        torch.manual_seed(5)
+        out = dropping.train()(x)
+        torch.manual_seed(5)
+        h = torch.nn.functional.dropout(x, 0.5, training=True)
+        scale = (dora.lora_magnitude_vector / adapted.norm(dim=1))
+        lora = dora.scaling * h @ (dora.lora_B.weight @ dora.lora_A.weight).T
+        torch.testing.assert_close(out, x @ layer.weight.T + layer.bias + (scale - 1) * (h @ layer.weight.T)
+                                   + scale * lora, rtol=1e-12, atol=1e-12)
 
 
 def test_dora_magnitudes_train_with_the_adapter_and_nothing_else():
