@@ -113,29 +113,36 @@ def worker(method: str, base: str, data: str, out: str, steps: int) -> dict:
             "trainable": share.split(": ", 1)[1]}
 
 
+def state_bytes(model) -> int:
+    """Exact bytes of the tensors a model stores (weights, quantized codes, scales; a tied head once)."""
+    seen = {}
+    for t in model.state_dict().values():
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 def base_weight_bytes(base: str, scheme: str = "nf4") -> dict:
-    """Bytes of the base's tensors in fp32 and after QLoRA's quantization (what training holds)."""
+    """Bytes of the base in fp32 and as QLoRA holds it: the default (head quantized too) and with
+    ``--qlora-float-head``; plus what the embedding would weigh at the head's bytes per weight."""
     from neoformer.checkpoint import load_checkpoint
-    from neoformer.finetune.qlora import quantize_base
-    from neoformer.quantize import QuantizedLinear
+    from neoformer.finetune.qlora import SKIP_EMBEDDING, SKIP_HEAD_AND_EMBEDDING, quantize_base
 
-    def tensors(model):
-        seen = {}  # a tied head shares the embedding: counted once
-        for t in [*model.parameters(), *model.buffers()]:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        return sum(seen.values())
+    def fresh():
+        return load_checkpoint(base, device="cpu", dtype=None)[0].float()
 
-    def linear_bytes(model):
-        return sum(sum(t.numel() * t.element_size() for t in m.buffers()) if isinstance(m, QuantizedLinear)
-                   else m.weight.numel() * m.weight.element_size()
-                   for name, m in model.named_modules() if name != "lm_head" and hasattr(m, "in_features")
-                   and (isinstance(m, QuantizedLinear) or m.__class__.__name__ == "Linear"))
-
-    model = load_checkpoint(base, device="cpu", dtype=None)[0].float()
-    fp32 = {"all": tensors(model), "linears": linear_bytes(model)}
-    quantize_base(model, scheme)
-    return {"fp32_all": fp32["all"], "fp32_linears": fp32["linears"], "q_all": tensors(model),
-            "q_linears": linear_bytes(model)}
+    fp32_model = fresh()
+    fp32 = state_bytes(fp32_model)
+    embedding = fp32_model.embed.tokens.weight
+    tied = fp32_model.lm_head.weight is embedding
+    quantized = quantize_base(fresh(), scheme, skip=SKIP_EMBEDDING)
+    head_bytes = sum(t.numel() * t.element_size() for t in quantized.lm_head.state_dict().values())
+    per_weight = head_bytes / (quantized.lm_head.in_features * quantized.lm_head.out_features)
+    q_default = state_bytes(quantized)
+    return {"fp32": fp32, "qlora": q_default, "qlora_float_head": state_bytes(quantize_base(fresh(), scheme,
+                                                                                          skip=SKIP_HEAD_AND_EMBEDDING)),
+            "embedding_fp32": embedding.numel() * 4, "tied": tied,
+            # not measured: the embedding at the head's nf4 bytes per weight (no embedding quantizer here)
+            "qlora_embedding_projected": q_default - embedding.numel() * 4 + round(embedding.numel() * per_weight)}
 
 
 def main() -> int:
@@ -143,11 +150,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--write-data", metavar="DIR", help="only write the training file (DIR/reverse.jsonl) and "
+                        "the held-out test conversations (DIR/reverse-test.jsonl), then exit")
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "BASE", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, base, data, out, steps = args.worker
         print(json.dumps(worker(method, base, data, out, int(steps))))
+        return 0
+    if args.write_data:
+        folder = Path(args.write_data)
+        folder.mkdir(parents=True, exist_ok=True)
+        train, tests = make_data(folder)
+        (folder / "reverse-test.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in tests))
+        print(f"wrote {train} and {folder / 'reverse-test.jsonl'}")
         return 0
     from teacher import teacher_checkpoint
 
@@ -157,9 +173,11 @@ def main() -> int:
     base = str(teacher_checkpoint("small"))
     if "qlora" in methods:
         b = base_weight_bytes(base)
-        print(f"base weights, fp32 -> nf4 (group 64): linears {b['fp32_linears']:,} -> {b['q_linears']:,} B "
-              f"({b['q_linears'] / b['fp32_linears']:.3f}x); all tensors {b['fp32_all']:,} -> {b['q_all']:,} B "
-              f"({b['q_all'] / b['fp32_all']:.3f}x)")
+        print(f"QLoRA base bytes (state dict, exact), fp32 {b['fp32']:,} B -> nf4 group 64: head quantized (default) "
+              f"{b['qlora']:,} B ({b['qlora'] / b['fp32']:.3f}x); --qlora-float-head {b['qlora_float_head']:,} B "
+              f"({b['qlora_float_head'] / b['fp32']:.3f}x); the fp32 embedding is {b['embedding_fp32']:,} B of it"
+              f"{' (tied to the head)' if b['tied'] else ''}; projected with an nf4 embedding (not in this "
+              f"branch): {b['qlora_embedding_projected']:,} B ({b['qlora_embedding_projected'] / b['fp32']:.3f}x)")
     print(f"load: {os.getloadavg()[0]:.2f} | teacher {base} | methods {', '.join(methods)} | {args.steps} steps")
     results: dict[str, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:

@@ -446,3 +446,23 @@ def test_qlora_refuses_bad_combinations_in_one_line(tmp_path, base_checkpoint, c
                  "--max-steps", "1", "--no-progress", "--threads", "1", *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("float_head", [False, True])
+def test_qlora_quantizes_an_untied_head_unless_asked_and_reloads_the_same_base(tmp_path, tokenizer, chat_data,
+                                                                              float_head):
+    from neoformer.finetune.adapter import attach_adapter
+    from neoformer.quantize import QuantizedLinear
+
+    torch.manual_seed(0)
+    untied = build_model(ModelConfig(**{**TINY, "vocab_size": tokenizer.vocab_size, "tie_embeddings": False}))
+    base = save_single_checkpoint(tmp_path / "untied", untied, {}, tokenizer)
+    run = finetune(base, chat_data, tmp_path / "run", lora=LoraConfig(r=4, targets=("q",)), train=_train(1),
+                   qlora="nf4", qlora_group_size=32, qlora_float_head=float_head, log=lambda *_: None, seq_len=80)
+    loaded, _, config = load_checkpoint(run.checkpoint)
+    assert config["quantize_skip"] == (["lm_head", "embed"] if float_head else ["embed"])
+    assert isinstance(loaded.lm_head, QuantizedLinear) != float_head
+    assert isinstance(loaded.embed.tokens, torch.nn.Embedding)  # the embedding always stays float
+    # an adapter written before the head was quantized (no "quantize_skip") reloads with a float head
+    older = {k: v for k, v in config.items() if k != "quantize_skip"}
+    assert not isinstance(attach_adapter(load_checkpoint(base)[0], older).lm_head, QuantizedLinear)

@@ -17,14 +17,15 @@ EXAMPLES = """examples:
   neoformer finetune merge runs/sft --out runs/sft-merged
   neoformer finetune export-peft runs/sft --out peft-adapter
   neoformer finetune import-peft peft-adapter --base runs/base --out runs/imported
-data: .txt (plain text), .jsonl with {"messages": [...]} (chat), {"instruction", "input", "output"}
-(Alpaca) or {"text"}. See docs/finetune.md."""
+data: decoder: .txt (plain text), .jsonl with {"messages": [...]} (chat), {"instruction", "input",
+"output"} (Alpaca) or {"text"}; encoder (masked LM): .txt or {"text"}; encoder-decoder: .jsonl with
+{"source", "target"} or Alpaca. See docs/finetune.md."""
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a checkpoint (LoRA, QLoRA or full) on text, instruction or chat data",
-        description="Fine-tune a decoder checkpoint, or (first word merge | export-peft | import-peft) work "
+        description="Fine-tune a decoder, encoder or encoder-decoder checkpoint, or (first word merge | export-peft | import-peft) work "
                     "with adapters.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)
     p.add_argument("checkpoint", metavar="CKPT | ACTION", help="base checkpoint to fine-tune, or one of: "
@@ -36,15 +37,19 @@ def add_parser(subparsers) -> None:
                    "adapter says (its weights must have the recorded sha256)")
     how = p.add_argument_group("what to train")
     how.add_argument("--lora", metavar="r=16,alpha=32,dropout=0.05",
-                     help="LoRA settings (also rslora=true); the default when --full is not given")
+                     help="LoRA settings (also rslora=true, dora=true); the default when --full is not given")
     how.add_argument("--targets", metavar="q,k,v,o,gate,up,down|all-linear", help="layers that get LoRA "
                      "(default q,k,v,o,gate,up,down; fused QKV adapts the chosen slices)")
     how.add_argument("--full", action="store_true", help="train every weight instead of an adapter")
     how.add_argument("--qlora", choices=("nf4", "int8"), help="quantize the frozen base first (QLoRA)")
     how.add_argument("--qlora-group-size", type=int, metavar="N", help="nf4 group size (default 64; must divide "
                      "the layers' input widths)")
+    how.add_argument("--qlora-float-head", action="store_true", help="keep the output head in float (default: "
+                     "quantized with the base; the embedding always stays float)")
     how.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                      help="loss on assistant replies only (default) or on every token")
+    how.add_argument("--mask-prob", type=float, default=0.15, help="encoders: share of tokens masked (BERT's "
+                     "80/10/10 rule)")
     how.add_argument("--no-packing", action="store_true", help="padded batches instead of packed rows")
     how.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for validation")
     run = p.add_argument_group("run")
@@ -107,7 +112,8 @@ def run_finetune(args) -> int:
                         weight_decay=0.0 if lora else 0.1, warmup_steps=min(20, args.max_steps // 10), plot=False)
     result = finetune(args.checkpoint, args.data, args.out, lora=lora, train=train, seq_len=args.seq,
                       train_on=args.train_on, pack=not args.no_packing, qlora=args.qlora,
-                      qlora_group_size=args.qlora_group_size,
+                      qlora_group_size=args.qlora_group_size, qlora_float_head=args.qlora_float_head,
+                      mask_prob=args.mask_prob,
                       val_fraction=args.val_fraction, resume=args.resume)
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     print(f"fine-tuned {result.step} steps (train loss {loss}); checkpoint {result.checkpoint}")

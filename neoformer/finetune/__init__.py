@@ -1,4 +1,5 @@
-"""Fine-tuning: LoRA / QLoRA adapters and full fine-tuning on text, instruction and chat data.
+"""Fine-tuning: LoRA / DoRA / QLoRA adapters and full fine-tuning of decoders (text, instruction, chat
+data), encoders (masked LM) and encoder-decoders (source/target pairs).
 
     from neoformer.finetune import finetune, LoraConfig, merge_adapter
     finetune("runs/base", "chat.jsonl", "runs/sft", lora=LoraConfig(r=8, targets=("q", "v")))
@@ -7,7 +8,8 @@
 
 Layout: ``lora.py`` (the module swap, merge), ``adapter.py`` (adapter checkpoints: the adapter plus
 a verified base reference; the ``contents: adapter`` loader), ``data.py`` (formats, loss masks,
-packing), ``peft.py`` (peft's adapter files, both ways), ``run.py`` (one run through fit()).
+packing), ``tasks.py`` (per model kind: data, batches, objective), ``peft.py`` (peft's adapter
+files, both ways), ``run.py`` (one run through fit()).
 Guide: docs/finetune.md.
 """
 from .adapter import (

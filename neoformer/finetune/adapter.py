@@ -9,6 +9,7 @@ MB instead of the whole model. Its ``config.json`` says::
     "lora": {"r": 16, "alpha": 32.0, "dropout": 0.05, "targets": [...], "rslora": false},
     "quantize": null | "nf4" | "int8",   # QLoRA: the base is quantized again when loaded,
     "quantize_group_size": null | 64,    #   with this group size (nf4)
+    "quantize_skip": ["embed"],          #   and these layers left float (absent: ["lm_head", "embed"])
     "chat_template": {...}               # the template the adapter was trained with
 
 The base reference is the one path that leaves a checkpoint folder (docs/checkpoints.md): the
@@ -122,6 +123,7 @@ def adapter_settings(base_path, lora: LoraConfig, chat_template: dict | None,
     return {"contents": ADAPTER, "base": base_reference(base_path), "lora": lora.to_dict(),
             "quantize": quantization["scheme"] if quantization else None,
             "quantize_group_size": quantization.get("group_size") if quantization else None,
+            "quantize_skip": quantization.get("skip") if quantization else None,
             "chat_template": chat_template}
 
 
@@ -132,9 +134,12 @@ def attach_adapter(model: nn.Module, config: dict, where: str = "the adapter") -
     except (KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{where} has no valid 'lora' settings in its config.json") from None
     if config.get("quantize"):
-        from .qlora import quantize_base
+        from .qlora import SKIP_HEAD_AND_EMBEDDING, quantize_base
 
-        model = quantize_base(model, config["quantize"], config.get("quantize_group_size"))
+        skip = config.get("quantize_skip") or SKIP_HEAD_AND_EMBEDDING  # older adapters kept the head float
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(word, str) for word in skip):
+            raise CheckpointError(f"{where} has an invalid 'quantize_skip' (a list of layer-name words)")
+        model = quantize_base(model, config["quantize"], config.get("quantize_group_size"), skip)
     add_lora(model, lora)
     return AdapterModel(model, lora)
 

@@ -233,7 +233,7 @@ def group_examples(examples: list[Example], order: Iterable[int], batch_size: in
     groups: list[list[int]] = [[]]
     used = 0
     for index in order:
-        n = len(examples[index].ids)
+        n = len(examples[index].ids) if packed else 0
         full = used + n > batch_size * seq_len if packed else len(groups[-1]) == batch_size
         if full and groups[-1]:
             groups.append([])
@@ -271,8 +271,13 @@ class SFTBatches:
                 raise StopIteration
             self.epoch, self.position = self.epoch + 1, 0
             self._groups = self._epoch_groups()
-        chosen = [self.examples[i] for i in self._groups[self.position]]
+        group = self._groups[self.position]
         self.position += 1
+        return self.collate(group)
+
+    def collate(self, indices: list[int]):
+        """The batch of these examples (subclasses build other objectives' batches)."""
+        chosen = [self.examples[i] for i in indices]
         return packed_batch(chosen) if self.packed else padded_batch(chosen, self.pad_id)
 
     def state_dict(self) -> dict:

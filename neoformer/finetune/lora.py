@@ -3,7 +3,12 @@
     y = W x + scaling * B A dropout(x),   A (r, in) ~ Kaiming-uniform, B (out, r) = 0,
     scaling = alpha / r   (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r))
 
-so a fresh adapter leaves the model's outputs unchanged. The wrapped layer is kept as
+so a fresh adapter leaves the model's outputs unchanged. DoRA (Liu et al. 2024, ``dora=True``) also
+learns each output row's magnitude ``m`` (``lora_magnitude_vector``, initialised to the row norms):
+
+    W' = m / ||W + scaling B A||_row * (W + scaling B A),   the norm detached from the graph (DoRA 4.3)
+
+computed as peft does, ``(m/n - 1) * W x + m/n * scaling * B A x`` on top of the base output. The wrapped layer is kept as
 ``base_layer`` (peft's name) and frozen; it may be anything with ``in_features``,
 ``out_features`` and ``forward`` (a quantized linear also exposes ``dequantize()``, which
 QLoRA's merge uses). The adapter's tensors are named ``<layer>.lora_A.weight`` /
@@ -44,6 +49,7 @@ class LoraConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS  # roles (TARGET_MODULES) or ("all-linear",)
     rslora: bool = False  # scaling alpha / sqrt(r) (rank-stabilised LoRA)
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -64,7 +70,7 @@ class LoraConfig:
 
     @classmethod
     def parse(cls, spec: str | None = None, targets: str | None = None, **extra) -> "LoraConfig":
-        """From the CLI: ``--lora r=16,alpha=32,dropout=0.05,rslora=true`` and ``--targets q,v``."""
+        """From the CLI: ``--lora r=16,alpha=32,dropout=0.05,rslora=true,dora=true`` and ``--targets q,v``."""
         values: dict[str, Any] = dict(extra)
         names = {f.name for f in fields(cls)} - {"targets"}
         for item in filter(None, (spec or "").split(",")):
@@ -115,8 +121,9 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
 
 
 class LoraLinear(nn.Module):
-    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``; ``rows`` limits B's output to
-    those rows of the base output (the chosen slices of a fused QKV projection)."""
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` (DoRA: rescaled per row, see the
+    module docstring); ``rows`` limits B's output (and DoRA's magnitudes) to those rows of the base
+    output (the chosen slices of a fused QKV projection)."""
 
     def __init__(self, base: nn.Module, config: LoraConfig, rows: torch.Tensor | None = None):
         super().__init__()
@@ -132,15 +139,47 @@ class LoraLinear(nn.Module):
         self.lora_B = LoraFactor(self.out_features if rows is None else len(rows), config.r, device, dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's init; B stays zero
         self.register_buffer("lora_rows", None if rows is None else rows.to(device), persistent=False)
+        self.lora_magnitude_vector = None  # DoRA: one magnitude per adapted output row
+        if config.dora:
+            with torch.no_grad():
+                norm = self._adapted_norm(self._adapted_base_weight().to(dtype))
+            self.lora_magnitude_vector = nn.Parameter(norm)
         mark_like(self, base)
+
+    def _adapted_base_weight(self) -> torch.Tensor:
+        """The base weight's rows this adapter writes (all, or the chosen fused-QKV slices)."""
+        weight = self.base_weight()
+        return weight if self.lora_rows is None else weight.index_select(0, self.lora_rows)
+
+    def _adapted_norm(self, base_rows: torch.Tensor) -> torch.Tensor:
+        """||W + scaling B A|| per adapted row (DoRA), in the adapter's dtype."""
+        lora_weight = self.lora_B.weight @ self.lora_A.weight
+        return torch.linalg.norm(base_rows + self.scaling * lora_weight, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         adapter_dtype = self.lora_A.weight.dtype
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(adapter_dtype)))) * self.scaling
+        h = self.lora_dropout(x.to(adapter_dtype))
+        delta = self.lora_B(self.lora_A(h)) * self.scaling
+        if self.lora_magnitude_vector is not None:
+            delta = self._dora_delta(out, h, delta)
         if self.lora_rows is None:
             return out + delta.to(out.dtype)
         return out.index_add(-1, self.lora_rows, delta.to(out.dtype))
+
+    def _dora_delta(self, out: torch.Tensor, h: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: ``(m/n - 1) W h + m/n * lora`` (peft's formula)."""
+        base_rows = self._adapted_base_weight().to(lora.dtype)
+        scale = self.lora_magnitude_vector / self._adapted_norm(base_rows).detach()
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_out = out if self.lora_rows is None else out.index_select(-1, self.lora_rows)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_out = base_out - (bias if self.lora_rows is None else bias.index_select(0, self.lora_rows))
+            base_out = base_out.to(lora.dtype)
+        else:  # the base term sees the same dropped-out input as the adapter
+            base_out = F.linear(h, base_rows)
+        return (scale - 1) * base_out + scale * lora
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as a full (out, in) matrix, in the adapter's dtype."""
@@ -162,6 +201,12 @@ class LoraLinear(nn.Module):
         weight = self.base_weight()
         compute = torch.promote_types(weight.dtype, torch.float32)
         merged_weight = weight.to(compute) + self.delta_weight().to(compute)
+        if self.lora_magnitude_vector is not None:  # DoRA: each adapted row rescaled to its magnitude
+            rows = self.lora_rows if self.lora_rows is not None else torch.arange(self.out_features,
+                                                                                  device=merged_weight.device)
+            adapted = merged_weight.index_select(0, rows)
+            scale = self.lora_magnitude_vector.to(compute) / torch.linalg.norm(adapted, dim=1)
+            merged_weight = merged_weight.index_copy(0, rows, adapted * scale[:, None])
         bias = getattr(self.base_layer, "bias", None)
         dtype = weight.dtype if weight.is_floating_point() else self.lora_A.weight.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
@@ -232,11 +277,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{"<layer>.lora_A.weight": param, ...}``: the adapter, named inside ``model``."""
+    """``{"<layer>.lora_A.weight": param, ...}`` (and DoRA's ``<layer>.lora_magnitude_vector``):
+    the adapter, named inside ``model``."""
     params = {}
     for name, layer in lora_layers(model):
         params[f"{name}.lora_A.weight"] = layer.lora_A.weight
         params[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            params[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     return params
 
 

@@ -3,7 +3,8 @@
 peft saves ``adapter_config.json`` + ``adapter_model.safetensors`` with keys such as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
 ([out, r]). Ours are ``decoder.blocks.0.attn.q_proj.lora_A.weight``: the same tensors under the
-names ``neoformer.hf.llama`` maps for the base weights. A fused QKV LoRA exports as separate
+names ``neoformer.hf.llama`` maps for the base weights. DoRA adds ``...lora_magnitude_vector`` ([out])
+under the same names (``"use_dora": true``). A fused QKV LoRA exports as separate
 q/k/v LoRAs that share A (its B rows split per projection): the same function. Nothing here
 imports peft; the files are plain JSON and safetensors.
 """
@@ -33,7 +34,8 @@ HF_TO_OURS = {v: k for k, v in OURS_TO_HF.items()}
 ROLE_OF_HF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
               "down_proj": "down"}
 _OUR_KEY = re.compile(r"^decoder\.blocks\.(\d+)\.(.+)$")
-_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB]\.weight|lora_magnitude_vector)$")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitudes (peft's key, ours too)
 
 
 def _check_llama_shaped(config) -> None:
@@ -70,6 +72,8 @@ def _peft_tensors(model: AdapterModel) -> dict[str, torch.Tensor]:
                 prefix = f"{PEFT_PREFIX}{match.group(1)}.self_attn.{role}_proj"
                 tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.weight
                 tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.weight[start:end]
+                if layer.lora_magnitude_vector is not None:
+                    tensors[f"{prefix}.{MAGNITUDE}"] = layer.lora_magnitude_vector[start:end]
             continue
         if module not in OURS_TO_HF:
             raise ValueError(f"LoRA layer {name} has no counterpart in a Hugging Face Llama; peft export covers "
@@ -77,6 +81,8 @@ def _peft_tensors(model: AdapterModel) -> dict[str, torch.Tensor]:
         prefix = f"{PEFT_PREFIX}{match.group(1)}.{OURS_TO_HF[module]}"
         tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            tensors[f"{prefix}.{MAGNITUDE}"] = layer.lora_magnitude_vector
     return {k: v.detach().to("cpu").float().clone().contiguous() for k, v in tensors.items()}
 
 
@@ -92,11 +98,11 @@ def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, base=
         raise ValueError("a QLoRA adapter was trained on a quantized base; merge it instead of exporting to peft")
     tensors = _peft_tensors(model)
     lora = model.lora
-    targets = sorted({key.split(".")[-3] for key in tensors})
+    targets = sorted({key.split(".")[-3] for key in tensors if not key.endswith(MAGNITUDE)})
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout, "target_modules": targets, "bias": "none", "use_rslora": lora.rslora,
-        "use_dora": False, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+        "use_dora": lora.dora, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         "init_lora_weights": True, "base_model_name_or_path": str(config.get("base", {}).get("path", "")),
     }
     out = Path(out_dir)
@@ -122,7 +128,7 @@ def _read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{folder} has no {PEFT_WEIGHTS} (a pickled adapter_model.bin is never read; "
                                 "save the adapter with safe_serialization=True)")
     unsupported = [(config.get("peft_type") != "LORA", f"peft_type {config.get('peft_type')!r} (only LORA)"),
-                   (config.get("use_dora"), "DoRA"), (config.get("rank_pattern"), "rank_pattern"),
+                   (config.get("rank_pattern"), "rank_pattern"),
                    (config.get("alpha_pattern"), "alpha_pattern"), (config.get("bias", "none") != "none", "LoRA biases"),
                    (config.get("fan_in_fan_out"), "fan_in_fan_out"), (config.get("modules_to_save"), "modules_to_save"),
                    (config.get("layers_to_transform") is not None, "layers_to_transform"),
@@ -140,7 +146,7 @@ def _our_state(tensors: dict[str, torch.Tensor], folder: Path) -> tuple[dict[str
         if match is None or match.group(2) not in HF_TO_OURS:
             raise ValueError(f"{folder}: tensor {key!r} is not a LoRA of a Llama attention/FFN projection")
         roles.add(ROLE_OF_HF[match.group(2).split(".")[-1]])
-        state[f"decoder.blocks.{match.group(1)}.{HF_TO_OURS[match.group(2)]}.{match.group(3)}.weight"] = value
+        state[f"decoder.blocks.{match.group(1)}.{HF_TO_OURS[match.group(2)]}.{match.group(3)}"] = value
     return state, roles
 
 
@@ -158,7 +164,7 @@ def import_peft(peft_dir: str | os.PathLike, base: str | os.PathLike, out_dir: s
     lora = LoraConfig(r=int(peft_config["r"]), alpha=float(peft_config.get("lora_alpha", 8)),
                       dropout=float(peft_config.get("lora_dropout") or 0.0),
                       targets=tuple(role for role in ("q", "k", "v", "o", "gate", "up", "down") if role in roles),
-                      rslora=bool(peft_config.get("use_rslora", False)))
+                      rslora=bool(peft_config.get("use_rslora", False)), dora=bool(peft_config.get("use_dora", False)))
     add_lora(model, lora)
     adapter = AdapterModel(model, lora)
     try:

@@ -15,6 +15,11 @@ from torch import nn
 from ..config import ConfigError
 from ..model.weights import mark_like
 
+# quantize_model's skip words: the token embedding stays float (as in QLoRA); the output head is
+# quantized with the base unless asked to stay float (--qlora-float-head)
+SKIP_EMBEDDING = ("embed",)
+SKIP_HEAD_AND_EMBEDDING = ("lm_head", "embed")  # also what adapters written before the head was quantized used
+
 
 def _quantize_package():
     try:
@@ -23,17 +28,21 @@ def _quantize_package():
         raise ConfigError("--qlora needs neoformer.quantize, which this neoformer lacks; use plain LoRA") from None
 
 
-def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None) -> nn.Module:
-    """``model`` with its linear layers quantized by ``neoformer.quantize`` (in place; the output
-    head and embeddings stay float). ``group_size`` applies to nf4 (default 64)."""
-    quantized = _quantize_package().quantize_model(model, scheme=scheme, group_size=group_size)
+def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None,
+                  skip: tuple[str, ...] | list[str] = SKIP_EMBEDDING) -> nn.Module:
+    """``model`` with its linear layers quantized by ``neoformer.quantize`` (in place). By default
+    the output head is quantized too and the embedding stays float; ``skip`` lists the name words
+    left float. A head tied to the embedding stays float with it. ``group_size``: nf4 (default 64)."""
+    quantized = _quantize_package().quantize_model(model, scheme=scheme, group_size=group_size, skip=tuple(skip))
     return model if quantized is None else quantized
 
 
 def quantization_settings(model: nn.Module) -> dict | None:
-    """{"scheme", "group_size"} of a base :func:`quantize_base` quantized, or None."""
+    """{"scheme", "group_size", "skip"} of a base :func:`quantize_base` quantized, or None."""
     settings = _quantize_package().quantization_of(model)
-    return None if settings is None else {"scheme": settings["scheme"], "group_size": settings.get("group_size")}
+    if settings is None:
+        return None
+    return {"scheme": settings["scheme"], "group_size": settings.get("group_size"), "skip": list(settings["skip"])}
 
 
 @torch.no_grad()
@@ -54,4 +63,4 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["dequantize_base", "quantization_settings", "quantize_base"]
+__all__ = ["SKIP_EMBEDDING", "SKIP_HEAD_AND_EMBEDDING", "dequantize_base", "quantization_settings", "quantize_base"]
