@@ -294,12 +294,17 @@ def test_limits_tokenize_and_playground(served, tok):
 
 
 # ---- in-process: the app (auth, queue, body limit) and the scheduler ---------------------------
-def _asgi(app, method, path, body=b"", headers=()):
-    """One request through the ASGI app without a socket -> (status, headers, parsed body)."""
+def _asgi(app, method, path, body=b"", headers=(), stay=False):
+    """One request through the ASGI app without a socket -> (status, headers, parsed body). The
+    client leaves once its body is read, unless ``stay`` (then it waits for the whole response)."""
     sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        if messages:
+            return messages.pop(0)
+        if stay:
+            await asyncio.Event().wait()  # never set: still connected (is_disconnected cancels this wait)
+        return {"type": "http.disconnect"}
 
     async def send(message):
         sent.append(message)

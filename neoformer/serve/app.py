@@ -219,7 +219,7 @@ async def _stream(server: Server, req: GenerationRequest, request: Request, seqs
             yield _sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
     async for batch in _events(queue, request, seqs):
-        text = "".join(_chunk(head, req, choices[index], event) for index, event in batch)
+        text = "".join(_chunk(head, req, choices[index], events) for index, events in _by_choice(batch).items())
         if text:
             yield text
     if req.include_usage:
@@ -227,13 +227,23 @@ async def _stream(server: Server, req: GenerationRequest, request: Request, seqs
     yield "data: [DONE]\n\n"
 
 
-def _chunk(head: dict, req: GenerationRequest, c: Choice, event) -> str:
-    """The SSE chunk of one event of choice c ("" when there is nothing to send yet)."""
+def _by_choice(batch: list) -> dict[int, list]:
+    """A batch of (choice index, event) -> each choice's events, in order."""
+    out: dict[int, list] = {}
+    for index, event in batch:
+        out.setdefault(index, []).append(event)
+    return out
+
+
+def _chunk(head: dict, req: GenerationRequest, c: Choice, events: list) -> str:
+    """One SSE chunk for choice c's events ("" when there is nothing to send yet): when the stream
+    fell behind, the tokens that piled up go out together, as one delta (and one logprobs list)."""
     seen = len(c.logprobs)
-    delta = c.push(event)
-    finish = c.finish_reason if event.finish is not None else None
-    if event.finish is not None and _failure([c]) is not None:
+    delta = "".join([c.push(event) for event in events])
+    ended = events[-1].finish is not None
+    if ended and _failure([c]) is not None:
         return _sse(_failure([c]).body())
+    finish = c.finish_reason if ended else None
     if not delta and finish is None and req.sampling.logprobs is None:
         return ""
     if req.chat:
@@ -247,6 +257,23 @@ def _chunk(head: dict, req: GenerationRequest, c: Choice, event) -> str:
 
 
 # ---- the app ------------------------------------------------------------------------------------
+class Auth:
+    """Pure ASGI middleware: with an API key, protected paths need ``Authorization: Bearer KEY`` (else
+    401). Not ``@app.middleware``: that wraps every streamed chunk in an extra task hop."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if self.key and scope["type"] == "http" and scope["path"].startswith(PROTECTED):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+                return await _send_error(send, APIError("invalid or missing API key (Authorization: Bearer KEY)",
+                                                        status=401, type="authentication_error",
+                                                        code="invalid_api_key"))
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Pure ASGI middleware: bodies over ``limit`` bytes get 413 before the route reads them all."""
 
@@ -302,8 +329,9 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="neoformer", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan(server))
-    _add_errors_and_auth(app, server)
+    _add_errors(app, server)
     _add_routes(app, server)
+    app.add_middleware(Auth, key=server.options.api_key)
     app.add_middleware(BodyLimit, limit=server.options.max_body_bytes)
     return app
 
@@ -320,7 +348,7 @@ def _lifespan(server: Server):
     return lifespan
 
 
-def _add_errors_and_auth(app: FastAPI, server: Server) -> None:
+def _add_errors(app: FastAPI, server: Server) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
         server.metrics.requests[(request.url.path, f"{err.status // 100}xx")] += 1
@@ -330,20 +358,6 @@ def _add_errors_and_auth(app: FastAPI, server: Server) -> None:
     async def http_error(request, err):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(str(err.detail), err.status_code, kind).body(), status_code=err.status_code)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = server.options.api_key
-        if key and request.url.path.startswith(PROTECTED):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                err = APIError("invalid or missing API key (Authorization: Bearer KEY)", status=401,
-                               type="authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        try:
-            return await call_next(request)
-        except APIError as err:  # raised by the body limit while a route reads the body
-            return JSONResponse(err.body(), status_code=err.status)
 
 
 def _add_routes(app: FastAPI, server: Server) -> None:

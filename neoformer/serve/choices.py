@@ -1,8 +1,9 @@
 """One choice of a response: tokens in, text (with stop strings cut) and OpenAI logprobs out.
 
 Streaming and non-streaming share this, so the streamed pieces always add up to the final text:
-text is re-decoded from all tokens, an incomplete UTF-8 character is held back, and so are the
-last characters that might be the start of a stop string.
+while streaming, text grows by decoding only the new tokens (with the few before them as context,
+vLLM's incremental detokenization), an incomplete UTF-8 character is held back, and so are the
+last characters that might be the start of a stop string; the end re-decodes everything once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class Choice:
         self.prompt_logprobs: list | None = None
         self.shown = ""
         self.finish: str | None = None
+        self.visible: list[int] = []  # tokens that are text (EOS is not)
+        self.decoded, self.context_at, self.read_at = "", 0, 0  # text of visible[:read_at]
 
     def _text(self) -> str:
         if self.tokenizer is None:
@@ -32,16 +35,29 @@ class Choice:
             self.prompt_logprobs = event.prompt_logprobs
         if event.token is not None:
             self.tokens.append(event.token)
+            if event.token not in self.hidden:
+                self.visible.append(event.token)
             if event.logprob is not None:
                 self.logprobs.append((event.token, *event.logprob))
         if event.finish is not None:
             self.finish = event.finish
             return self._delta(cut_at_stop(self._text(), self.stops))
-        text = self._text()
-        if text.endswith("\ufffd"):  # half of a multi-byte character
-            return ""
+        text = self._grow()
         cut = cut_at_stop(text, self.stops)
         return self._delta(cut if cut != text else text[:len(text) - self.hold] if self.hold else text)
+
+    def _grow(self) -> str:
+        """Text of the visible tokens, decoding only those since the last complete piece: the
+        tokens before them are decoded too and subtracted, so a leading space or a multi-byte
+        character split across tokens comes out as in a full decode."""
+        if self.tokenizer is None:
+            return ""
+        context = self.tokenizer.decode(self.visible[self.context_at:self.read_at])
+        text = self.tokenizer.decode(self.visible[self.context_at:])
+        if len(text) > len(context) and text.startswith(context) and not text.endswith("\ufffd"):
+            self.decoded += text[len(context):]
+            self.context_at, self.read_at = self.read_at, len(self.visible)
+        return self.decoded
 
     def _delta(self, text: str) -> str:
         if len(text) <= len(self.shown) or not text.startswith(self.shown):

@@ -211,6 +211,7 @@ class Scheduler:
         s = seq.sampling
         seq.cfg = s.generation_config()
         seq.history = History(seq.cfg, [seq.prompt], self.model.config.vocab_size, self.device)
+        seq.plain = not seq.cfg.sampling and not seq.history.active  # greedy, nothing to process
         seq.generator = torch.Generator(device=self.device)
         seq.generator.manual_seed(s.seed if s.seed is not None else int(torch.randint(2**62, ()).item()))
         seq.stops = StopStrings(s.stop, self.tokenizer) if s.stop else None
@@ -291,30 +292,64 @@ class Scheduler:
         return lambda tokens, lengths: compiled(tokens, lengths, self.capacity, len(self.rows))
 
     def _decode_step(self) -> None:
+        """One token for every running row: one argmax, one log-softmax for the rows that want
+        log-probabilities and one host copy of each per step, not per row."""
         logits = self._decode(self.inputs, self.lengths.clone())
+        ready = [(row, seq) for row, seq in enumerate(self.rows[:logits.shape[0]])
+                 if seq is not None and seq.prefilled == len(seq.prompt)]
+        rows = torch.tensor([row for row, _ in ready], dtype=torch.long, device=self.device)
+        self.lengths[rows] += 1
         greedy = logits.argmax(dim=-1).tolist()
-        for row, seq in enumerate(self.rows[:len(greedy)]):
-            if seq is not None and seq.prefilled == len(seq.prompt):
-                self.lengths[row] += 1
-                self._next(seq, logits[row:row + 1], greedy[row])
-
-    def _next(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Choose seq's next token from its (1, V) logits, emit it, and finish or feed it back."""
-        s = seq.sampling
-        plain = not seq.cfg.sampling and not seq.history.active
-        blocked = self.eos and len(seq.generated) < s.min_tokens
-        if plain and not blocked and greedy is not None:
-            token = greedy
-        else:
-            raw = logits.float()
-            if blocked:
-                raw = raw.clone()
-                raw[:, list(self.eos)] = float("-inf")
-            token = int(choose(process(raw, seq.cfg, seq.history), seq.cfg.sampling, seq.generator)[0])
-        logprob = None
-        if s.logprobs is not None:
-            logprob = self._logprob_entry(torch.log_softmax(logits[0].float(), dim=-1), token, s.logprobs)
+        tokens = [self._choose(seq, logits[row:row + 1], greedy[row]) for row, seq in ready]
+        logprobs = self._logprobs(logits, ready, tokens)
         now = time.monotonic()
+        going = [(seq.row, token) for (row, seq), token, logprob in zip(ready, tokens, logprobs)
+                 if self._emit(seq, token, logprob, now)]
+        if going:
+            self.inputs[torch.tensor([r for r, _ in going], device=self.device)] = torch.tensor(
+                [t for _, t in going], device=self.device)
+
+    def _logprobs(self, logits: torch.Tensor, ready: list, tokens: list[int]) -> list:
+        """(logprob of the chosen token, top alternatives) per ready row, None where not asked."""
+        out: list = [None] * len(ready)
+        wanted = [i for i, (_, seq) in enumerate(ready) if seq.sampling.logprobs is not None]
+        if not wanted:
+            return out
+        index = torch.tensor([ready[i][0] for i in wanted], device=self.device)
+        lsm = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        chosen = lsm.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=self.device))[:, 0].tolist()
+        tops: dict[int, list] = {}
+        for k in {ready[i][1].sampling.logprobs for i in wanted} - {0}:  # rows grouped by their k: topk(k) alone
+            at = [j for j, i in enumerate(wanted) if ready[i][1].sampling.logprobs == k]
+            values, ids = torch.topk(lsm[at], k)
+            tops.update(zip(at, (list(zip(*pair)) for pair in zip(ids.tolist(), values.tolist()))))
+        for j, i in enumerate(wanted):
+            out[i] = (chosen[j], tops.get(j, []))
+        return out
+
+    def _next(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """A newly prefilled sequence's first token from its (1, V) logits."""
+        token = self._choose(seq, logits, None)
+        logprob = None
+        if seq.sampling.logprobs is not None:
+            logprob = self._logprob_entry(torch.log_softmax(logits[0].float(), dim=-1), token, seq.sampling.logprobs)
+        if self._emit(seq, token, logprob, time.monotonic()):
+            self.inputs[seq.row] = token
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> int:
+        """seq's next token from its (1, V) logits (greedy: the argmax already computed for the batch)."""
+        blocked = self.eos and len(seq.generated) < seq.sampling.min_tokens
+        if seq.plain and not blocked and greedy is not None:
+            return greedy
+        raw = logits.float()
+        if blocked:
+            raw = raw.clone()
+            raw[:, list(self.eos)] = float("-inf")
+        return int(choose(process(raw, seq.cfg, seq.history), seq.cfg.sampling, seq.generator)[0])
+
+    def _emit(self, seq: Sequence, token: int, logprob: tuple | None, now: float) -> bool:
+        """Send seq its token; finish it or return True (it goes on)."""
+        s = seq.sampling
         if seq.first_token_at is None:
             seq.first_token_at = now
             if self.metrics is not None:
@@ -334,7 +369,8 @@ class Scheduler:
         elif len(seq.generated) >= s.max_tokens:
             self._finish(seq, "length")
         else:
-            self.inputs[seq.row] = token
+            return True
+        return False
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.row is not None and self.rows[seq.row] is seq:
