@@ -4,10 +4,15 @@
 
 Starts `neoformer serve` (one torch thread, --max-batch 16) in a subprocess and sends the same
 set of streamed completion requests (greedy, ignore_eos, fixed max_tokens) at concurrency 1, 4,
-8 and 16, like `vllm bench serve`: requests/s, output tokens/s, TTFT and inter-token latency
-(p50/p99). The baseline runs the same prompts one by one through `neoformer.generate` in this
-process (also one thread). Rounds interleave the server and the baseline; ratios are quoted with
-their spread (min-max over rounds).
+8 and 16, measured as `vllm bench serve` does: requests/s, output tokens/s (from the usage
+chunk), TTFT, TPOT and inter-token latency (gaps between streamed chunks, p50/p99). The baseline
+runs the same prompts one by one through `neoformer.generate` in this process (also one thread).
+Rounds interleave the server and the baseline; ratios are quoted with their spread (min-max over
+rounds), against `generate` and against the server's own concurrency-1 figure.
+
+    --random-160m      a ~160M Llama shape with RANDOM weights (serving throughput only)
+    --server-tree DIR  run the server from another source tree (a before/after comparison)
+    --engine           the scheduler alone, in-process (the price of batch invariance)
 """
 from __future__ import annotations
 
@@ -33,11 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: str, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def start_server(ckpt: str, port: int, max_batch: int, extra: list[str], tree: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(tree or REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "neoformer.cli", "serve", ckpt, "--port", str(port), "--threads",
                              "1", "--max-batch", str(max_batch), "--log-level", "warning", *extra], env=env)
-    for _ in range(600):
+    for _ in range(3000):  # start-up imports are slow on a busy machine
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/health")
@@ -50,22 +55,26 @@ def start_server(ckpt: str, port: int, max_batch: int, extra: list[str]) -> subp
 
 
 def one_request(port: int, prompt: list[int], max_tokens: int) -> dict:
-    """A streamed completion -> TTFT, the gaps between tokens, output tokens."""
+    """A streamed completion, measured as `vllm bench serve` does: TTFT (first chunk with text), the
+    gaps between chunks (ITL; a chunk may carry several tokens when the stream fell behind) and the
+    output tokens from the usage chunk."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # logprobs: one chunk per token, so every token's arrival is seen
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
-    stamps = []
+    stamps, tokens = [], 0
     for line in r:
         if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
             chunk = json.loads(line[6:])
-            n = len(chunk["choices"][0]["logprobs"]["tokens"]) if chunk.get("choices") else 0
-            stamps += [time.perf_counter()] * n
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
     conn.close()
-    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps),
-            "end": stamps[-1]}
+    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens,
+            "tpot": (stamps[-1] - stamps[0]) / max(tokens - 1, 1)}
 
 
 def run_load(port: int, prompts, max_tokens: int, concurrency: int) -> dict:
@@ -92,7 +101,8 @@ def run_load(port: int, prompts, max_tokens: int, concurrency: int) -> dict:
     ttft = sorted(r["ttft"] for r in results)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3  # noqa: E731
     return {"req_s": len(results) / elapsed, "tok_s": sum(r["tokens"] for r in results) / elapsed,
-            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99)}
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99),
+            "tpot": statistics.median(r["tpot"] for r in results) * 1e3}
 
 
 def sequential_generate(model, prompts, max_tokens: int) -> float:
@@ -105,13 +115,12 @@ def sequential_generate(model, prompts, max_tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def engine_rate(model, tok, prompts, max_tokens: int, batch_invariant: bool) -> float:
-    """The scheduler alone (no HTTP), every prompt submitted at once, 16 rows: output tokens/s."""
+def engine_rate(sched, prompts, max_tokens: int) -> float:
+    """The scheduler alone (no HTTP), every prompt submitted at once: output tokens/s."""
     import torch
 
-    from neoformer.serve import Sampling, Scheduler, Sequence
+    from neoformer.serve import Sampling, Sequence
 
-    sched = Scheduler(model, tok, max_batch=16, max_queue=len(prompts), batch_invariant=batch_invariant)
     outs = [[] for _ in prompts]
     for prompt, out in zip(prompts, outs):
         sched.submit(Sequence(prompt, Sampling(max_tokens=max_tokens, ignore_eos=True), out.append))
@@ -123,30 +132,81 @@ def engine_rate(model, tok, prompts, max_tokens: int, batch_invariant: bool) -> 
 
 
 def engine_table(model, tok, prompts, max_tokens: int, rounds: int) -> None:
-    """Batch invariance's price: one request and 16 at once, invariant decode on and off, vs generate."""
+    """Batch invariance's and torch.compile's effect: one request and 16 at once, vs generate."""
+    from neoformer.serve import Scheduler
+
+    variants = {"invariant": {}, "busy rows": {"batch_invariant": False}, "invariant+compile": {"compile": True}}
+    scheds = {name: Scheduler(model, tok, max_batch=16, max_queue=len(prompts), **kw) for name, kw in variants.items()}
+    t0 = time.perf_counter()
+    for sched in scheds.values():  # warm-up: with --compile, one graph per attention window
+        engine_rate(sched, prompts[:16], min(max_tokens, 200))
+    print(f"warm-up (compiles included): {time.perf_counter() - t0:.0f} s")
     rows = []
     for _ in range(rounds):
-        base = sequential_generate(model, prompts[:4], max_tokens)
-        rows.append([base] + [engine_rate(model, tok, prompts[:k], max_tokens, inv) for k in (1, 16)
-                              for inv in (True, False)])
+        rows.append([sequential_generate(model, prompts[:4], max_tokens)] +
+                    [engine_rate(sched, prompts[:k], max_tokens) for k in (1, 16) for sched in scheds.values()])
     med = [statistics.median(col) for col in zip(*rows)]
-    print(f"engine only (no HTTP), tok/s, median of {rounds}: generate {med[0]:.0f} | 1 request: invariant "
-          f"{med[1]:.0f} ({med[1] / med[0]:.2f}x), busy rows {med[2]:.0f} ({med[2] / med[0]:.2f}x) | 16 requests: "
-          f"invariant {med[3]:.0f} ({med[3] / med[0]:.2f}x), busy rows {med[4]:.0f} ({med[4] / med[0]:.2f}x)")
+    print(f"engine only (no HTTP), output tok/s, median of {rounds} rounds: generate {med[0]:.0f}")
+    for i, (k, name) in enumerate((k, name) for k in (1, 16) for name in scheds):
+        print(f"  {k:2d} request(s), {name:18s} {med[i + 1]:7.0f}  ({med[i + 1] / med[0]:.2f}x generate; rounds "
+              f"{', '.join(f'{r[i + 1]:.0f}' for r in rows)})")
+
+
+def random_llama_160m(teacher: str, out: Path) -> str:
+    """A ~160M-parameter Llama-shaped decoder with RANDOM weights (the teacher's tokenizer and layout,
+    d_model 1024, 12 layers, GQA 16/4 heads, SwiGLU 2816): only for serving throughput, never quality."""
+    import dataclasses
+
+    import torch
+
+    from neoformer import build_model, checkpoint
+    from neoformer.checkpoint import load_checkpoint
+
+    small, tok, _ = load_checkpoint(teacher)
+    cfg = dataclasses.replace(small.config, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_hidden=2816)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    checkpoint.save_checkpoint(out, 0, model, tokenizer=tok)
+    print(f"random Llama-shaped model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    return str(out)
+
+
+def report(rows: dict[int, list[dict]], baseline: list[float]) -> None:
+    """The vllm-bench-serve style table: medians over rounds, ratios with their min-max."""
+    levels = list(rows)
+    single = {k: statistics.median(r[k] for r in rows[levels[0]]) for k in rows[levels[0]][0]}
+    base = statistics.median(baseline)
+    print(f"sequential neoformer.generate: {base:.1f} tok/s (rounds: {', '.join(f'{b:.1f}' for b in baseline)})")
+    print(f"| concurrency | req/s | out tok/s | vs generate (min-max) | vs concurrency {levels[0]} | TTFT p50/p99 ms | "
+          "TPOT ms | ITL p50/p99 ms | p99 ITL / single p99 | p99 ITL / single p50 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in levels:
+        med = {k: statistics.median(r[k] for r in rows[c]) for k in rows[c][0]}
+        ratios = [r["tok_s"] / b for r, b in zip(rows[c], baseline)]
+        print(f"| {c} | {med['req_s']:.2f} | {med['tok_s']:.1f} | {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {med['tok_s'] / single['tok_s']:.2f}x | "
+              f"{med['ttft_p50']:.0f}/{med['ttft_p99']:.0f} | {med['tpot']:.1f} | "
+              f"{med['itl_p50']:.1f}/{med['itl_p99']:.1f} | {med['itl_p99'] / single['itl_p99']:.2f}x | "
+              f"{med['itl_p99'] / single['itl_p50']:.2f}x |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="default: the trained small teacher")
+    parser.add_argument("--random-160m", action="store_true",
+                        help="a random-weight ~160M Llama shape (throughput only; labelled as such)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--no-batch-invariant", action="store_true", help="pass --no-batch-invariant to the server")
+    parser.add_argument("--compile", action="store_true", help="pass --compile to the server")
+    parser.add_argument("--server-tree", help="run the server from this source tree (e.g. an older version)")
     parser.add_argument("--engine", action="store_true", help="only the scheduler in-process, no HTTP")
     args = parser.parse_args()
 
     import random
+    import tempfile
 
     import torch
 
@@ -158,6 +218,9 @@ def main() -> int:
         from teacher import teacher_checkpoint
 
         ckpt = str(teacher_checkpoint("small"))
+    scratch = tempfile.TemporaryDirectory()
+    if args.random_160m:
+        ckpt = random_llama_160m(ckpt, Path(scratch.name) / "random-160m")
     model, tok, _ = load_checkpoint(ckpt)
     rng = random.Random(0)
     words = "the of and to in is that for it as with was on be by this are from or at".split()
@@ -167,14 +230,16 @@ def main() -> int:
     if args.engine:
         engine_table(model, tok, prompts, args.max_tokens, args.rounds)
         return 0
-    print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; "
-          f"batch-invariant decode {'off' if args.no_batch_invariant else 'on'}; load {os.getloadavg()[0]:.2f}")
+    flags = ["--no-batch-invariant"] * args.no_batch_invariant + ["--compile"] * args.compile
+    print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; server flags {flags}; "
+          f"server tree {args.server_tree or REPO}; load {os.getloadavg()[0]:.2f}")
     port = free_port()
-    server = start_server(ckpt, port, max(levels), ["--no-batch-invariant"] if args.no_batch_invariant else [])
+    server = start_server(ckpt, port, max(levels), flags, args.server_tree)
     rows: dict[int, list[dict]] = {c: [] for c in levels}
     baseline = []
     try:
-        one_request(port, prompts[0], 4)  # warm-up
+        for c in levels:  # warm-up (and, with --compile, the compilation)
+            run_load(port, prompts[:c], 4, c)
         for _ in range(args.rounds):
             baseline.append(sequential_generate(model, prompts, args.max_tokens))
             for c in levels:
@@ -182,18 +247,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
-    base = statistics.median(baseline)
-    single_itl = statistics.median(r["itl_p50"] for r in rows[levels[0]])
-    print(f"sequential neoformer.generate: {base:.1f} tok/s (rounds: {', '.join(f'{b:.1f}' for b in baseline)})")
-    print("| concurrency | req/s | out tok/s | vs sequential (min-max) | TTFT p50/p99 ms | ITL p50/p99 ms | "
-          "p99 ITL / single p50 |")
-    print("|---|---|---|---|---|---|---|")
-    for c in levels:
-        med = {k: statistics.median(r[k] for r in rows[c]) for k in rows[c][0]}
-        ratios = [r["tok_s"] / b for r, b in zip(rows[c], baseline)]
-        print(f"| {c} | {med['req_s']:.2f} | {med['tok_s']:.1f} | {statistics.median(ratios):.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) | {med['ttft_p50']:.0f}/{med['ttft_p99']:.0f} | "
-              f"{med['itl_p50']:.1f}/{med['itl_p99']:.1f} | {med['itl_p99'] / single_itl:.2f}x |")
+    report(rows, baseline)
     print(f"load after: {os.getloadavg()[0]:.2f}")
     return 0
 

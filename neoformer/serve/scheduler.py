@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..generate.config import GenerationConfig
-from ..generate.engine import forward_tokens
+from ..generate.engine import CPU_COMPILE_OPTIONS, forward_tokens
 from ..generate.sampling import History, choose, process
 from ..generate.stops import StopStrings
 from ..kinds import get as model_kind
@@ -287,9 +287,12 @@ class Scheduler:
         return forward_tokens(self.model, step, tokens[:n, None], lengths[:n, None], None, encoded)
 
     def _compiled_decode(self):
-        """--compile: the decode step at one shape (every row, the full window), compiled once."""
-        compiled = torch.compile(self._decode_rows, dynamic=False)
-        return lambda tokens, lengths: compiled(tokens, lengths, self.capacity, len(self.rows))
+        """--compile: the decode step over every row, compiled once per attention window (a
+        multiple of 64 slots, so at most capacity / 64 graphs); on CPU with inductor's C++ wrapper."""
+        options = CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None
+        compiled = torch.compile(self._decode_rows, dynamic=False, options=options)
+        return lambda tokens, lengths: compiled(tokens, lengths, window(int(lengths.max()) + 1, self.capacity),
+                                                len(self.rows))
 
     def _decode_step(self) -> None:
         """One token for every running row: one argmax, one log-softmax for the rows that want
