@@ -10,7 +10,7 @@ runs the same prompts one by one through `neoformer.generate` in this process (a
 Rounds interleave the server and the baseline; ratios are quoted with their spread (min-max over
 rounds), against `generate` and against the server's own concurrency-1 figure.
 
-    --random-160m      a ~160M Llama shape with RANDOM weights (serving throughput only)
+    --random-160m      a 144M Llama shape with RANDOM weights (serving throughput only)
     --server-tree DIR  run the server from another source tree (a before/after comparison)
     --engine           the scheduler alone, in-process (the price of batch invariance)
 """
@@ -153,7 +153,7 @@ def engine_table(model, tok, prompts, max_tokens: int, rounds: int) -> None:
 
 
 def random_llama_160m(teacher: str, out: Path) -> str:
-    """A ~160M-parameter Llama-shaped decoder with RANDOM weights (the teacher's tokenizer and layout,
+    """A 144M-parameter Llama-shaped decoder (the issue's ~160M class) with RANDOM weights (the teacher's tokenizer and layout,
     d_model 1024, 12 layers, GQA 16/4 heads, SwiGLU 2816): only for serving throughput, never quality."""
     import dataclasses
 
@@ -194,7 +194,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="default: the trained small teacher")
     parser.add_argument("--random-160m", action="store_true",
-                        help="a random-weight ~160M Llama shape (throughput only; labelled as such)")
+                        help="a random-weight 144M Llama shape (throughput only; labelled as such)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

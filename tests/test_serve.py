@@ -516,7 +516,7 @@ def test_serve_quantizes_on_load_and_serves_quantized_and_adapter_checkpoints(tm
         server.scheduler.start()
         try:
             body = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}).encode()
-            status, _, out = _asgi(create_app(server), "POST", "/v1/completions", body)
+            status, _, out = _asgi(create_app(server), "POST", "/v1/completions", body, stay=True)
         finally:
             server.scheduler.stop()
         assert status == 200, out

@@ -119,7 +119,11 @@ class Outbox:
             if self.scheduled:
                 return
             self.scheduled = True
-        loop.call_soon_threadsafe(self.flush)
+        try:
+            loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:  # that request's event loop is closed: nobody is left to deliver to
+            with self.lock:
+                self.items, self.scheduled = [], False
 
     def flush(self) -> None:
         with self.lock:
