@@ -153,8 +153,9 @@ def engine_table(model, tok, prompts, max_tokens: int, rounds: int) -> None:
 
 
 def random_llama_160m(teacher: str, out: Path) -> str:
-    """A 144M-parameter Llama-shaped decoder (the issue's ~160M class) with RANDOM weights (the teacher's tokenizer and layout,
-    d_model 1024, 12 layers, GQA 16/4 heads, SwiGLU 2816): only for serving throughput, never quality."""
+    """A 144M-parameter Llama-shaped decoder (the issue's ~160M class) with RANDOM weights (the
+    teacher's tokenizer and layout, d_model 1024, 12 layers, GQA 16/4 heads, SwiGLU 2816): only
+    for serving throughput, never quality."""
     import dataclasses
 
     import torch
