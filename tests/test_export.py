@@ -225,7 +225,7 @@ def test_gguf_reads_back_with_tokenizer_metadata(quant, tokenizer, tmp_path):
     result = export(model, tmp_path / "g", "gguf", quant=quant, tokenizer=tokenizer)
     assert result.max_diff <= (1e-5 if quant is None else 0.1)
     fields, tensors = read_gguf(tmp_path / "g" / "model.gguf")
-    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id and "messages" in fields["tokenizer.chat_template"]
     assert tensors["blk.0.ffn_down.weight"][0] == ("Q8_0" if quant else "F32")
     # transformers reads llama.cpp metadata on its own: its tokenizer encodes like ours
