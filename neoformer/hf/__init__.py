@@ -1,4 +1,4 @@
-"""Hugging Face interop: load Llama / Mistral / GPT-2 checkpoints exactly, export back.
+"""Hugging Face interop: load Llama / Mistral / Qwen2 / Mixtral / GPT-2 / BERT checkpoints exactly, export back.
 
 ``from_hf`` reads a local model folder (config.json + safetensors, sharded or not, or a
 pytorch_model.bin through ``torch.load(weights_only=True)``) without importing transformers,
@@ -21,11 +21,12 @@ import torch
 from ..config import ModelConfig
 from ..model import build_model
 from ..model.transformer import DecoderLM
-from . import gpt2, llama, mixtral, qwen2
+from . import bert, gpt2, llama, mixtral, qwen2
 from .common import HFWeights, fuse_qkv, split_qkv
 
-FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2) for arch in family.ARCHITECTURES}
-MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES}
+FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2, bert) for arch in family.ARCHITECTURES}
+MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES,
+               **bert.MODEL_TYPES}
 SUPPORTED = ", ".join(FAMILIES)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "tokenizer_meta.json",
@@ -139,8 +140,11 @@ def _load_into_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch
 # ---- to_hf --------------------------------------------------------------------------------
 def stock_export_family(cfg: ModelConfig):
     """The converter module for this config, or a ValueError naming the first unsupported feature."""
+    if cfg.kind == "encoder":
+        return bert  # its check_exportable says whether the encoder is BERT-shaped
     unsupported = [
-        (cfg.kind != "decoder", f"kind={cfg.kind!r} (encoder kinds); only decoder-only models export"),
+        (cfg.kind != "decoder", f"kind={cfg.kind!r}; only decoder-only models and BERT-shaped encoders export"),
+        (cfg.embed_norm or cfg.head_bias, "an embedding norm or a biased output layer (embed_norm / head_bias)"),
         (cfg.rmc or cfg.nsb, "the NeoFormer-X memory layer (rmc/nsb)"),
         (cfg.moe_experts > 0 and cfg.position != "rope", "a mixture of experts without rope"),
         (cfg.ngpt, "nGPT (ngpt=True)"),
