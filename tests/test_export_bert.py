@@ -101,3 +101,45 @@ def test_planner_counts_the_bert_parts():
     assert counts.by_component["embedding_norm"] == 2 * 32
     assert counts.by_component["mlm_transform"] == 32 * 32 + 32 + 2 * 32
     assert "other" not in counts.by_component
+
+
+# ---- sharded safetensors -------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["nexus-debug", "neobert-debug"])  # stock class, custom code
+def test_sharded_export_loads_in_transformers_and_imports_back(preset, tmp_path, capsys):
+    from neoformer.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(preset, vocab_size=96).eval()
+    ckpt = save_checkpoint(tmp_path / "run", 1, model)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--max-shard-size", "20KB"]) == 0
+    assert "verified" in capsys.readouterr().out  # transformers loaded the shards (verification)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert all((tmp_path / "hf" / s).stat().st_size <= 20_000 + 1024 or len(
+        [k for k, v in index["weight_map"].items() if v == s]) == 1 for s in shards)  # +header; or one big tensor
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, _, _ = load_checkpoint(tmp_path / "back")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, back.state_dict()[name]), name
+
+
+def test_shard_index_must_stay_inside_the_folder_and_sizes_must_parse(tmp_path, capsys):
+    torch.manual_seed(0)
+    export(build_model("nexus-debug", vocab_size=96), tmp_path / "hf", "hf", max_shard_size="20KB", verify=False)
+    index_file = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = next(iter(index["weight_map"]))
+    (tmp_path / "model-escape.safetensors").write_bytes((tmp_path / "hf" / index["weight_map"][first]).read_bytes())
+    index["weight_map"][first] = "../model-escape.safetensors"
+    index_file.write_text(json.dumps(index))
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "outside the model folder" in err, err
+    ckpt_model = build_model("nexus-debug", vocab_size=96)
+    for size, message in (("12 parsecs", "give a size such as"), ("0", "must be positive")):
+        with pytest.raises(ValueError, match=message):
+            export(ckpt_model, tmp_path / "x", "hf", max_shard_size=size)
+    with pytest.raises(ValueError, match="use it with --format hf"):
+        export(ckpt_model, tmp_path / "x", "onnx", max_shard_size="1GB")
+    assert not (tmp_path / "x").exists()

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--format", default="hf", choices=FORMAT_NAMES)
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     parser.add_argument("--quant", default=None, help="gguf only: q8_0 | q4_0")
+    parser.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                        help="hf only: split the weights into safetensors shards of at most SIZE (500MB, 2GB, "
+                             "1GiB) with model.safetensors.index.json, as transformers writes them")
     parser.add_argument("--llama-cpp", metavar="DIR", default=None,
                         help="gguf only: llama.cpp's build/bin folder; verification then runs llama-completion on "
                              "the file and checks its greedy text equals neoformer's (default: "
@@ -36,7 +39,7 @@ def run_export(args) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     _refuse_overlap(Path(args.out), checkpoint)
-    options = {}
+    options = {"max_shard_size": args.max_shard_size} if args.max_shard_size is not None else {}
     if args.llama_cpp is not None:
         if args.format != "gguf":
             raise ValueError("--llama-cpp checks a gguf export; use it with --format gguf")

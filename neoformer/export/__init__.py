@@ -61,12 +61,20 @@ def export(checkpoint_or_model, out: str | os.PathLike, format: str = "hf", *, d
 
     ``dtype``: fp32 | bf16 | fp16 (default fp32); ``quant``: q8_0 | q4_0 (gguf only).
     ``tokenizer`` / ``checkpoint_config``: for a model object (a checkpoint brings its own).
+    ``options``: ``max_shard_size="2GB"`` (hf: sharded safetensors + index), ``llama_cpp=DIR`` (gguf: run
+    llama.cpp on the file as part of verification).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     torch_dtype = parse_dtype(dtype) or DTYPES["fp32"]
     if quant is not None and (format != "gguf" or quant not in QUANTS):
         raise ExportError(f"--quant {quant} is only for --format gguf, one of {', '.join(QUANTS)}")
+    if options.get("max_shard_size") is not None:
+        if format != "hf":
+            raise ExportError("--max-shard-size splits the weights of an hf export; use it with --format hf")
+        from ..hf.shards import parse_size
+
+        parse_size(options["max_shard_size"])  # a bad size is refused before anything is written
     source = load_source(checkpoint_or_model)
     if tokenizer is not None:
         source.tokenizer = tokenizer

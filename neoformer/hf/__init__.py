@@ -23,6 +23,7 @@ from ..model import build_model
 from ..model.transformer import DecoderLM
 from . import bert, gpt2, llama, mixtral, qwen2
 from .common import HFWeights, fuse_qkv, split_qkv
+from .shards import shard_files, write_safetensors
 
 FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2, bert) for arch in family.ARCHITECTURES}
 MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES,
@@ -65,10 +66,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return _load_file(folder / single)
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
             tensors: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors.update(_load_file(folder / shard))
+            for shard in shard_files(folder, index):
+                tensors.update(_load_file(shard))
             return tensors
     raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
@@ -164,10 +164,13 @@ def stock_export_family(cfg: ModelConfig):
     return llama if cfg.position == "rope" else gpt2
 
 
-def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``out_dir/config.json`` + ``model.safetensors`` for transformers (Llama, Mistral or GPT-2).
+def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+          max_shard_size: str | int | None = None) -> Path:
+    """Write ``out_dir/config.json`` + ``model.safetensors`` for transformers (Llama, Mistral, Qwen2, Mixtral,
+    GPT-2, BERT).
 
     ``tokenizer_dir``: a folder (or one file) whose tokenizer files are copied next to the weights.
+    ``max_shard_size`` (``"2GB"``, bytes): shards plus ``model.safetensors.index.json`` past that size.
     """
     _check_export_folder(Path(out_dir))
     cfg: ModelConfig = model.config
@@ -183,9 +186,7 @@ def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_safetensors(tensors, out, max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     _copy_tokenizer(tokenizer_files, out)
     return out
