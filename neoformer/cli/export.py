@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMAT_NAMES = ("hf", "onnx", "torch-export", "torchscript", "gguf")  # = neoformer.export.FORMATS (torch-free here)
+FORMAT_NAMES = ("hf", "onnx", "torch-export", "aoti", "torchscript", "gguf")  # = neoformer.export.FORMATS (torch-free here)
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint (hf, onnx, torch-export, torchscript, gguf), verified",
+        "export", help="export a checkpoint (hf, onnx, torch-export, aoti, torchscript, gguf), verified",
         description="Write the checkpoint for another runtime, then load what was written with that runtime's "
                     "own library and compare logits over a prefill plus three cached decode steps (gguf: "
                     "every tensor read back). hf: stock transformers classes where one fits (Llama, Mistral, "

@@ -6,7 +6,7 @@
 
 Formats (``FORMATS``): ``hf`` (transformers folder: stock class or neoformer's own code),
 ``onnx`` (onnxruntime, KV cache as inputs/outputs), ``torch-export`` (ExportedProgram .pt2),
-``torchscript`` and ``gguf`` (llama.cpp). After writing, ``verify=True`` (the default) loads the
+``aoti`` (AOTInductor packages of the prefill and decode steps), ``torchscript`` and ``gguf`` (llama.cpp). After writing, ``verify=True`` (the default) loads the
 output with the consumer's own library and compares logits over a prefill plus three cached
 decode steps (gguf: every tensor read back, dequantized); a mismatch raises :class:`ExportError`.
 The reverse direction, Hugging Face folder -> checkpoint, is :func:`neoformer.export.importer.import_hf`.
@@ -27,6 +27,7 @@ FORMATS = {
     "onnx": ("neoformer.export.onnx_format:write_onnx", "neoformer.export.onnx_format:verify_onnx"),
     "torch-export": ("neoformer.export.torch_formats:write_exported_program",
                      "neoformer.export.torch_formats:verify_exported_program"),
+    "aoti": ("neoformer.export.aoti_format:write_aoti", "neoformer.export.aoti_format:verify_aoti"),
     "torchscript": ("neoformer.export.torch_formats:write_torchscript",
                     "neoformer.export.torch_formats:verify_torchscript"),
     "gguf": ("neoformer.export.gguf_format:write_gguf", "neoformer.export.gguf_format:verify_gguf"),
