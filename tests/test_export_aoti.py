@@ -1,10 +1,11 @@
 """--format aoti: the AOTInductor package reproduces neoformer's logits (compiling is slow: slow-marked)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from neoformer.export import ExportError, export
-import pytest
+
 
 @pytest.mark.slow
 def test_aoti_package_matches_neoformer_at_batch_one_and_one_token_prompt(tmp_path):
