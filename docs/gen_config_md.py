@@ -111,6 +111,9 @@ NOTES: dict[type, dict[str, str]] = {
         "relative_max_distance": "T5 distance beyond which buckets are shared; a positive integer with "
                                  "`position: relative`",
         "embed_scale": "multiply token embeddings by sqrt(`d_model`) (Vaswani et al. 2017)",
+        "embed_norm": "a `norm` over the summed token + position embeddings (BERT, Devlin et al. 2019)",
+        "mlm_transform": "encoders: dense + activation + `norm` before the output layer (BERT's masked-LM head)",
+        "head_bias": "a bias on the output layer (BERT's masked-LM decoder)",
         "attn_backend": "`auto` (flash-attn on CUDA when installed, else SDPA, else eager), `flash`, `sdpa` or "
                         "`eager`",
         "sliding_window": "tokens each query sees, itself included (Longformer, Beltagy et al. 2020; Mistral). "

@@ -96,6 +96,11 @@ class ModelConfig:
     relative_buckets: int = 32  # T5 relative bias
     relative_max_distance: int = 128
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    embed_norm: bool = False  # a norm (cfg.norm) over the summed embeddings (BERT)
+
+    # output head
+    mlm_transform: bool = False  # encoders: dense + activation + norm before the output layer (BERT's MLM head)
+    head_bias: bool = False  # a bias on the output layer (BERT's MLM decoder)
 
     # attention
     attn_backend: str = "auto"  # auto = flash (CUDA, installed) -> sdpa -> eager
@@ -244,8 +249,12 @@ class ModelConfig:
                 raise ConfigError("ngpt=True replaces norms with normalisation; set norm_position='pre'")
             if self.moe_experts:
                 raise ConfigError("ngpt=True is not supported with moe_experts > 0")
-            if self.bias:
-                raise ConfigError("ngpt=True needs bias=False (normalized weights have no bias)")
+            if self.bias or self.head_bias:
+                raise ConfigError("ngpt=True needs bias=False and head_bias=False (normalized weights have no bias)")
+            if self.embed_norm or self.mlm_transform:
+                raise ConfigError("ngpt=True normalises on its own: set embed_norm=False and mlm_transform=False")
+        if self.mlm_transform and self.kind != "encoder":
+            raise ConfigError(f"mlm_transform (BERT's masked-LM head) is for kind='encoder', not {self.kind!r}")
 
     # ---- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ PARALLEL = ("ddp", "fsdp")
 COMPONENTS = {
     "token_embedding": "token embedding",
     "position_embedding": "position embedding (learned)",
+    "embedding_norm": "embedding norm",
     "rmc": "RMC memory (memory, read_query, out)",
     "nsb": "NSB bridge (rules, to_rule, fuse)",
     "attention": "self-attention (q/k/v/o)",
@@ -41,6 +42,7 @@ COMPONENTS = {
     "ngpt_alphas": "nGPT alphas",
     "relative_bias": "relative position bias",
     "final_norm": "final norm(s)",
+    "mlm_transform": "MLM transform (dense + norm)",
     "lm_head": "LM head",
     "ngpt_logit_scale": "nGPT logit scale",
     "other": "other (not classified: see planner._component)",
@@ -135,7 +137,7 @@ def _component(model, chain: list, attribute: str, in_block: bool) -> str:
     from .model.memory import NeuralSymbolicBridge, RecursiveMemoryCore
     from .model.norms import RMSNorm
     from .model.positions import RelativePositionBias
-    from .model.transformer import Embeddings
+    from .model.transformer import Embeddings, MLMTransform
 
     for i, m in enumerate(chain):
         if isinstance(m, RecursiveMemoryCore):
@@ -151,7 +153,10 @@ def _component(model, chain: list, attribute: str, in_block: bool) -> str:
         if isinstance(m, RelativePositionBias):
             return "relative_bias"
         if isinstance(m, Embeddings):
-            return "token_embedding" if chain[i + 1] is m.tokens else "position_embedding"
+            return {id(m.tokens): "token_embedding", id(m.norm): "embedding_norm"}.get(id(chain[i + 1]),
+                                                                                     "position_embedding")
+        if isinstance(m, MLMTransform):
+            return "mlm_transform"
     owner = chain[-1] if chain else model
     if isinstance(owner, (RMSNorm, nn.LayerNorm)):
         return "norms" if in_block else "final_norm"

@@ -204,9 +204,9 @@ LLAMA_JSON = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_
 
 
 def test_unsupported_architecture_error(tmp_path):
-    folder = write_config(tmp_path / "bert", architectures=["BertForMaskedLM"], model_type="bert")
-    with pytest.raises(ValueError, match=r"'BertForMaskedLM' is not supported.*supported: LlamaForCausalLM, "
-                                         r"MistralForCausalLM, GPT2LMHeadModel"):
+    folder = write_config(tmp_path / "t5", architectures=["T5ForConditionalGeneration"], model_type="t5")
+    with pytest.raises(ValueError, match=r"'T5ForConditionalGeneration' is not supported.*supported: "
+                                         r"LlamaForCausalLM, MistralForCausalLM, GPT2LMHeadModel"):
         from_hf(folder)
     headless = transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=N_HEADS))
     with pytest.raises(ValueError, match="'GPT2Model' is not supported"):
@@ -276,11 +276,11 @@ def test_to_hf_round_trip(case, tmp_path):
 @pytest.mark.parametrize("preset, overrides, feature", [
     ("neoformer-x-debug", {}, "rmc/nsb"),
     ("nexus-debug", dict(position="alibi"), "ALiBi"),
-    ("nima-transformer-debug", dict(position="relative"), "encoder kinds"),
+    ("nima-transformer-debug", dict(position="relative"), "only decoder-only models and BERT-shaped encoders"),
     ("nexus-debug", dict(position="relative"), "T5 relative position bias"),
     ("nexus-debug", dict(ngpt=True), "nGPT"),
     ("nexus-debug", dict(norm_position="post"), "post-norm"),
-    ("neobert-debug", {}, "encoder kinds"),
+    ("neobert-debug", {}, "an encoder exports as BERT, which needs"),
     ("nexus-debug", dict(sliding_window=4, sliding_window_pattern="LG"), "sliding-window pattern"),
     ("nexus-debug", dict(norm="layernorm"), "norm='rmsnorm'"),
     ("nima-debug", dict(position="learned", norm="rmsnorm"), "norm='layernorm'"),

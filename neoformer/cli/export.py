@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMAT_NAMES = ("hf", "onnx", "torch-export", "torchscript", "gguf")  # = neoformer.export.FORMATS (torch-free here)
+FORMAT_NAMES = ("hf", "onnx", "torch-export", "aoti", "torchscript", "gguf")  # = neoformer.export.FORMATS (torch-free here)
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint (hf, onnx, torch-export, torchscript, gguf), verified",
+        "export", help="export a checkpoint (hf, onnx, torch-export, aoti, torchscript, gguf), verified",
         description="Write the checkpoint for another runtime, then load what was written with that runtime's "
                     "own library and compare logits over a prefill plus three cached decode steps (gguf: "
                     "every tensor read back). hf: stock transformers classes where one fits (Llama, Mistral, "
@@ -21,6 +21,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--format", default="hf", choices=FORMAT_NAMES)
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     parser.add_argument("--quant", default=None, help="gguf only: q8_0 | q4_0")
+    parser.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                        help="hf only: split the weights into safetensors shards of at most SIZE (500MB, 2GB, "
+                             "1GiB) with model.safetensors.index.json, as transformers writes them")
+    parser.add_argument("--llama-cpp", metavar="DIR", default=None,
+                        help="gguf only: llama.cpp's build/bin folder; verification then runs llama-completion on "
+                             "the file and checks its greedy text equals neoformer's (default: "
+                             "$NEOFORMER_LLAMA_CPP_DIR, else skipped)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check after writing")
     parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     parser.set_defaults(func=run_export)
@@ -32,8 +39,13 @@ def run_export(args) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     _refuse_overlap(Path(args.out), checkpoint)
+    options = {"max_shard_size": args.max_shard_size} if args.max_shard_size is not None else {}
+    if args.llama_cpp is not None:
+        if args.format != "gguf":
+            raise ValueError("--llama-cpp checks a gguf export; use it with --format gguf")
+        options["llama_cpp"] = args.llama_cpp
     result = export(checkpoint, args.out, args.format, dtype=args.dtype, quant=args.quant, verify=args.verify,
-                    force=args.force)
+                    force=args.force, **options)
     print(f"exported {checkpoint} as {args.format} to {result.path} ({result.size_bytes / 1e6:.2f} MB: "
           f"{', '.join(result.files)})")
     if result.max_diff is None:

@@ -6,7 +6,7 @@
 
 Formats (``FORMATS``): ``hf`` (transformers folder: stock class or neoformer's own code),
 ``onnx`` (onnxruntime, KV cache as inputs/outputs), ``torch-export`` (ExportedProgram .pt2),
-``torchscript`` and ``gguf`` (llama.cpp). After writing, ``verify=True`` (the default) loads the
+``aoti`` (AOTInductor packages of the prefill and decode steps), ``torchscript`` and ``gguf`` (llama.cpp). After writing, ``verify=True`` (the default) loads the
 output with the consumer's own library and compares logits over a prefill plus three cached
 decode steps (gguf: every tensor read back, dequantized); a mismatch raises :class:`ExportError`.
 The reverse direction, Hugging Face folder -> checkpoint, is :func:`neoformer.export.importer.import_hf`.
@@ -27,6 +27,7 @@ FORMATS = {
     "onnx": ("neoformer.export.onnx_format:write_onnx", "neoformer.export.onnx_format:verify_onnx"),
     "torch-export": ("neoformer.export.torch_formats:write_exported_program",
                      "neoformer.export.torch_formats:verify_exported_program"),
+    "aoti": ("neoformer.export.aoti_format:write_aoti", "neoformer.export.aoti_format:verify_aoti"),
     "torchscript": ("neoformer.export.torch_formats:write_torchscript",
                     "neoformer.export.torch_formats:verify_torchscript"),
     "gguf": ("neoformer.export.gguf_format:write_gguf", "neoformer.export.gguf_format:verify_gguf"),
@@ -61,12 +62,20 @@ def export(checkpoint_or_model, out: str | os.PathLike, format: str = "hf", *, d
 
     ``dtype``: fp32 | bf16 | fp16 (default fp32); ``quant``: q8_0 | q4_0 (gguf only).
     ``tokenizer`` / ``checkpoint_config``: for a model object (a checkpoint brings its own).
+    ``options``: ``max_shard_size="2GB"`` (hf: sharded safetensors + index), ``llama_cpp=DIR`` (gguf: run
+    llama.cpp on the file as part of verification).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     torch_dtype = parse_dtype(dtype) or DTYPES["fp32"]
     if quant is not None and (format != "gguf" or quant not in QUANTS):
         raise ExportError(f"--quant {quant} is only for --format gguf, one of {', '.join(QUANTS)}")
+    if options.get("max_shard_size") is not None:
+        if format != "hf":
+            raise ExportError("--max-shard-size splits the weights of an hf export; use it with --format hf")
+        from ..hf.shards import parse_size
+
+        parse_size(options["max_shard_size"])  # a bad size is refused before anything is written
     source = load_source(checkpoint_or_model)
     if tokenizer is not None:
         source.tokenizer = tokenizer

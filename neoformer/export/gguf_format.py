@@ -4,13 +4,14 @@ Tensors follow llama.cpp's ``llama`` architecture names. Q and K rows are permut
 half-split RoPE layout (neoformer, HF) to GGML's interleaved pairs, exactly as llama.cpp's
 convert_hf_to_gguf.py does. Weights are F32/F16/BF16 (``--dtype``) or Q8_0/Q4_0 (``--quant``);
 norms stay F32 and a matrix whose rows do not split into 32-value blocks falls back to F16/F32.
-Tokenizer metadata: byte-level BPE as ``gpt2`` (pre-tokenizer ``gpt2``), SentencePiece as
+Tokenizer metadata: byte-level BPE as ``gpt2`` (pre-tokenizer ``gpt-2``), SentencePiece as
 ``llama`` (pre ``default``), with special ids and the chat template.
 
 Verification reads the file back with gguf's reader, checks the metadata, dequantizes every
 tensor, undoes the permutation, compares each with the original (within the format's
-rounding), and runs neoformer with the read-back weights to report max |Δlogit|. Running
-llama.cpp itself is not part of it (no build here).
+rounding), and runs neoformer with the read-back weights to report max |Δlogit|. Given llama.cpp's
+binaries (``llama_cpp=DIR`` / ``--llama-cpp DIR`` / ``$NEOFORMER_LLAMA_CPP_DIR``), llama.cpp itself
+runs the file greedily and must produce neoformer's text (:mod:`neoformer.export.llama_cpp`).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int, checkpoint_config: 
         types = [T.CONTROL if i in special else T.NORMAL if i in by_id else T.UNUSED for i in range(vocab_size)]
         merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")  # GPT-2's split regex: what ByteLevel(use_regex=True) applies
+        writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split regex (ByteLevel use_regex=True)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
@@ -126,8 +127,12 @@ def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int, checkpoint_config: 
     writer.add_chat_template(chat_template_of(checkpoint_config or {}).template)
 
 
-def write_gguf(source: Source, out: Path, dtype: torch.dtype, quant: str | None = None) -> dict:
+def write_gguf(source: Source, out: Path, dtype: torch.dtype, quant: str | None = None,
+               llama_cpp: str | None = None) -> dict:
     gguf = optional_import("gguf", "gguf")
+    from .llama_cpp import llama_cpp_binary
+
+    llama_cpp_binary(llama_cpp)  # a wrong folder is refused before anything is written
     cfg = source.cfg
     writer = gguf.GGUFWriter(str(out / "model.gguf"), "llama")
     writer.add_name(cfg.name)
@@ -164,7 +169,7 @@ def write_gguf(source: Source, out: Path, dtype: torch.dtype, quant: str | None 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"quant": quant}
+    return {"quant": quant, "llama_cpp": llama_cpp}
 
 
 def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
@@ -214,7 +219,20 @@ def verify_gguf(source: Source, out: Path, dtype: torch.dtype, facts: dict) -> t
     diff = max_abs_diff(decoder_reference(source.model.float(), ids), decoder_reference(reloaded, ids))
     what = (f"gguf reader: metadata, {len(tensors)} tensors within {facts.get('quant') or 'dtype'} rounding; "
             f"neoformer on the read-back weights vs the original, prefill {PREFILL} + {DECODE_STEPS} steps")
-    return diff, what + _transformers_check(out, reloaded, ids)
+    return diff, what + _transformers_check(out, reloaded, ids) + _llama_cpp_check(source, out, reloaded, dtype, facts)
+
+
+def _llama_cpp_check(source: Source, out: Path, reloaded, dtype: torch.dtype, facts: dict) -> str:
+    from .llama_cpp import MARGIN, check_llama_cpp, llama_cpp_binary
+
+    binary = llama_cpp_binary(facts.get("llama_cpp"))
+    if binary is None:
+        return ""
+    weight_type = (facts.get("quant") or {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype])
+    found = check_llama_cpp(binary, out / "model.gguf", reloaded, source.tokenizer, weight_type.upper())
+    tail = "" if found["whole"] else f" (then a near tie: top-2 gap < {MARGIN[weight_type.upper()]})"
+    return (f"; llama.cpp's greedy text equals neoformer's over {found['compared']} of {found['generated']} "
+            f"tokens{tail}, prompt tokens equal")
 
 
 def _transformers_check(out: Path, reloaded, ids) -> str:

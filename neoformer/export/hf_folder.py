@@ -32,8 +32,10 @@ def _state_dict(model) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def write_hf(source: Source, out: Path, dtype: torch.dtype, remote_code: bool | None = None) -> dict:
-    """Write the folder; return facts for verification (``{"remote_code": bool}``)."""
+def write_hf(source: Source, out: Path, dtype: torch.dtype, remote_code: bool | None = None,
+             max_shard_size: str | int | None = None) -> dict:
+    """Write the folder; return facts for verification (``{"remote_code": bool}``). ``max_shard_size``
+    (``"2GB"``): safetensors shards plus ``model.safetensors.index.json`` past that size."""
     optional_import("transformers", "hf")
     cfg = source.cfg
     arch = None if remote_code else stock_architecture(cfg)
@@ -41,12 +43,12 @@ def write_hf(source: Source, out: Path, dtype: torch.dtype, remote_code: bool | 
     if arch is not None:
         from ..hf import to_hf
 
-        to_hf(model, out)
+        to_hf(model, out, max_shard_size=max_shard_size)
     else:
-        from safetensors.torch import save_file
+        from ..hf.shards import write_safetensors
 
         fields = write_remote_code(out, cfg)
-        save_file(_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(_state_dict(model), out, max_shard_size)
         write_json(out / "config.json", {**fields, "dtype": str(dtype).removeprefix("torch."), "use_cache": True})
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": cfg.pad_token_id}
     if source.tokenizer is not None:

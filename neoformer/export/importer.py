@@ -1,6 +1,6 @@
 """Hugging Face folder -> neoformer checkpoint (``neoformer import DIR --out CKPT``).
 
-Reads config + safetensors (Llama, Mistral, Qwen2, Mixtral, GPT-2 through :mod:`neoformer.hf`,
+Reads config + safetensors (Llama, Mistral, Qwen2, Mixtral, GPT-2, BERT through :mod:`neoformer.hf`,
 or a folder ``neoformer export`` wrote with its own code), the fast tokenizer (tokenizer.json)
 and the chat template, writes a plain checkpoint, then checks the imported model's logits
 against transformers running the original folder. import(export(ckpt)) gives the same weights bit
@@ -16,13 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import kinds
-from .common import ExportError, Source, max_abs_diff, prepare_out, probe_ids, verify_steps
-
-# architectures whose layout neoformer cannot reproduce exactly, with the reason
-REFUSED = {
-    "BertForMaskedLM": "BERT normalises the embeddings and has token-type embeddings and a dense+LayerNorm "
-                       "MLM transform before the output layer; neoformer's encoder has none of these",
-}
+from .common import ExportError, Source, check_tolerance, max_abs_diff, prepare_out, probe_ids, verify_steps
 
 
 @dataclass
@@ -70,8 +64,6 @@ def import_hf(folder: str | os.PathLike, out: str | os.PathLike, *, dtype: torch
     folder = Path(folder)
     hf_cfg = read_config(folder)
     arch = (hf_cfg.get("architectures") or [hf_cfg.get("model_type", "?")])[0]
-    if arch in REFUSED:
-        raise ExportError(f"cannot import {arch}: {REFUSED[arch]}")
     remote = hf_cfg.get("model_type") == "neoformer"
     model = _neoformer_folder_model(folder, hf_cfg) if remote else from_hf(folder, dtype=dtype)
     if dtype is not None:
@@ -99,5 +91,8 @@ def _verify(model, folder: Path, arch: str, remote: bool) -> float:
         return verify_steps("import", Source(model.eval()), dtype, lambda ids: hf_cached_steps(theirs, ids), arch)[0]
     ids = probe_ids(model.config.vocab_size, 8)
     if not kind.causal:  # encoder
-        return max_abs_diff([model(ids).float()], [theirs(input_ids=ids).logits])
-    return max_abs_diff([model(ids, ids)[0].float()], [theirs(input_ids=ids, decoder_input_ids=ids).logits])
+        diff = max_abs_diff([model(ids).float()], [theirs(input_ids=ids).logits])
+    else:
+        diff = max_abs_diff([model(ids, ids)[0].float()], [theirs(input_ids=ids, decoder_input_ids=ids).logits])
+    check_tolerance("import", diff, dtype)
+    return diff

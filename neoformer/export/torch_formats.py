@@ -47,7 +47,7 @@ def _module_and_examples(source: Source, dtype: torch.dtype):
     return DecoderStep(model), tuple(args), ["input_ids", "attention_mask", *names], axes
 
 
-def _write_meta(source: Source, out: Path, fmt: str, names: list[str], dtype) -> None:
+def write_meta(source: Source, out: Path, fmt: str, names: list[str], dtype) -> None:
     write_json(out / "neoformer_export.json", {"format": fmt, "inputs": names, "kind": source.cfg.kind,
                                                "dtype": str(dtype).removeprefix("torch."),
                                                "model": source.cfg.to_dict()})
@@ -55,7 +55,8 @@ def _write_meta(source: Source, out: Path, fmt: str, names: list[str], dtype) ->
         source.tokenizer.save(out / "tokenizer")
 
 
-def write_exported_program(source: Source, out: Path, dtype: torch.dtype) -> dict:
+def exported_program(source: Source, dtype: torch.dtype):
+    """(ExportedProgram of the one-step module with dynamic batch / sequence / past, input names)."""
     module, args, names, axes = _module_and_examples(source, dtype)
     Dim, limit = torch.export.Dim, source.cfg.max_seq_len
     batch, seq, past = Dim("batch", max=4096), Dim("seq", max=limit), Dim("past", max=limit)
@@ -69,8 +70,13 @@ def write_exported_program(source: Source, out: Path, dtype: torch.dtype) -> dic
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportError(f"torch.export failed: {first}") from error
+    return program, names
+
+
+def write_exported_program(source: Source, out: Path, dtype: torch.dtype) -> dict:
+    program, names = exported_program(source, dtype)
     torch.export.save(program, str(out / "model.pt2"))
-    _write_meta(source, out, "torch-export", names, dtype)
+    write_meta(source, out, "torch-export", names, dtype)
     return {}
 
 
@@ -82,11 +88,11 @@ def write_torchscript(source: Source, out: Path, dtype: torch.dtype) -> dict:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportError(f"TorchScript tracing failed ({first}); use --format torch-export or onnx") from error
     torch.jit.save(traced, str(out / "model.ts"))
-    _write_meta(source, out, "torchscript", names, dtype)
+    write_meta(source, out, "torchscript", names, dtype)
     return {}
 
 
-def _verify(source: Source, dtype, call, what: str) -> tuple[float, str]:
+def verify_one_step(source: Source, dtype, call, what: str) -> tuple[float, str]:
     cfg = source.cfg
     if not source.kind.causal:
         ids = probe_ids(cfg.vocab_size, PREFILL + DECODE_STEPS)
@@ -118,10 +124,10 @@ def verify_exported_program(source: Source, out: Path, dtype: torch.dtype, facts
     # (mask length != new tokens) that a prefill (empty past) breaks; the graph itself is right at
     # every length, which this verification shows, so the guards are not checked
     module = torch.export.load(str(out / "model.pt2")).module(check_guards=False)
-    return _verify(source, dtype, module, "torch-export")
+    return verify_one_step(source, dtype, module, "torch-export")
 
 
 @torch.no_grad()
 def verify_torchscript(source: Source, out: Path, dtype: torch.dtype, facts: dict) -> tuple[float, str]:
     module = torch.jit.load(str(out / "model.ts"))
-    return _verify(source, dtype, module, "torchscript")
+    return verify_one_step(source, dtype, module, "torchscript")

@@ -1,4 +1,4 @@
-"""Hugging Face interop: load Llama / Mistral / GPT-2 checkpoints exactly, export back.
+"""Hugging Face interop: load Llama / Mistral / Qwen2 / Mixtral / GPT-2 / BERT checkpoints exactly, export back.
 
 ``from_hf`` reads a local model folder (config.json + safetensors, sharded or not, or a
 pytorch_model.bin through ``torch.load(weights_only=True)``) without importing transformers,
@@ -21,11 +21,13 @@ import torch
 from ..config import ModelConfig
 from ..model import build_model
 from ..model.transformer import DecoderLM
-from . import gpt2, llama, mixtral, qwen2
+from . import bert, gpt2, llama, mixtral, qwen2
 from .common import HFWeights, fuse_qkv, split_qkv
+from .shards import shard_files, write_safetensors
 
-FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2) for arch in family.ARCHITECTURES}
-MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES}
+FAMILIES = {arch: family for family in (llama, gpt2, mixtral, qwen2, bert) for arch in family.ARCHITECTURES}
+MODEL_TYPES = {**llama.MODEL_TYPES, **gpt2.MODEL_TYPES, **mixtral.MODEL_TYPES, **qwen2.MODEL_TYPES,
+               **bert.MODEL_TYPES}
 SUPPORTED = ", ".join(FAMILIES)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "tokenizer_meta.json",
@@ -64,10 +66,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return _load_file(folder / single)
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
             tensors: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors.update(_load_file(folder / shard))
+            for shard in shard_files(folder, index):
+                tensors.update(_load_file(shard))
             return tensors
     raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
@@ -139,8 +140,11 @@ def _load_into_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch
 # ---- to_hf --------------------------------------------------------------------------------
 def stock_export_family(cfg: ModelConfig):
     """The converter module for this config, or a ValueError naming the first unsupported feature."""
+    if cfg.kind == "encoder":
+        return bert  # its check_exportable says whether the encoder is BERT-shaped
     unsupported = [
-        (cfg.kind != "decoder", f"kind={cfg.kind!r} (encoder kinds); only decoder-only models export"),
+        (cfg.kind != "decoder", f"kind={cfg.kind!r}; only decoder-only models and BERT-shaped encoders export"),
+        (cfg.embed_norm or cfg.head_bias, "an embedding norm or a biased output layer (embed_norm / head_bias)"),
         (cfg.rmc or cfg.nsb, "the NeoFormer-X memory layer (rmc/nsb)"),
         (cfg.moe_experts > 0 and cfg.position != "rope", "a mixture of experts without rope"),
         (cfg.ngpt, "nGPT (ngpt=True)"),
@@ -160,10 +164,13 @@ def stock_export_family(cfg: ModelConfig):
     return llama if cfg.position == "rope" else gpt2
 
 
-def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``out_dir/config.json`` + ``model.safetensors`` for transformers (Llama, Mistral or GPT-2).
+def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+          max_shard_size: str | int | None = None) -> Path:
+    """Write ``out_dir/config.json`` + ``model.safetensors`` for transformers (Llama, Mistral, Qwen2, Mixtral,
+    GPT-2, BERT).
 
     ``tokenizer_dir``: a folder (or one file) whose tokenizer files are copied next to the weights.
+    ``max_shard_size`` (``"2GB"``, bytes): shards plus ``model.safetensors.index.json`` past that size.
     """
     _check_export_folder(Path(out_dir))
     cfg: ModelConfig = model.config
@@ -179,9 +186,7 @@ def to_hf(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_safetensors(tensors, out, max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     _copy_tokenizer(tokenizer_files, out)
     return out

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo, keep_mask
 from .block import Block
+from .ffn import ACTIVATION_FNS
 from .head_loss import at_least_fp32, chunked_head_loss, token_cross_entropy_sum
 from .memory import NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
@@ -61,6 +62,7 @@ class Embeddings(nn.Module):
         if cfg.position == "learned":
             self.positions = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.d_model)
         self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        self.norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.embed_dropout)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -74,6 +76,8 @@ class Embeddings(nn.Module):
             h = h + self.positions(pos)
         elif self.cfg.position == "sinusoidal":
             h = h + sinusoidal_encoding(positions, self.cfg.d_model, h.dtype)
+        if self.norm is not None:
+            h = self.norm(h)
         if self.cfg.ngpt:
             h = unit_norm(h)
         return self.drop(h)
@@ -193,7 +197,7 @@ class NeoFormerModel(nn.Module):
                              "learned-position model; shorten the input or trim the cache")
 
     def _tie_or_make_head(self, embeddings: Embeddings) -> nn.Linear:
-        head = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
+        head = nn.Linear(self.config.d_model, self.config.vocab_size, bias=self.config.head_bias)
         if self.config.tie_embeddings:
             head.weight = embeddings.tokens.weight
         if self.config.ngpt:  # nGPT s_z: learned per-token logit scale
@@ -201,6 +205,13 @@ class NeoFormerModel(nn.Module):
         return head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._project(self._head_input(hidden))
+
+    def _head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        transform = self._modules.get("mlm_transform")  # BERT's dense + activation + norm (encoders)
+        return hidden if transform is None else transform(hidden)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return logits * self.logit_scale if self.config.ngpt else logits
 
@@ -214,8 +225,9 @@ class NeoFormerModel(nn.Module):
         hidden (B, L, D); row_inputs: tensors (B, L, ...) such as targets or teacher logits. A head
         that is not a plain bias-free nn.Linear (quantised, adapted) takes the plain path."""
         head = self.lm_head
+        hidden = self._head_input(hidden)
         if self.loss_chunk_rows == 0 or type(head) is not nn.Linear or head.bias is not None:
-            logits = at_least_fp32(self.logits(hidden))
+            logits = at_least_fp32(self._project(hidden))
             return loss_fn(logits.reshape(-1, logits.shape[-1]),
                            *(x.reshape(logits.shape[0] * logits.shape[1], *x.shape[2:]) for x in row_inputs))
         scale = self.logit_scale if self.config.ngpt else None
@@ -325,6 +337,19 @@ class DecoderLM(NeoFormerModel):
         return loss, stats
 
 
+class MLMTransform(nn.Module):
+    """BERT's masked-LM transform: norm(act(dense(h))) before the output layer (Devlin et al. 2019)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = ACTIVATION_FNS[cfg.activation]
+        self.norm = make_norm(cfg)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(h)))
+
+
 class EncoderMLM(NeoFormerModel):
     """Bidirectional encoder with a masked-LM head (BERT, NeoBERT)."""
 
@@ -333,6 +358,8 @@ class EncoderMLM(NeoFormerModel):
         self.config = cfg
         self.embed = Embeddings(cfg)
         self.encoder = BlockStack(cfg, cfg.n_layers, causal=False)
+        if cfg.mlm_transform:
+            self.mlm_transform = MLMTransform(cfg)
         self.lm_head = self._tie_or_make_head(self.embed)
         self.init_weights()
 

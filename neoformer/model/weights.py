@@ -58,8 +58,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 nn.init.xavier_uniform_(module.weight, gain=residual_std / cfg.init_std if residual else 1.0)
             else:
                 nn.init.normal_(module.weight, 0.0, residual_std if residual else cfg.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 @torch.no_grad()
