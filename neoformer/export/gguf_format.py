@@ -98,7 +98,7 @@ def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int, checkpoint_config: 
         types = [T.CONTROL if i in special else T.NORMAL if i in by_id else T.UNUSED for i in range(vocab_size)]
         merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")  # GPT-2's split regex: what ByteLevel(use_regex=True) applies
+        writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split regex (ByteLevel use_regex=True)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
