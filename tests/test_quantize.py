@@ -20,6 +20,7 @@ from neoformer.quantize import (
     SCHEMES, QuantizedEmbedding, QuantizedLinear, kernels as K, quantize_checkpoint, quantize_model, quantized_summary,
     tensor_bytes,
 )
+from neoformer.quantize.modules import INT4_GEMM_ROWS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,16 +95,32 @@ def test_fast_forward_matches_the_float64_reference(scheme, rows):
     assert (fast.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back():
+def test_int4_prefill_gemm_on_the_kernel_layout_matches_the_float64_reference():
+    torch.manual_seed(2)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 192, bias=False), "int4", 32)
+    x = torch.randn(INT4_GEMM_ROWS + 3, 128)
+    with torch.no_grad():
+        fast, decode = q(x), q(x[:1])  # the block-dequantized GEMM, then the packed GEMV kernel
+        expected = F.linear(x.double(), q.dequantize(torch.float64))
+    assert q._layout_known and q.qweight is None
+    assert (fast.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert (decode.double() - expected[:1]).abs().max() <= 2e-2 * expected[:1].abs().max()
+    assert torch.equal(K.int4_cpu_unpack(q._int4_cpu[0], 192, 128), K.unpack_nibbles(q.packed().qweight))
+
+
+@pytest.mark.parametrize("out", [128, 96])  # 96 rows: not whole 64-row blocks of the kernel layout
+def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back(out):
     torch.manual_seed(3)
-    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 96), "int4", 64)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, out), "int4", 64)
     stored = {k: v.clone() for k, v in q.state_dict().items()}
     with torch.no_grad():
-        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes
-    assert q.qweight is None
+        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes where it is the known one
+    assert (q.qweight is None) == (out % 64 == 0)
     again = q.state_dict()
     assert stored.keys() == again.keys() and all(torch.equal(stored[k], again[k]) for k in stored)
     assert torch.equal(q.dequantize(), K.dequantize_int4(K.Int4Weight(stored["qweight"], q.scales, q.zeros, 64)))
+    with torch.no_grad():
+        assert torch.equal(q(torch.ones(2, 128)), q(torch.ones(2, 128)))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

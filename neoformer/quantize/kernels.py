@@ -162,3 +162,51 @@ def int4_cpu_pack(q: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
     scales_zeros = torch.stack((q.scales.t(), q.zeros.t()), dim=-1).contiguous()
     return packed, scales_zeros
+
+
+# The CPU kernel's layout (torch 2.x, AVX-512 and AVX2 builds; found by packing index patterns): output
+# rows in blocks of 64; a block's bytes, read as (in, 32), hold row 32 * nibble + j of the block at
+# column k in byte (k, j), low nibble first. int4_cpu_layout_holds checks it on the real weight before
+# anything relies on it (another build would keep the stored copy instead).
+INT4_CPU_BLOCK = 64
+
+
+def int4_cpu_blocks(packed: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel layout as two uint8 code tensors (out/64, in, 32): rows 0-31 and 32-63 of each block,
+    transposed (in x rows), so a block's weight is ready to right-multiply activations."""
+    b = packed.reshape(-1, n_in, INT4_CPU_BLOCK // 2)
+    return b & 0x0F, b >> 4
+
+
+def int4_cpu_unpack(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The codes (out, in) of the kernel layout (uint8 0-15): the stored nibbles, repacked."""
+    low, high = int4_cpu_blocks(packed, n_in)
+    return torch.cat((low, high), dim=-1).transpose(1, 2).reshape(n_out, n_in)
+
+
+def int4_cpu_layout_holds(packed: torch.Tensor, q: Int4Weight) -> bool:
+    n_out, n_in = q.qweight.shape[0], q.qweight.shape[1] * 2
+    return (n_out % INT4_CPU_BLOCK == 0 and packed.numel() * 2 == n_out * n_in
+            and torch.equal(int4_cpu_unpack(packed, n_out, n_in), unpack_nibbles(q.qweight)))
+
+
+def int4_cpu_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group: int) -> torch.Tensor:
+    """x (rows, in) @ W^T for many rows (prefill): the kernel layout is dequantized block by block to
+    x's dtype (one pass: w = code * scale + (zero - 8 * scale)) and multiplied without transposing the
+    weight; _weight_int4pack_mm_for_cpu is a GEMV kernel whose time grows with every row."""
+    n_out, n_in = scales.shape[0], x.shape[-1]
+    blocks = n_out // INT4_CPU_BLOCK
+
+    def per_block(t):  # (out, in/group) -> (blocks, in/group, 1, 64): lined up with the block layout
+        return t.to(x.dtype).reshape(blocks, INT4_CPU_BLOCK, -1).transpose(1, 2)[:, :, None, :]
+
+    scale = per_block(scales)
+    offset = per_block(zeros) - 8 * scale
+    low, high = int4_cpu_blocks(packed, n_in)
+    w = torch.empty(blocks, n_in, INT4_CPU_BLOCK, dtype=x.dtype)
+    w[..., :INT4_CPU_BLOCK // 2] = low
+    w[..., INT4_CPU_BLOCK // 2:] = high
+    grouped = w.view(blocks, n_in // group, group, INT4_CPU_BLOCK)
+    torch.addcmul(offset, grouped, scale, out=grouped)
+    return torch.matmul(x, w).permute(1, 0, 2).reshape(x.shape[0], n_out)
