@@ -131,6 +131,9 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     except ConfigError as err:
         raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {err}") from None
     tensors, metadata = _read_safetensors(path / WEIGHTS)
+    if scheme == "int4":  # own memory, not pages of the file's mapping: int4 hands its stored bytes to the CPU
+        # kernel's layout, which frees them only if no other tensor keeps that (touched) mapping alive
+        tensors = {key: t.clone() for key, t in tensors.items()}
     aliases = _resolve_aliases(tensors, metadata, path)
     modules = dict(model.named_modules())
     for name in settings["modules"]:
