@@ -104,8 +104,10 @@ def quantized_summary(path, config: dict) -> dict:
     planned = weight_bytes(ModelConfig.from_dict(config["model"]), "int8" if scheme == "int8-dynamic" else scheme,
                            group_size=settings.get("group_size") or 64, skip=tuple(settings.get("skip", ())),
                            float_bytes=float_bytes, embeddings=bool(settings.get("embeddings")))
+    linears, embeddings = len(settings.get("modules", [])), len(settings.get("embeddings", []))
     return {"scheme": scheme, "group_size": settings.get("group_size"), "skip": settings.get("skip", []),
-            "quantized_linears": len(settings.get("modules", [])), "tensor_bytes": sum(s for s, _ in sizes.values()),
+            "quantized": f"{linears} Linears" + (f" + {embeddings} embedding(s)" if embeddings else ""),
+            "quantized_linears": linears, "quantized_embeddings": embeddings, "tensor_bytes": sum(s for s, _ in sizes.values()),
             "float_bytes": float_bytes, "planned_bytes": planned}
 
 
