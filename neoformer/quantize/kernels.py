@@ -192,21 +192,22 @@ def int4_cpu_layout_holds(packed: torch.Tensor, q: Int4Weight) -> bool:
 
 def int4_cpu_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group: int) -> torch.Tensor:
-    """x (rows, in) @ W^T for many rows (prefill): the kernel layout is dequantized block by block to
-    x's dtype (one pass: w = code * scale + (zero - 8 * scale)) and multiplied without transposing the
-    weight; _weight_int4pack_mm_for_cpu is a GEMV kernel whose time grows with every row."""
+    """x (rows, in) @ W^T for many rows (prefill): the kernel layout is dequantized to x's dtype as W^T
+    itself (in, out) -- each 64-row block's nibbles, read as (in, 32) pairs, are already transposed
+    -- in one pass (w = code * scale + (zero - 8 * scale)), then one GEMM; _weight_int4pack_mm_for_cpu
+    is a GEMV kernel whose time grows with every row."""
     n_out, n_in = scales.shape[0], x.shape[-1]
-    blocks = n_out // INT4_CPU_BLOCK
+    blocks, half = n_out // INT4_CPU_BLOCK, INT4_CPU_BLOCK // 2
 
-    def per_block(t):  # (out, in/group) -> (blocks, in/group, 1, 64): lined up with the block layout
-        return t.to(x.dtype).reshape(blocks, INT4_CPU_BLOCK, -1).transpose(1, 2)[:, :, None, :]
+    def per_column(t):  # (out, in/group) -> (in/group, 1, blocks, 64): lined up with W^T's groups of rows
+        return t.to(x.dtype).t().reshape(n_in // group, 1, blocks, INT4_CPU_BLOCK)
 
-    scale = per_block(scales)
-    offset = per_block(zeros) - 8 * scale
-    low, high = int4_cpu_blocks(packed, n_in)
-    w = torch.empty(blocks, n_in, INT4_CPU_BLOCK, dtype=x.dtype)
-    w[..., :INT4_CPU_BLOCK // 2] = low
-    w[..., INT4_CPU_BLOCK // 2:] = high
-    grouped = w.view(blocks, n_in // group, group, INT4_CPU_BLOCK)
+    scale = per_column(scales)
+    offset = per_column(zeros) - 8 * scale
+    low, high = int4_cpu_blocks(packed, n_in)  # (blocks, in, 32) each
+    w = torch.empty(n_in, blocks, INT4_CPU_BLOCK, dtype=x.dtype)
+    w[..., :half] = low.permute(1, 0, 2)
+    w[..., half:] = high.permute(1, 0, 2)
+    grouped = w.view(n_in // group, group, blocks, INT4_CPU_BLOCK)
     torch.addcmul(offset, grouped, scale, out=grouped)
-    return torch.matmul(x, w).permute(1, 0, 2).reshape(x.shape[0], n_out)
+    return x @ w.view(n_in, n_out)
