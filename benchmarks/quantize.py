@@ -9,8 +9,9 @@ Speed: batch-1 greedy decode (eager, static cache) with 1 and 2 threads, schemes
 --rounds; median tokens/s with min-max, and the 16 x 128-token prefill time.
 Bytes: tensor bytes of the written quantized checkpoint. RSS: a fresh process loads the checkpoint
 and decodes; its resident-set growth over the bare interpreter, against weight bytes + KV cache.
---big adds a random 162M Llama-shaped model (768 wide, 12 layers, vocab 32000) for speed only.
-llama.cpp is not compared here: building it took ~80 minutes on this machine (see BENCHMARKS.md).
+--big adds a random 162M Llama-shaped model (768 wide, 12 layers, vocab 32000) for speed, bytes and
+memory; with --llama-cpp DIR (llama.cpp's build/bin, `make llama-cpp`) the same weights are written as
+GGUF F32 / Q8_0 / Q4_0 with neoformer's exporter and llama-bench runs on them in the same rounds.
 """
 from __future__ import annotations
 
@@ -36,9 +37,14 @@ warnings.filterwarnings("ignore")
 from neoformer import ModelConfig, build_model  # noqa: E402
 from neoformer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from neoformer.generate import generate  # noqa: E402
+from neoformer.planner import kv_cache_bytes  # noqa: E402
 from neoformer.quantize import quantize_checkpoint, tensor_bytes  # noqa: E402
+from llama_cpp import llama_bench  # noqa: E402
 
-SCHEMES = [("int8", None), ("int8-dynamic", None), ("nf4", 64), ("int4", 64), ("int4", 32)]  # 192 wide: no g128
+DEFAULT_SKIP = ("lm_head", "embed")
+SCHEMES = [("int8", None, DEFAULT_SKIP), ("int8-dynamic", None, DEFAULT_SKIP), ("nf4", 64, DEFAULT_SKIP),
+           ("int4", 64, DEFAULT_SKIP), ("int4", 32, DEFAULT_SKIP), ("int8", None, ()), ("nf4", 64, ()),
+           ("int4", 64, ())]  # 192 wide: no g128; skip () quantizes the embedding and head too ("all")
 
 
 def label(scheme, group):
@@ -75,10 +81,11 @@ def quality(model, reference_logits, batches):
     return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
 
 
-def decode_rate(model, prompt, tokens):
+def decode_rate(model, prompt, tokens, compile=False):
     with torch.inference_mode():
+        generate(model, [prompt], max_new_tokens=2, eos_token_id=[], compile=compile)  # warm: int4 packs, compiles
         start = time.perf_counter()
-        out = generate(model, [prompt], max_new_tokens=tokens, eos_token_id=[])
+        out = generate(model, [prompt], max_new_tokens=tokens, eos_token_id=[], compile=compile)
         elapsed = time.perf_counter() - start
     return (out.shape[1] - len(prompt)) / elapsed
 
@@ -130,11 +137,6 @@ def speed_table(models, prompt, tokens, rounds, vocab, prefill_batch=16, thread_
     return rates, prefill
 
 
-def fmt_rate(values, base):
-    m = statistics.median(values)
-    return f"{m:6.1f} [{min(values):.1f}-{max(values):.1f}] {m / statistics.median(base):4.2f}x"
-
-
 def teacher_section(args, work):
     from teacher import teacher_checkpoint
 
@@ -146,13 +148,12 @@ def teacher_section(args, work):
     base_q = quality(fp32, reference, batches)
     models, rows = {"fp32": fp32}, {}
     fp32_bytes = tensor_bytes(path)
-    for scheme, group in SCHEMES:
-        out = work / label(scheme, group).replace(" ", "-")
-        written, _, _ = quantize_checkpoint(path, out, scheme, group)
+    for scheme, group, skip in SCHEMES:
+        name = big_name(scheme, group, skip)
+        written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
         model, _, _ = load_checkpoint(written)
-        models[label(scheme, group)] = model
-        rows[label(scheme, group)] = {**quality(model, reference, batches), "bytes": tensor_bytes(written),
-                                      "path": written}
+        models[name] = model
+        rows[name] = {**quality(model, reference, batches), "bytes": tensor_bytes(written), "path": written}
     prompt = tokenizer.encode("def main(")
     rates, prefill = speed_table(models, prompt, args.tokens, args.rounds, fp32.config.vocab_size)
     windows = sum(x.shape[0] for x, _ in batches)
@@ -164,34 +165,89 @@ def teacher_section(args, work):
         r = rows.get(name, {**base_q, "bytes": fp32_bytes, "path": path})
         rss = rss_growth(r["path"], args.tokens)
         print(f"{name:14s} {r['ppl'] / base_q['ppl']:9.4f} {r['kl']:9.5f} {r['top1']:7.2%} {r['bytes']:11,} "
-              f"{rss:11,}  {fmt_rate(rates[(name, 1)], rates[('fp32', 1)]):>27s}  "
-              f"{fmt_rate(rates[(name, 2)], rates[('fp32', 2)]):>27s}  "
+              f"{rss:11,}  {fmt_rates(rates[(name, 1)], statistics.median(rates[('fp32', 1)])):>27s}  "
+              f"{fmt_rates(rates[(name, 2)], statistics.median(rates[('fp32', 2)])):>27s}  "
               f"{statistics.median(prefill[name]):7.1f} [{min(prefill[name]):.1f}-{max(prefill[name]):.1f}]")
 
 
+BIG_VARIANTS = [("int8", None, ("lm_head", "embed")), ("int8", None, ()), ("int4", 64, ()), ("nf4", 64, ())]
+GGUF_OF = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0", "fp32": None}  # llama.cpp's counterpart of each
+
+
+def big_name(scheme, group, skip):
+    return label(scheme, group) + ("" if skip else " all")  # "all": embedding and head quantized too
+
+
 def big_section(args, work):
+    """Random 162M Llama shape, speed / bytes / memory only, with llama.cpp on the same weights side by side."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_seq_len=512,
                       norm="rmsnorm", activation="swiglu", position="rope", bias=False, tie_embeddings=False)
     model = build_model(cfg).eval()
     path = save_checkpoint(work / "big", 0, model)
+    ggufs = llama_cpp_files(args, model, work)
     del model
     models, paths = {"fp32": load_checkpoint(path)[0]}, {"fp32": path}
-    variants = [("int8", None, ("lm_head", "embed")), ("int8", None, ("embed",)), ("int8-dynamic", None, ("embed",)),
-                ("int4", 64, ("embed",))]
-    for scheme, group, skip in variants:
-        name = label(scheme, group) + ("" if "lm_head" in skip else " +head")
+    for scheme, group, skip in BIG_VARIANTS:
+        name = big_name(scheme, group, skip)
         written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
         models[name], paths[name] = load_checkpoint(written)[0], written
     threads = (1, 2) if args.big_threads == 2 else (1,)
-    rates, prefill = speed_table(models, [1, 2, 3, 4], args.tokens // 2, max(1, args.rounds - 1), 32000, 4, threads)
-    print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), "
-          "speed only; '+head' also quantizes the 32000 x 768 LM head")
-    for name in models:
-        line = f"{name:18s} " + "   ".join(f"{t} thread(s) {fmt_rate(rates[(name, t)], rates[('fp32', t)])}"
-                                             for t in threads)
-        print(f"{line}   prefill 4x128 {statistics.median(prefill[name]):8.1f} ms   bytes {tensor_bytes(paths[name]):,}"
-              f"   RSS growth {rss_growth(paths[name], 8):,}")
+    rounds, tokens = max(1, args.rounds), args.tokens
+    rates = {(name, t): [] for name in [*models, *ggufs] for t in threads}
+    prefill = {name: [] for name in [*models, *ggufs]}
+    for _ in range(rounds):  # ours and llama.cpp's interleaved, round by round
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, m in models.items():
+                rates[(name, t)].append(decode_rate(m, [1, 2, 3, 4], tokens))
+            for name, gguf in ggufs.items():
+                rates[(name, t)].append(llama_bench(args.binaries, gguf, threads=t, tokens=tokens))
+        torch.set_num_threads(1)
+        for name, m in models.items():
+            prefill[name].append(4 * 128 / prefill_ms(m, 32000, 4) * 1e3)
+        for name, gguf in ggufs.items():
+            prefill[name].append(llama_bench(args.binaries, gguf, threads=1, prompt=128))
+    print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), speed only; "
+          f"decode: batch 1, {tokens} new tokens, tokens/s median [min-max] over {rounds} rounds (llama.cpp: "
+          "llama-bench -n, mean of each round); prefill: tokens/s of 4 x 128 tokens (ours) / one 128-token batch "
+          "(llama-bench -p 128), 1 thread; 'all': the token embedding and the LM head are quantized too")
+    base = {t: statistics.median(rates[("fp32", t)]) for t in threads}
+    for name in [*models, *ggufs]:
+        cells = [f"{t} thread(s) {fmt_rates(rates[(name, t)], base[t])}" for t in threads]
+        cells.append(f"prefill {fmt_rates(prefill[name], statistics.median(prefill['fp32']))}")
+        if name in paths:
+            weights = tensor_bytes(paths[name])
+            rss = rss_growth(paths[name], 8)
+            kv = kv_cache_bytes(cfg, batch=1, seq=cfg.max_seq_len, dtype_bytes=4)
+            cells.append(f"bytes {weights:,}   RSS growth {rss:,} = {rss / (weights + kv):.2f}x (bytes + KV {kv:,})")
+        else:
+            cells.append(f"bytes {ggufs[name].stat().st_size:,} (file)")
+        print(f"{name:18s} " + "   ".join(cells))
+
+
+def llama_cpp_files(args, model, work) -> dict[str, Path]:
+    """'llama.cpp Q8_0' -> model.gguf of the same weights (neoformer's exporter), or {} without --llama-cpp."""
+    if not args.llama_cpp:
+        return {}
+    from llama_cpp import bench_dir, write_gguf
+    from teacher import teacher_checkpoint
+
+    args.binaries = bench_dir(args.llama_cpp)
+    _, tokenizer, _ = load_checkpoint(teacher_checkpoint("small"))  # llama.cpp wants a vocabulary; ids are random
+    return {f"llama.cpp {(quant or 'f32').upper()}": write_gguf(model, work / f"gguf-{quant or 'f32'}", tokenizer,
+                                                                 quant=quant)
+            for quant in (None, "q8_0", "q4_0")}
+
+
+def fmt_rates(values, base):
+    """Median [min-max] and ratio to ``base`` of tokens/s figures; a llama.cpp failure is shown as its reason."""
+    failed = [v for v in values if isinstance(v, str)]
+    if failed:
+        return f"failed: {failed[0]}"
+    values = [v[0] if isinstance(v, tuple) else v for v in values]
+    m = statistics.median(values)
+    return f"{m:6.1f} [{min(values):.1f}-{max(values):.1f}] {m / base:4.2f}x"
 
 
 def main():
@@ -202,6 +258,8 @@ def main():
     parser.add_argument("--big", action="store_true", help="add the random 162M model (speed only)")
     parser.add_argument("--big-only", action="store_true", help="only the 162M model")
     parser.add_argument("--big-threads", type=int, choices=(1, 2), default=1, help="threads for the 162M model")
+    parser.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's build/bin (make llama-cpp): llama-bench on "
+                        "the 162M model's weights as GGUF F32 / Q8_0 / Q4_0, side by side")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} (2 vCPUs), torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

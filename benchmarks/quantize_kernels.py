@@ -1,6 +1,6 @@
 """Which kernel each quantization scheme uses on this CPU: one Linear, batch-1 decode and batch-16 prefill.
 
-    PYTHONPATH=$PWD python benchmarks/quantize_kernels.py [--threads 1] [--rounds 5]
+    PYTHONPATH=$PWD python benchmarks/quantize_kernels.py [--threads 1] [--rounds 5] [--rows 1,16,512]
 
 Times every candidate for 768x768 and 768x2048 (in x out) weights, interleaved over rounds, and
 prints microseconds per call (median, with min-max) and the ratio to fp32 F.linear.
@@ -44,6 +44,9 @@ def candidates(w: torch.Tensor, dtype: torch.dtype):
         szd = sz.to(dtype)
         out[f"int4 g{g} aten._weight_int4pack_mm_for_cpu"] = (
             "int4", lambda x, p=packed, s=szd, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, g, s))
+        if K.int4_cpu_layout_holds(packed, i4):  # prefill: the kernel layout block-dequantized, one GEMM
+            out[f"int4 g{g} kernel layout -> {dtype_name(dtype)} blocks + GEMM"] = (
+                "int4", lambda x, p=packed, i4=i4: K.int4_cpu_gemm(x, p, i4.scales, i4.zeros, i4.group_size))
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as BF
@@ -78,6 +81,10 @@ def candidates(w: torch.Tensor, dtype: torch.dtype):
     return out
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def time_call(fn, x, iters: int) -> float:
     with torch.inference_mode():
         fn(x)
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--rows", default="1,16", help="comma-separated activation rows (1: decode; 16, 512: prefill)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,9 +108,9 @@ def main() -> None:
     for shape in ((768, 768), (2048, 768)):
         w = torch.randn(*shape) * 0.02
         cands = candidates(w, dtype)
-        for batch in (1, 16):
+        for batch in (int(r) for r in args.rows.split(",")):
             x = torch.randn(batch, shape[1], dtype=dtype)
-            iters = 200 if batch == 1 else 50
+            iters = max(3, 200 // batch)
             times = {name: [] for name in cands}
             for _ in range(args.rounds):
                 for name, (_, fn) in cands.items():

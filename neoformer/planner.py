@@ -226,14 +226,16 @@ def num_parameters(cfg: ModelConfig) -> int:
 
 # ---- memory ----------------------------------------------------------------------------------
 def weight_bytes(cfg: ModelConfig, fmt: str = "bf16", *, group_size: int = NF4_BLOCK, skip: tuple[str, ...] = (),
-                 float_bytes: int = 2) -> int:
+                 float_bytes: int = 2, embeddings: bool = False) -> int:
     """Bytes of the weights (parameters + buffers) stored as fp32 | bf16 | int8 | nf4 | int4.
 
     For the quantized formats (neoformer.quantize's layouts) ``group_size`` is the nf4/int4 group,
     ``skip`` leaves Linears whose name contains one of its words unquantized (as
     ``neoformer.quantize.skipped`` does) and ``float_bytes`` is the size of everything left in float;
     so a quantized checkpoint's tensor bytes are ``weight_bytes(cfg, scheme, group_size=..., skip=...,
-    float_bytes=4)`` for one quantized from fp32 (tests/test_quantize.py checks it)."""
+    float_bytes=4)`` for one quantized from fp32 (tests/test_quantize.py checks it). ``embeddings``: the
+    token embedding is quantized too (row-wise as a Linear weight; neoformer.quantize does so when no
+    ``skip`` word names it), and a head tied to it with it."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} must be one of: {', '.join(WEIGHT_FORMATS)}")
     specs = param_specs(cfg) + buffer_specs(cfg)
@@ -242,7 +244,8 @@ def weight_bytes(cfg: ModelConfig, fmt: str = "bf16", *, group_size: int = NF4_B
     total = 0
     for p in specs:
         module = p.name.rpartition(".")[0]
-        if not p.linear or any(word and word in module for word in skip):
+        packed = p.linear or (embeddings and p.component == "token_embedding")
+        if not packed or any(word and word in module for word in skip):
             total += float_bytes * p.numel
         elif fmt == "int8":
             total += p.numel + 4 * p.shape[0]  # int8 values + fp32 scale per output row

@@ -17,8 +17,10 @@ from neoformer.generate import generate
 from neoformer.model.weights import writes_residual
 from neoformer.planner import weight_bytes
 from neoformer.quantize import (
-    SCHEMES, QuantizedLinear, kernels as K, quantize_checkpoint, quantize_model, quantized_summary, tensor_bytes,
+    SCHEMES, QuantizedEmbedding, QuantizedLinear, kernels as K, quantize_checkpoint, quantize_model, quantized_summary,
+    tensor_bytes,
 )
+from neoformer.quantize.modules import INT4_GEMM_ROWS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,16 +95,32 @@ def test_fast_forward_matches_the_float64_reference(scheme, rows):
     assert (fast.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back():
+def test_int4_prefill_gemm_on_the_kernel_layout_matches_the_float64_reference():
+    torch.manual_seed(2)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 192, bias=False), "int4", 32)
+    x = torch.randn(INT4_GEMM_ROWS + 3, 128)
+    with torch.no_grad():
+        fast, decode = q(x), q(x[:1])  # the block-dequantized GEMM, then the packed GEMV kernel
+        expected = F.linear(x.double(), q.dequantize(torch.float64))
+    assert q._layout_known and q.qweight is None
+    assert (fast.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert (decode.double() - expected[:1]).abs().max() <= 2e-2 * expected[:1].abs().max()
+    assert torch.equal(K.int4_cpu_unpack(q._int4_cpu[0], 192, 128), K.unpack_nibbles(q.packed().qweight))
+
+
+@pytest.mark.parametrize("out", [128, 96])  # 96 rows: not whole 64-row blocks of the kernel layout
+def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back(out):
     torch.manual_seed(3)
-    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 96), "int4", 64)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, out), "int4", 64)
     stored = {k: v.clone() for k, v in q.state_dict().items()}
     with torch.no_grad():
-        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes
-    assert q.qweight is None
+        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes where it is the known one
+    assert (q.qweight is None) == (out % 64 == 0)
     again = q.state_dict()
     assert stored.keys() == again.keys() and all(torch.equal(stored[k], again[k]) for k in stored)
     assert torch.equal(q.dequantize(), K.dequantize_int4(K.Int4Weight(stored["qweight"], q.scales, q.zeros, 64)))
+    with torch.no_grad():
+        assert torch.equal(q(torch.ones(2, 128)), q(torch.ones(2, 128)))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -204,7 +222,7 @@ def test_planner_bytes_equal_the_written_tensor_bytes(float_ckpt, tmp_path, sche
     path, model = float_ckpt
     written, _, config = quantize_checkpoint(path, tmp_path / "q", scheme, group, skip)
     planned = weight_bytes(model.config, "int8" if scheme == "int8-dynamic" else scheme, group_size=group or 64,
-                           skip=skip, float_bytes=4)
+                           skip=skip, float_bytes=4, embeddings=not any(word in "embed.tokens" for word in skip))
     summary = quantized_summary(written, json.loads((written / "config.json").read_text()))
     assert tensor_bytes(written) == planned == summary["planned_bytes"] == summary["tensor_bytes"]
 
@@ -224,7 +242,7 @@ def test_bad_requests_are_refused_in_one_line(float_ckpt, tmp_path):
         (dict(scheme="int5"), "unknown quantization scheme 'int5'"),
         (dict(scheme="nf4", group_size=48), "group size 48 does not divide the input width 64"),
         (dict(scheme="int8", group_size=32), "int8 scales each output row"),
-        (dict(scheme="int4", skip=("proj", "ffn", "lm_head")), "no nn.Linear left to quantize"),
+        (dict(scheme="int4", skip=("proj", "ffn", "lm_head", "embed")), "no nn.Linear left to quantize"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -286,3 +304,63 @@ def test_cli_quantize_on_load_refuses_an_unknown_scheme(trained_run, capsys):
     assert main(["generate", str(trained_run), "--prompt", "x", "-n", "1", "--quantize", "int3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown quantization scheme 'int3'") and err.count("\n") == 1
+
+
+# ---- quantized embeddings ----------------------------------------------------------------------
+# |lookup - float row| per element, as a fraction of the row's max |w| (int8: half a step of max/127;
+# nf4: half the widest NF4 gap; int4: half a step of (max - min)/15 <= 2 max/15, plus bf16 rounding)
+EMBEDDING_BOUND = {"int8": 0.5 / 127 + 1e-6, "nf4": 0.5 * 0.3039 + 1e-6, "int4": 1 / 15 + 0.01}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4", "int4"])
+def test_quantized_embedding_rows_stay_within_the_format_bound(scheme):
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 64)
+    quantized = QuantizedEmbedding.from_embedding(embedding, scheme, 32)
+    ids = torch.tensor([[3, 0, 49, 3], [7, 7, 1, 2]])
+    rows = quantized(ids)
+    assert rows.shape == (2, 4, 64) and rows.dtype == torch.float32
+    assert torch.equal(rows, quantized.dequantize()[ids])  # a lookup dequantizes exactly the table's rows
+    reference = embedding(ids).detach()
+    bound = EMBEDDING_BOUND[scheme] * reference.abs().amax(-1, keepdim=True)
+    assert ((rows - reference).abs() <= bound).all()
+    assert not list(quantized.parameters()) and sum(t.numel() * t.element_size() for t in quantized.buffers()) == \
+        weight_bytes_of(scheme, 50, 64, 32)
+
+
+def weight_bytes_of(scheme, rows, width, group):
+    return rows * width + 4 * rows if scheme == "int8" else rows * width // 2 + 4 * rows * width // group
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("nf4", 32), ("int4", 32)])
+def test_quantized_embeddings_and_tied_head_round_trip_and_generate(tmp_path, scheme, group):
+    torch.manual_seed(0)
+    model = build_model("nima-debug").eval()  # tied head
+    path = save_checkpoint(tmp_path / "ck", 1, model)
+    written, quantized, config = quantize_checkpoint(path, tmp_path / "q", scheme, group, skip=())
+    assert isinstance(quantized.embed.tokens, QuantizedEmbedding) and quantized.lm_head.qweight is quantized.embed.tokens.qweight
+    loaded, _, config = load_checkpoint(tmp_path / "q")
+    assert config["quantization"]["embeddings"] == ["embed.tokens"] and config["quantization"]["tied"] == {"lm_head": "embed.tokens"}
+    assert isinstance(loaded.embed.tokens, QuantizedEmbedding) and loaded.lm_head.qweight is loaded.embed.tokens.qweight
+    saved, again = quantized.state_dict(), loaded.state_dict()
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    planned = weight_bytes(model.config, scheme, group_size=group or 64, float_bytes=4, embeddings=True)
+    assert tensor_bytes(written) == planned < weight_bytes(model.config, scheme, group_size=group or 64, float_bytes=4)
+    x = torch.randint(1, 128, (2, 8))
+    with torch.no_grad():
+        ref = model(x)[0]
+        got = loaded(x)[0]
+        assert torch.equal(quantized(x)[0], got)
+        assert (got - ref).abs().max() <= 2 * LOGIT_TOLERANCE[scheme] * ref.abs().max()
+    out = generate(loaded, [5, 6, 7], max_new_tokens=5)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, loaded(ids)[0][:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_the_embed_skip_word_keeps_embeddings_float():
+    model = quantize_model(build_model("nima-debug").eval(), "int8")  # default skip: lm_head, embed
+    assert type(model.embed.tokens) is torch.nn.Embedding and model.lm_head.weight is model.embed.tokens.weight
+    assert "embeddings" not in model.quantization

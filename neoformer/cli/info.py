@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if quantized:
         q = quantized
         group = f" g{q['group_size']}" if q["group_size"] else ""
-        print(f"\nQuantized checkpoint: {q['scheme']}{group}, {q['quantized_linears']} Linears, skip "
+        print(f"\nQuantized checkpoint: {q['scheme']}{group}, {q['quantized']}, skip "
               f"{','.join(q['skip']) or '-'}: tensors {q['tensor_bytes']:,} bytes in model.safetensors "
               f"(planner, rest at {q['float_bytes']} B: {q['planned_bytes']:,})")
     if format_run_defaults(preset):  # training settings the preset brings to `neoformer train --preset`

@@ -9,7 +9,8 @@ SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")  # neoformer.quantize.SCHEMES 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="write an int8 / int8-dynamic / nf4 / int4 quantized checkpoint",
-        description="Quantize every nn.Linear of a float checkpoint (except --skip) and write a checkpoint that "
+        description="Quantize every nn.Linear and token embedding of a float checkpoint (except --skip) and write "
+                    "a checkpoint that "
                     "generate, eval and info load directly. int8: per-row int8 weights; int8-dynamic: the same "
                     "weights with int8 activations; nf4 / int4: 4-bit weights in groups of --group-size.")
     p.add_argument("checkpoint", metavar="CKPT", help="float checkpoint or run directory")
@@ -17,8 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scheme", required=True, metavar="SCHEME", help=f"one of: {', '.join(SCHEMES)}")
     p.add_argument("--group-size", type=int, metavar="N", help="nf4 / int4 group (default 64)")
     p.add_argument("--skip", default="lm_head,embed", metavar="WORDS",
-                   help="comma-separated words: Linears whose name contains one stay float (default lm_head,embed; "
-                        "'' quantizes the head too)")
+                   help="comma-separated words: Linears and embeddings whose name contains one stay float (default "
+                        "lm_head,embed; 'embed' quantizes the head too, '' also the embedding and a head tied to it)")
     p.set_defaults(func=run)
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = quantized_summary(written, read_config(written))
     group = f" g{summary['group_size']}" if summary["group_size"] else ""
-    print(f"wrote {written}: {args.scheme}{group}, {summary['quantized_linears']} Linears quantized, "
+    print(f"wrote {written}: {args.scheme}{group}, {summary['quantized']} quantized, "
           f"{human_bytes(summary['tensor_bytes'])} of tensors ({summary['tensor_bytes']:,} bytes)")
     return 0
 

@@ -17,8 +17,10 @@ from ..checkpoint import WEIGHTS, CheckpointError, load_checkpoint, resolve_chec
 from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, verify_checkpoint
 from ..config import ConfigError, ModelConfig
 from ..model.weights import mark_like
+from .embedding import QuantizedEmbedding
 from .modules import GROUPED, STORED, QuantizedLinear
-from .swap import DEFAULT_GROUP, QUANTIZATION_ATTR, check_request, quantization_of, quantize_model
+from .swap import DEFAULT_GROUP, QUANTIZATION_ATTR, check_request, quantization_of, quantize_model, replace_module, \
+    tied_head
 
 
 class QuantizeError(ConfigError):
@@ -94,15 +96,18 @@ def quantized_summary(path, config: dict) -> dict:
 
     settings = config.get("quantization") or {}
     sizes = _tensor_sizes(path)
-    packed = {f"{name}.{key}" for name in settings.get("modules", []) for key in (*STORED.get(settings.get("scheme"), ()), "bias")}
+    quantized = [*settings.get("modules", []), *settings.get("embeddings", [])]
+    packed = {f"{name}.{key}" for name in quantized for key in (*STORED.get(settings.get("scheme"), ()), "bias")}
     floats = [element for key, (_, element) in sizes.items() if key not in packed]
     float_bytes = max(set(floats), key=floats.count) if floats else 4
     scheme = settings.get("scheme")
     planned = weight_bytes(ModelConfig.from_dict(config["model"]), "int8" if scheme == "int8-dynamic" else scheme,
                            group_size=settings.get("group_size") or 64, skip=tuple(settings.get("skip", ())),
-                           float_bytes=float_bytes)
+                           float_bytes=float_bytes, embeddings=bool(settings.get("embeddings")))
+    linears, embeddings = len(settings.get("modules", [])), len(settings.get("embeddings", []))
     return {"scheme": scheme, "group_size": settings.get("group_size"), "skip": settings.get("skip", []),
-            "quantized_linears": len(settings.get("modules", [])), "tensor_bytes": sum(s for s, _ in sizes.values()),
+            "quantized": f"{linears} Linears" + (f" + {embeddings} embedding(s)" if embeddings else ""),
+            "quantized_linears": linears, "quantized_embeddings": embeddings, "tensor_bytes": sum(s for s, _ in sizes.values()),
             "float_bytes": float_bytes, "planned_bytes": planned}
 
 
@@ -128,21 +133,27 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     except ConfigError as err:
         raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {err}") from None
     tensors, metadata = _read_safetensors(path / WEIGHTS)
+    if scheme == "int4":  # own memory, not pages of the file's mapping: int4 hands its stored bytes to the CPU
+        # kernel's layout, which frees them only if no other tensor keeps that (touched) mapping alive
+        tensors = {key: t.clone() for key, t in tensors.items()}
     aliases = _resolve_aliases(tensors, metadata, path)
     modules = dict(model.named_modules())
     for name in settings["modules"]:
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"{path} quantizes {name!r}, which is not a Linear of this model config")
-        stored = {key: tensors.pop(f"{name}.{key}", None) for key in (*STORED[scheme], "bias")}
-        missing = [key for key in STORED[scheme] if stored[key] is None]
-        if missing:
-            raise CheckpointError(f"{path / WEIGHTS} lacks {name}.{missing[0]}; the checkpoint is corrupt")
-        if stored["bias"] is None:
-            del stored["bias"]
-        quantized = _build_module(scheme, linear, stored, group_size, path, name)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, attr, mark_like(quantized, linear))
+        linear = _module_of(modules, name, nn.Linear, path)
+        quantized = _build_module(scheme, linear, _pop_stored(tensors, name, scheme, path), group_size, path, name)
+        replace_module(model, name, mark_like(quantized, linear))
+    for name in settings.get("embeddings", []):
+        embedding = _module_of(modules, name, nn.Embedding, path)
+        stored = _pop_stored(tensors, name, scheme, path)
+        _check_shapes(scheme, embedding.num_embeddings, embedding.embedding_dim, stored, group_size, path, name)
+        quantized = QuantizedEmbedding(scheme, embedding.num_embeddings, embedding.embedding_dim, stored, group_size)
+        replace_module(model, name, quantized)
+        for head, owner in settings.get("tied", {}).items():
+            if owner == name:
+                _module_of(modules, head, nn.Linear, path)
+                for key in STORED[scheme]:  # the aliases of the embedding's tensors
+                    tensors.pop(f"{head}.{key}", None)
+                replace_module(model, head, tied_head(quantized, modules[head]))
     expected = set(model.state_dict())
     unexpected = sorted(set(tensors) - expected)
     missing = sorted(k for k in expected if k not in tensors and not _is_quantized_buffer(model, k))
@@ -154,6 +165,8 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     except RuntimeError as err:  # a shape that does not fit the config
         raise CheckpointError(f"{path} does not fit its model config: {str(err).splitlines()[-1].strip()}") from None
     for alias, target in aliases.items():  # assign=True gave each tied name its own Parameter: share one again
+        if _is_quantized_buffer(model, alias):  # a tied quantized head: shares the embedding's buffers already
+            continue
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(target))
     setattr(model, QUANTIZATION_ATTR, dict(settings))
@@ -177,9 +190,32 @@ def _resolve_aliases(tensors: dict, metadata: dict, path: Path) -> dict[str, str
     return aliases
 
 
+def _module_of(modules: dict, name: str, kind: type, path: Path) -> nn.Module:
+    module = modules.get(name)
+    if type(module) is not kind:
+        raise CheckpointError(f"{path} quantizes {name!r}, which is not an {kind.__name__} of this model config")
+    return module
+
+
+def _pop_stored(tensors: dict, name: str, scheme: str, path: Path) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized module (+ its bias), taken out of ``tensors``."""
+    stored = {key: tensors.pop(f"{name}.{key}", None) for key in (*STORED[scheme], "bias")}
+    missing = [key for key in STORED[scheme] if stored[key] is None]
+    if missing:
+        raise CheckpointError(f"{path / WEIGHTS} lacks {name}.{missing[0]}; the checkpoint is corrupt")
+    if stored["bias"] is None:
+        del stored["bias"]
+    return stored
+
+
 def _build_module(scheme, linear: nn.Linear, stored: dict, group_size, path: Path, name: str) -> QuantizedLinear:
     """A QuantizedLinear from stored tensors, their shapes and dtypes checked against the Linear."""
-    out_f, in_f = linear.out_features, linear.in_features
+    _check_shapes(scheme, linear.out_features, linear.in_features, stored, group_size, path, name)
+    return QuantizedLinear(scheme, linear.in_features, linear.out_features, stored, group_size)
+
+
+def _check_shapes(scheme, out_f: int, in_f: int, stored: dict, group_size, path: Path, name: str) -> None:
+    """Stored tensors of an (out_f, in_f) weight: shapes and dtypes as :func:`quantize_weight` writes them."""
     groups = in_f // group_size if group_size else None
     want = {"qweight": ((out_f, in_f), torch.int8) if scheme.startswith("int8") else ((out_f, in_f // 2), torch.uint8),
             "scales": ((out_f,), torch.float32) if scheme.startswith("int8") else ((out_f, groups), torch.bfloat16),
@@ -190,17 +226,19 @@ def _build_module(scheme, linear: nn.Linear, stored: dict, group_size, path: Pat
         if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
             raise CheckpointError(f"{path / WEIGHTS}: {name}.{key} is {tensor.dtype} {tuple(tensor.shape)}, expected "
                                   f"{dtype or 'float'} {shape} for {scheme}; the checkpoint is corrupt")
-    return QuantizedLinear(scheme, in_f, out_f, stored, group_size)
 
 
 def _is_quantized_buffer(model: nn.Module, key: str) -> bool:
     owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
-    return isinstance(owner, QuantizedLinear)
+    return isinstance(owner, (QuantizedLinear, QuantizedEmbedding))
 
 
 def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast float parameters and buffers, but not the packed tensors or their scales."""
     for module in model.modules():
+        if isinstance(module, QuantizedEmbedding):
+            module.dtype = dtype
+            continue
         if isinstance(module, QuantizedLinear):
             if module.bias is not None:
                 module.bias = module.bias.to(dtype)

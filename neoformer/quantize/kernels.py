@@ -162,3 +162,52 @@ def int4_cpu_pack(q: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
     scales_zeros = torch.stack((q.scales.t(), q.zeros.t()), dim=-1).contiguous()
     return packed, scales_zeros
+
+
+# The CPU kernel's layout (torch 2.x, AVX-512 and AVX2 builds; found by packing index patterns): output
+# rows in blocks of 64; a block's bytes, read as (in, 32), hold row 32 * nibble + j of the block at
+# column k in byte (k, j), low nibble first. int4_cpu_layout_holds checks it on the real weight before
+# anything relies on it (another build would keep the stored copy instead).
+INT4_CPU_BLOCK = 64
+
+
+def int4_cpu_blocks(packed: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel layout as two uint8 code tensors (out/64, in, 32): rows 0-31 and 32-63 of each block,
+    transposed (in x rows), so a block's weight is ready to right-multiply activations."""
+    b = packed.reshape(-1, n_in, INT4_CPU_BLOCK // 2)
+    return b & 0x0F, b >> 4
+
+
+def int4_cpu_unpack(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The codes (out, in) of the kernel layout (uint8 0-15): the stored nibbles, repacked."""
+    low, high = int4_cpu_blocks(packed, n_in)
+    return torch.cat((low, high), dim=-1).transpose(1, 2).reshape(n_out, n_in)
+
+
+def int4_cpu_layout_holds(packed: torch.Tensor, q: Int4Weight) -> bool:
+    n_out, n_in = q.qweight.shape[0], q.qweight.shape[1] * 2
+    return (n_out % INT4_CPU_BLOCK == 0 and packed.numel() * 2 == n_out * n_in
+            and torch.equal(int4_cpu_unpack(packed, n_out, n_in), unpack_nibbles(q.qweight)))
+
+
+def int4_cpu_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group: int) -> torch.Tensor:
+    """x (rows, in) @ W^T for many rows (prefill): the kernel layout is dequantized to x's dtype as W^T
+    itself (in, out) -- each 64-row block's nibbles, read as (in, 32) pairs, are already transposed
+    -- in one pass (w = code * scale + (zero - 8 * scale)), then one GEMM; _weight_int4pack_mm_for_cpu
+    is a GEMV kernel whose time grows with every row."""
+    n_out, n_in = scales.shape[0], x.shape[-1]
+    blocks, half = n_out // INT4_CPU_BLOCK, INT4_CPU_BLOCK // 2
+
+    def per_column(t):  # (out, in/group) -> (in/group, 1, blocks, 64): lined up with W^T's groups of rows
+        return t.to(x.dtype).t().reshape(n_in // group, 1, blocks, INT4_CPU_BLOCK)
+
+    scale = per_column(scales)
+    offset = per_column(zeros) - 8 * scale
+    low, high = int4_cpu_blocks(packed, n_in)  # (blocks, in, 32) each
+    w = torch.empty(n_in, blocks, INT4_CPU_BLOCK, dtype=x.dtype)
+    w[..., :half] = low.permute(1, 0, 2)
+    w[..., half:] = high.permute(1, 0, 2)
+    grouped = w.view(n_in // group, group, blocks, INT4_CPU_BLOCK)
+    torch.addcmul(offset, grouped, scale, out=grouped)
+    return x @ w.view(n_in, n_out)

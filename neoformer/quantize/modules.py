@@ -33,6 +33,9 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu take
 # (768x2048, 1 thread: 3.5x faster than fp32 at 512 rows, 1.7x at 64; the packed op is a GEMV kernel,
 # 2.2x slower than fp32 for a 4 x 128-token prefill of the 162M model)
 PACKED_ROWS = 8
+# int4: from this many rows on, dequantize the kernel layout block-wise for one bf16 GEMM (its fixed cost
+# beats the GEMV kernel's per-row cost; 768x2048, 1 thread: 0.67x the kernel's time at 512 rows, 1.4x at 128)
+INT4_GEMM_ROWS = 256
 GROUPED = ("nf4", "int4")  # schemes with a group size (int8 is per output row)
 # buffers each scheme stores, in checkpoint order (bias is added when the Linear has one)
 STORED = {"int8": ("qweight", "scales"), "int8-dynamic": ("qweight", "scales"),
@@ -57,6 +60,39 @@ def _bitsandbytes():
     return bitsandbytes
 
 
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = 64) -> dict[str, torch.Tensor]:
+    """The stored tensors (:data:`STORED` names) of a float (out, in) weight; rows are the output
+    features of a Linear or the tokens of an embedding, groups run along the input / embedding width."""
+    if scheme in ("int8", "int8-dynamic"):
+        q = K.quantize_int8(w)
+        return {"qweight": q.qweight, "scales": q.scales}
+    if scheme == "nf4":
+        q = K.quantize_nf4(w, group_size)
+        return {"qweight": q.qweight, "absmax": q.absmax}
+    if scheme == "int4":
+        q = K.quantize_int4(w, group_size)
+        return {"qweight": q.qweight, "scales": q.scales, "zeros": q.zeros}
+    raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+
+
+def packed_weight(scheme: str, tensors, group_size: int | None):
+    """The :mod:`.kernels` dataclass of stored tensors (a module or a dict of them)."""
+    get = (lambda k: getattr(tensors, k)) if isinstance(tensors, nn.Module) else tensors.__getitem__
+    if scheme in ("int8", "int8-dynamic"):
+        return K.Int8Weight(get("qweight"), get("scales"))
+    if scheme == "nf4":
+        return K.NF4Weight(get("qweight"), get("absmax"), group_size)
+    return K.Int4Weight(get("qweight"), get("scales"), get("zeros"), group_size)
+
+
+def dequantize_weight(scheme: str, q, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if scheme == "nf4":
+        return K.dequantize_nf4(q, dtype)
+    if scheme == "int4":
+        return K.dequantize_int4(q, dtype)
+    return K.dequantize_int8(q, dtype)
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W stored packed (see :mod:`.kernels` for the formats). Frozen: no parameters."""
 
@@ -74,44 +110,29 @@ class QuantizedLinear(nn.Module):
             # trips an Inductor lowering assertion (torch 2.13), so a bf16 copy is kept (2 bytes per row)
             self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
         self._int4_cpu = None  # (packed, scales_zeros) in the CPU kernel's layout, made on first use
+        self._layout_known = False  # the kernel layout is the one kernels.int4_cpu_unpack reads
+        # a head tied to a QuantizedEmbedding shares its stored tensors: int4 then keeps its qweight too
+        # (the embedding looks rows up in it), so the kernel layout is an extra copy of the 4-bit weight
+        self.shares_storage = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = 64) -> "QuantizedLinear":
-        w = linear.weight.detach()
-        if scheme in ("int8", "int8-dynamic"):
-            q = K.quantize_int8(w)
-            tensors = {"qweight": q.qweight, "scales": q.scales}
-        elif scheme == "nf4":
-            q = K.quantize_nf4(w, group_size)
-            tensors = {"qweight": q.qweight, "absmax": q.absmax}
-        elif scheme == "int4":
-            q = K.quantize_int4(w, group_size)
-            tensors = {"qweight": q.qweight, "scales": q.scales, "zeros": q.zeros}
-        else:
-            raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        tensors = quantize_weight(linear.weight.detach(), scheme, group_size)
         if linear.bias is not None:
             tensors["bias"] = linear.bias.detach().clone()
         return cls(scheme, linear.in_features, linear.out_features, tensors, group_size)
 
     def packed(self):
         """The weight as a :mod:`.kernels` dataclass."""
-        if self.scheme in ("int8", "int8-dynamic"):
-            return K.Int8Weight(self.qweight, self.scales)
-        if self.scheme == "nf4":
-            return K.NF4Weight(self.qweight, self.absmax, self.group_size)
-        qweight = self.qweight if self.qweight is not None else self._int4_recover()
-        return K.Int4Weight(qweight, self.scales, self.zeros, self.group_size)
+        if self.scheme == "int4" and self.qweight is None:
+            return K.Int4Weight(self._int4_recover(), self.scales, self.zeros, self.group_size)
+        return packed_weight(self.scheme, self, self.group_size)
 
     def _int4_recover(self) -> torch.Tensor:
         """The stored int4 bytes, read back from the CPU kernel's layout (once the kernel took over the
-        weight, the stored copy is dropped so the 4-bit weight is held once): the kernel applied to the
-        identity gives (q - 8) * scale + zero exactly in fp32, which gives q back."""
-        packed, scales_zeros = self._int4_cpu
-        eye = torch.eye(self.in_features, dtype=torch.float32, device=packed.device)
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, scales_zeros.float()).t()
-        groups = w.reshape(self.out_features, -1, self.group_size)
-        codes = torch.round((groups - self.zeros.float()[..., None]) / self.scales.float()[..., None] + 8)
-        return K.pack_nibbles(codes.clamp(0, 15).reshape(self.out_features, self.in_features))
+        weight, the stored copy is dropped so the 4-bit weight is held once; only where the layout was
+        checked to be the known one, see kernels.int4_cpu_layout_holds)."""
+        return K.pack_nibbles(K.int4_cpu_unpack(self._int4_cpu[0], self.out_features, self.in_features))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -120,12 +141,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in) the packed one stands for."""
-        q = self.packed()
-        if self.scheme == "nf4":
-            return K.dequantize_nf4(q, dtype)
-        if self.scheme == "int4":
-            return K.dequantize_int4(q, dtype)
-        return K.dequantize_int8(q, dtype)
+        return dequantize_weight(self.scheme, self.packed(), dtype)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then F.linear: differentiable in x, any device; the tests' reference."""
@@ -154,11 +170,15 @@ class QuantizedLinear(nn.Module):
                 return F.linear(x2, self.dequantize(x2.dtype))
             if self._int4_cpu is None:
                 packed, scales_zeros = K.int4_cpu_pack(self.packed())
+                self._layout_known = K.int4_cpu_layout_holds(packed, self.packed())
                 self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
-                self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
+                if self._layout_known and not self.shares_storage:
+                    self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
             packed, scales_zeros = self._int4_cpu
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size,
-                                                              scales_zeros)
+            xb = x2.to(torch.bfloat16)
+            if xb.shape[0] >= INT4_GEMM_ROWS and self._layout_known:  # prefill
+                return K.int4_cpu_gemm(xb, packed, self.scales, self.zeros, self.group_size)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scales_zeros)
         bnb = _bitsandbytes()  # nf4
         if bnb is None:
             return F.linear(x2, self.dequantize(x2.dtype))
@@ -174,7 +194,8 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): back to the stored layout, rebuilt on first use
         if self._int4_cpu is not None:
-            self.qweight = self._int4_recover()
+            if self.qweight is None:
+                self.qweight = self._int4_recover()
             self._int4_cpu = None
         return super()._apply(fn, recurse)
 
