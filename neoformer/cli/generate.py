@@ -13,6 +13,17 @@ from . import UserError
 from .train import threads_arg
 
 
+WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_arg(value: str) -> str:
+    """--dtype: bf16 | fp16 | fp32 (or torch's names) -> torch's name; weights are kept in it."""
+    name = WEIGHT_DTYPES.get(value, value)
+    if name not in WEIGHT_DTYPES.values():
+        raise argparse.ArgumentTypeError(f"unknown dtype {value!r}; choose bf16, fp16 or fp32")
+    return name
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint",
                               description=__doc__.splitlines()[0])
@@ -48,7 +59,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--trim-keep", type=int, help="tokens kept when the window is full (default: half)")
     c.add_argument("--trim", choices=["slice", "refill"], default="slice")
     c.add_argument("--device", default=None)
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.add_argument("--dtype", type=dtype_arg, default=None, metavar="bf16|fp16|fp32",
+                   help="weight dtype for inference (default: as saved); bf16/fp16 keep fp32 norms, "
+                        "softmax and matmul accumulation")
     c.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
