@@ -14,6 +14,8 @@ Sections (``--only`` picks some), each run once per ``--threads`` count:
   interleaved rounds. The memory-bandwidth floor is (bytes of the weights read per token) /
   (best read bandwidth of the run: a 1 GiB sum, best of 5 reads each round).
 - ``batch``: 8 ragged prompts (4..60 tokens) in one call vs 8 sequential calls (162M).
+- ``lookup``: prompt-lookup (n-gram) drafting on the cached trained teacher (``benchmarks/teacher.py``),
+             repeated vs plain text, greedy and sampling.
 - ``spec``:  speculative decoding on the 162M target with a 2-layer draft: an independent random
              one (random weights agree on almost nothing) and one made of the target's
              embedding, first 2 blocks, final norm and head (a "self-speculative" draft).
@@ -338,12 +340,54 @@ def case_spec(args, models):
         table(["variant", "tokens/s", "vs target alone (eager)", "acceptance"], rows)
 
 
+def case_lookup(args):
+    """Prompt-lookup drafting on the cached trained teacher (benchmarks/teacher.py): text whose
+    continuation repeats the prompt (a stdlib source excerpt given twice, the second time cut short,
+    so copying is the right continuation) and, for contrast, the same excerpt once."""
+    import json as json_module
+
+    from teacher import teacher_checkpoint
+
+    from neoformer.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(str(teacher_checkpoint("small")), dtype=torch.float32)
+    model.eval()
+    text = (Path(json_module.__file__).parent / "encoder.py").read_text()[2000:3400]
+    ids = tok.encode(text)[:120]
+    n = 96
+    prompts = {"repeated text": ids + ids[:8], "plain text": ids}
+    for sampling in (False, True):
+        opts = dict(temperature=1.0, seed=0) if sampling else {}
+        mode = "sampling (temperature 1)" if sampling else "greedy"
+        for label, prompt in prompts.items():
+            prompt_t = torch.tensor([prompt])
+            variants = {}
+            for compiled in ([False, True] if args.compile else [False]):
+                tag = " (compile=True)" if compiled else ""
+                if compiled:  # warm up (compile) outside the timed rounds
+                    ours_generate(model, prompt_t, n, compile=True, **opts)
+                    ours_generate(model, prompt_t, n, compile=True, prompt_lookup_num_tokens=args.gamma, **opts)
+                variants["target alone" + tag] = lambda c=compiled: _ours(model, prompt_t, n, compile=c, **opts)
+                variants[f"+ prompt lookup, {args.gamma} tokens{tag}"] = lambda c=compiled: _ours(
+                    model, prompt_t, n, compile=c, prompt_lookup_num_tokens=args.gamma, **opts)
+            med, outs, extras = rounds(variants, args.rounds)
+            check = "" if sampling else f", identical tokens: {same(outs)}"
+            print(f"### Prompt lookup, trained 3.9M teacher, {label} ({len(prompt)} prompt tokens), {mode}, "
+                  f"{n} new tokens, {torch.get_num_threads()} thread(s){check}\n")
+            rows = []
+            for name, sec in med.items():
+                rate = extras[name].get("acceptance_rate") if extras[name] else None
+                alone = med["target alone" + (" (compile=True)" if "compile" in name else "")]
+                rows.append([name, n / sec, alone / sec, "-" if rate is None else f"{rate:.0%}"])
+            table(["variant", "tokens/s", "vs target alone (same compile)", "acceptance"], rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1", help="comma-separated thread counts; each runs every section")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
-    parser.add_argument("--only", default="14m,162m,batch,spec")
+    parser.add_argument("--only", default="14m,162m,batch,spec,lookup")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes of the compiled rows (fp32,bf16,fp16)")
     parser.add_argument("--llama-cpp", metavar="DIR", default=None,
@@ -377,6 +421,8 @@ def main():
             case_batch(args, big)
         if "spec" in only:
             case_spec(args, big)
+        if "lookup" in only:
+            case_lookup(args)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
