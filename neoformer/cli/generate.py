@@ -52,6 +52,10 @@ def add_parser(subparsers) -> None:
     d = p.add_argument_group("speculative decoding")
     d.add_argument("--draft", help="checkpoint of a smaller draft model with the same vocabulary")
     d.add_argument("--num-draft-tokens", type=int, default=4)
+    d.add_argument("--prompt-lookup", type=int, metavar="N", dest="prompt_lookup_num_tokens",
+                   help="speculative decoding without a draft model: propose the N tokens that followed the "
+                        "last earlier match of the text's final n-gram (pays on repetitive text)")
+    d.add_argument("--max-matching-ngram-size", type=int, help="longest n-gram --prompt-lookup matches (default 2)")
     c = p.add_argument_group("context and runtime")
     c.add_argument("--context-window", type=int, metavar="TOKENS",
                    help="tokens kept in the cache before trimming (default: the model's max_seq_len)")
@@ -80,7 +84,8 @@ def _options(args) -> dict:
                 length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
                 early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
                 num_draft_tokens=args.num_draft_tokens, context_window=args.context_window, trim_keep=args.trim_keep,
-                trim=args.trim, compile=args.compile)
+                trim=args.trim, compile=args.compile, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+                max_matching_ngram_size=args.max_matching_ngram_size)
     if args.greedy:
         opts["do_sample"] = False
     if args.ignore_eos:
@@ -207,7 +212,8 @@ def _run_onnx(args, prompts: list[str]) -> int:
     from ..export.onnx_format import onnx_greedy
     from ..tokenizer import load_tokenizer
 
-    if args.temperature or args.top_k or args.top_p or args.min_p or args.num_beams != 1 or args.draft:
+    if args.temperature or args.top_k or args.top_p or args.min_p or args.num_beams != 1 or args.draft \
+            or args.prompt_lookup_num_tokens:
         raise UserError("--onnx decodes greedily: drop the sampling, beam and draft options")
     tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
     eos = () if args.ignore_eos else tuple(args.eos_id or [tokenizer.eos_id])
