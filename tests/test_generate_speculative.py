@@ -102,6 +102,9 @@ def test_compiled_speculative_greedy_equals_target_greedy():
     target, draft = model(n_layers=3, **kw), model(n_layers=1, seed=1, **kw)
     expected = generate(target, [1, 2, 3], max_new_tokens=70)
     assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=70, draft_model=draft, compile=True), expected)
+    # prompt lookup with a compiled target: short proposals padded to the compiled length
+    assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=70, prompt_lookup_num_tokens=4, compile=True),
+                       expected)
 
 
 @pytest.mark.parametrize("k,ngram", [(1, 1), (3, 2), (5, 3)])
