@@ -5,31 +5,39 @@ model with its weights copied by ``neoformer.from_hf``; greedy decoding, batch 1
 case runs its variants in interleaved rounds in one process and reports the median, so a noisy
 machine moves all columns together; the tokens of every variant are checked to be identical.
 
-Sections (``--only`` picks some):
+Sections (``--only`` picks some), each run once per ``--threads`` count:
 - ``14m``:   384 wide, 6 layers, 6 heads, FFN 1536, vocab 65; 200 new tokens.
-- ``162m``:  768 wide, 12 layers, 12 heads, FFN 3072, vocab 32000, untied; 64 new tokens. The
-             memory-bandwidth floor is (bytes of the weights read per token) / (bandwidth
-             measured here by summing a 1 GiB tensor); decode ms/token of each side is compared
-             with it (HF's from t(64 tokens) - t(1 token), ours from the engine's own timer).
+- ``162m``:  768 wide, 12 layers, 12 heads, FFN 3072, vocab 32000, untied; 64 new tokens.
+  Both decode sections compare transformers, neoformer eager, neoformer compiled per weight dtype
+  (``--dtypes fp32,bf16``) and, with ``--llama-cpp DIR``, llama.cpp's ``llama-bench`` on the same
+  weights written as GGUF by neoformer's exporter (``--gguf F32,F16``), all in the same
+  interleaved rounds. The memory-bandwidth floor is (bytes of the weights read per token) /
+  (best read bandwidth of the run: a 1 GiB sum, best of 5 reads each round).
 - ``batch``: 8 ragged prompts (4..60 tokens) in one call vs 8 sequential calls (162M).
+- ``lookup``: prompt-lookup (n-gram) drafting on the cached trained teacher (``benchmarks/teacher.py``),
+             repeated vs plain text, greedy and sampling.
 - ``spec``:  speculative decoding on the 162M target with a 2-layer draft: an independent random
              one (random weights agree on almost nothing) and one made of the target's
              embedding, first 2 blocks, final norm and head (a "self-speculative" draft).
 
 Usage::
 
-    python benchmarks/generate.py [--threads 1] [--rounds 3] [--only 14m,162m,batch,spec] [--no-compile]
+    python benchmarks/generate.py [--threads 1,2] [--rounds 3] [--only 14m,162m,batch,spec] [--no-compile]
+        [--dtypes fp32,bf16] [--llama-cpp /path/to/llama.cpp/build/bin] [--gguf F32,F16]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 PROMPT = 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def llama(width: int, layers: int, heads: int, ffn: int, vocab: int):
@@ -46,15 +54,77 @@ def llama(width: int, layers: int, heads: int, ffn: int, vocab: int):
     return hf, from_hf(hf)
 
 
-def bandwidth_gbs(gib: float = 1.0) -> float:
-    """Read bandwidth: best of 10 sums over a tensor far larger than the caches."""
+def bandwidth_gbs(gib: float = 1.0, tries: int = 5) -> float:
+    """Read bandwidth: best of `tries` sums over a tensor far larger than the caches."""
     x = torch.ones(int(gib * 2**30) // 4)
     best = float("inf")
-    for _ in range(10):
+    for _ in range(tries):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
+
+
+class Floor:
+    """The memory-bandwidth floor of a decode step: bytes read per token / the best read bandwidth
+    seen in the run. It is re-measured every round (best of several reads each time), so a busy
+    moment cannot make the floor too low; a fraction above 1 would still mean the floor was
+    measured badly, and is shown as such rather than as a figure."""
+
+    def __init__(self):
+        self.best_gbs = 0.0
+
+    def measure(self) -> None:
+        self.best_gbs = max(self.best_gbs, bandwidth_gbs())
+
+    def ms(self, weight_bytes: int) -> float:
+        return weight_bytes / self.best_gbs / 1e6
+
+    def fraction(self, weight_bytes: int, ms_per_token: float) -> str:
+        f = self.ms(weight_bytes) / ms_per_token
+        return f"{f:.2f}" if f <= 1 else f"n/a (floor mismeasured: {f:.2f})"
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights read per decoded token: all but the embedding table (one row per token)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
+
+
+# ---- llama.cpp side by side --------------------------------------------------------------------
+# bytes per weight relative to fp32 (Q8_0: 32 int8 + an fp16 scale per block; Q4_0: 32 nibbles + a scale)
+BYTES_VS_FP32 = {"fp32": 1, "generate": 1, "F32": 1, "bf16": 0.5, "fp16": 0.5, "F16": 0.5, "Q8_0": 34 / 128,
+                 "Q4_0": 18 / 128}
+GGUF_TYPES = {"F32": (torch.float32, None), "F16": (torch.float16, None), "Q8_0": (torch.float32, "q8_0"),
+              "Q4_0": (torch.float32, "q4_0")}
+
+
+def write_ggufs(model, types: list[str], folder) -> dict:
+    """The same weights as GGUF files, written by neoformer's own exporter -> {type: path}."""
+    from neoformer.export.common import Source
+    from neoformer.export.gguf_format import write_gguf
+
+    paths = {}
+    for name in types:
+        out = Path(folder) / name
+        out.mkdir(parents=True, exist_ok=True)
+        dtype, quant = GGUF_TYPES[name]
+        write_gguf(Source(model), out, dtype, quant)
+        paths[name] = out / "model.gguf"
+    return paths
+
+
+def llama_bench(binary_dir: str, gguf, n: int, threads: int) -> float:
+    """llama.cpp's decode speed (tg tokens/s) from one `llama-bench -p 0 -n N -r 1 -o json` run
+    (llama-bench warms up before it times)."""
+    import json
+    import subprocess
+
+    cmd = [str(Path(binary_dir) / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads),
+           "-r", "1", "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}): {done.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(done.stdout)[0]["avg_ts"])
 
 
 def timed(fn):
@@ -75,8 +145,9 @@ def ours_generate(model, ids, n, **kw):
     return generate(model, ids, max_new_tokens=n, return_dict=True, **kw)
 
 
-def rounds(variants: dict, n_rounds: int) -> dict:
-    """variants: name -> fn() returning (seconds, tokens, extra); interleaved; median seconds."""
+def rounds_raw(variants: dict, n_rounds: int) -> tuple[dict, dict, dict]:
+    """variants: name -> fn() returning (seconds, tokens, extra), run interleaved round after round
+    -> (seconds per round, last tokens, extras per round) by name."""
     times = {k: [] for k in variants}
     outs, extras = {}, {k: [] for k in variants}
     for _ in range(n_rounds):
@@ -85,7 +156,12 @@ def rounds(variants: dict, n_rounds: int) -> dict:
             times[name].append(sec)
             outs[name] = tokens
             extras[name].append(extra)
-    # per-round stats: numbers are medians over rounds, like the times
+    return times, outs, extras
+
+
+def rounds(variants: dict, n_rounds: int) -> tuple[dict, dict, dict]:
+    """rounds_raw reduced to medians over rounds (seconds, and every numeric stat)."""
+    times, outs, extras = rounds_raw(variants, n_rounds)
     merged = {}
     for name, stats in extras.items():
         if stats[0] is None:
@@ -110,63 +186,81 @@ def same(outs: dict) -> bool:
 
 
 # ---- sections --------------------------------------------------------------------------------
-def case_14m(args):
-    hf, ours = llama(384, 6, 6, 1536, 65)
-    n = 200
-    ids = torch.randint(0, 65, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+def case_decode(args, label: str, models, vocab: int, n: int):
+    """Decode speed at batch 1 of one model, every column in the same interleaved rounds:
+    transformers, neoformer eager / compiled (per --dtypes), llama.cpp (per --gguf). Tokens/s are
+    decode-only (the prefill excluded): ours from the engine's timer, transformers from
+    t(n tokens) - t(1 token), llama.cpp's tg figure (which starts from an empty context)."""
+    import copy
+    import tempfile
+
+    hf, ours = models
+    threads = torch.get_num_threads()
+    ids = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    weights = {"fp32": ours}
+    for name in args.dtypes:
+        if name != "fp32":
+            weights[name] = copy.deepcopy(ours).to(DTYPES[name])
     variants = {
         "transformers generate": lambda: (*timed(lambda: hf_generate(hf, ids, n)), None),
-        "neoformer (eager)": lambda: _ours(ours, ids, n),
+        "transformers, 1 token": lambda: (*timed(lambda: hf_generate(hf, ids, 1)), None),
+        "neoformer eager fp32": lambda: _ours(ours, ids, n),
     }
     if args.compile:
-        add_compiled(variants, ours, ids, n, "14M")
-    med, outs, _ = rounds(variants, args.rounds)
-    base = med["transformers generate"]
-    print(f"### 14M model, batch 1, {n} new tokens (identical tokens: {same(outs)})\n")
-    table(["variant", "tokens/s", "vs transformers"], [[k, n / v, base / v] for k, v in med.items()])
+        for name, model in weights.items():
+            add_compiled(variants, model, ids, n, f"{label} {name}")
+    floor = Floor()
+    gguf_dir = tempfile.TemporaryDirectory()
+    ggufs = write_ggufs(ours, args.gguf, gguf_dir.name) if args.llama_cpp else {}
+    for kind, path in ggufs.items():
+        variants[f"llama.cpp {kind}"] = lambda path=path: (None, None, {"tokens_per_s": llama_bench(
+            args.llama_cpp, path, n, threads)})
+    variants["(bandwidth)"] = lambda: (floor.measure(), None, None)
+    times, outs, extras = rounds_raw(variants, args.rounds)
+    hf_one = statistics.median(times.pop("transformers, 1 token"))
+    for key in ("transformers, 1 token", "(bandwidth)"):
+        outs.pop(key), times.pop(key, None), extras.pop(key)
+    fp32 = {k: v for k, v in outs.items() if v is not None and k.split()[-1] in ("generate", "fp32")}
+    print(f"### {label} model, batch 1, {threads} thread(s), {n} new tokens, {args.rounds} rounds "
+          f"(identical fp32 tokens, neoformer and transformers: {same(fp32)})\n")
+    for name in outs:
+        if name.split()[-1] in ("bf16", "fp16"):  # random weights: next-token margins are tiny, so they drift
+            agree = (outs[name] == outs["neoformer eager fp32"]).float().mean()
+            print(f"{name}: {agree:.0%} of tokens equal to fp32's")
+    print(f"read bandwidth, best of {5 * args.rounds} reads: {floor.best_gbs:.1f} GB/s\n")
+    rows = []
+    for name, spread in extras.items():
+        if name == "transformers generate":
+            rates = [(n - 1) / (sec - hf_one) for sec in times[name]]
+        elif name.startswith("llama.cpp"):
+            rates = [e["tokens_per_s"] for e in spread]
+        else:
+            rates = [(n - 1) / e["decode_s"] for e in spread]
+        rate = statistics.median(rates)
+        nbytes = round(weight_bytes(ours) * BYTES_VS_FP32[name.split()[-1]])
+        fraction = floor.fraction(nbytes, 1e3 / rate)
+        rows.append([name, rate, f"{min(rates):.3g}-{max(rates):.3g}", 1e3 / rate,
+                     f"{floor.ms(nbytes):.2f}", fraction])
+    table(["variant", "decode tokens/s (median)", "spread", "ms/token", "floor ms", "fraction of floor"], rows)
+    ref = {r[0]: r[1] for r in rows}
+    for name, rate in ref.items():
+        if name.startswith("neoformer compile"):
+            theirs = ", ".join(f"{rate / v:.2f}x {k}" for k, v in ref.items() if k.startswith("llama.cpp"))
+            print(f"{name}: {theirs or '(no llama.cpp)'}")
+    print()
 
 
 def add_compiled(variants, model, ids, n, label):
     """Compile once (timed and reported), then add the compiled engine as a variant."""
     t, _ = timed(lambda: ours_generate(model, ids, n, compile=True))
     print(f"{label}: compiling the decode step took {t:.1f} s (once per model and batch size)")
-    variants["neoformer (compile=True)"] = lambda: _ours(model, ids, n, compile=True)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
+    variants[f"neoformer compile {dtype}"] = lambda: _ours(model, ids, n, compile=True)
 
 
 def _ours(model, ids, n, **kw):
     sec, out = timed(lambda: ours_generate(model, ids, n, **kw))
     return sec, out.sequences, out.stats
-
-
-def case_162m(args, models):
-    hf, ours = models
-    n = 64
-    ids = torch.randint(0, 32000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    bw = bandwidth_gbs()
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in ours.named_parameters()
-                       if not name.startswith("embed."))  # the embedding table is read one row per token
-    floor_ms = weight_bytes / bw / 1e6
-    variants = {
-        "transformers generate": lambda: (*timed(lambda: hf_generate(hf, ids, n)), None),
-        "transformers, 1 token": lambda: (*timed(lambda: hf_generate(hf, ids, 1)), None),
-        "neoformer (eager)": lambda: _ours(ours, ids, n),
-    }
-    if args.compile:
-        add_compiled(variants, ours, ids, n, "162M")
-    med, outs, extras = rounds(variants, args.rounds)
-    hf_one = med.pop("transformers, 1 token")
-    outs.pop("transformers, 1 token")
-    print(f"### 162M model, batch 1, {n} new tokens (identical tokens: {same(outs)})\n")
-    print(f"weights read per token {weight_bytes / 1e6:.0f} MB, measured read bandwidth {bw:.1f} GB/s "
-          f"-> floor {floor_ms:.2f} ms/token\n")
-    rows = []
-    for name, sec in med.items():
-        if extras[name] is None:
-            decode_ms = (sec - hf_one) / (n - 1) * 1e3
-        else:
-            decode_ms = extras[name]["decode_s"] / (n - 1) * 1e3
-        rows.append([name, n / sec, decode_ms, floor_ms / decode_ms, med["transformers generate"] / sec])
-    table(["variant", "tokens/s", "decode ms/token", "fraction of floor", "vs transformers"], rows)
 
 
 def case_batch(args, models):
@@ -246,30 +340,90 @@ def case_spec(args, models):
         table(["variant", "tokens/s", "vs target alone (eager)", "acceptance"], rows)
 
 
+def case_lookup(args):
+    """Prompt-lookup drafting on the cached trained teacher (benchmarks/teacher.py): text whose
+    continuation repeats the prompt (a stdlib source excerpt given twice, the second time cut short,
+    so copying is the right continuation) and, for contrast, the same excerpt once."""
+    import json as json_module
+
+    from teacher import teacher_checkpoint
+
+    from neoformer.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(str(teacher_checkpoint("small")), dtype=torch.float32)
+    model.eval()
+    text = (Path(json_module.__file__).parent / "encoder.py").read_text()[2000:3400]
+    ids = tok.encode(text)[:120]
+    n = 96
+    prompts = {"repeated text": ids + ids[:8], "plain text": ids}
+    for sampling in (False, True):
+        opts = dict(temperature=1.0, seed=0) if sampling else {}
+        mode = "sampling (temperature 1)" if sampling else "greedy"
+        for label, prompt in prompts.items():
+            prompt_t = torch.tensor([prompt])
+            variants = {}
+            for compiled in ([False, True] if args.compile else [False]):
+                tag = " (compile=True)" if compiled else ""
+                if compiled:  # warm up (compile) outside the timed rounds
+                    ours_generate(model, prompt_t, n, compile=True, **opts)
+                    ours_generate(model, prompt_t, n, compile=True, prompt_lookup_num_tokens=args.gamma, **opts)
+                variants["target alone" + tag] = lambda c=compiled: _ours(model, prompt_t, n, compile=c, **opts)
+                variants[f"+ prompt lookup, {args.gamma} tokens{tag}"] = lambda c=compiled: _ours(
+                    model, prompt_t, n, compile=c, prompt_lookup_num_tokens=args.gamma, **opts)
+            med, outs, extras = rounds(variants, args.rounds)
+            check = "" if sampling else f", identical tokens: {same(outs)}"
+            print(f"### Prompt lookup, trained 3.9M teacher, {label} ({len(prompt)} prompt tokens), {mode}, "
+                  f"{n} new tokens, {torch.get_num_threads()} thread(s){check}\n")
+            rows = []
+            for name, sec in med.items():
+                rate = extras[name].get("acceptance_rate") if extras[name] else None
+                alone = med["target alone" + (" (compile=True)" if "compile" in name else "")]
+                rows.append([name, n / sec, alone / sec, "-" if rate is None else f"{rate:.0%}"])
+            table(["variant", "tokens/s", "vs target alone (same compile)", "acceptance"], rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts; each runs every section")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
-    parser.add_argument("--only", default="14m,162m,batch,spec")
+    parser.add_argument("--only", default="14m,162m,batch,spec,lookup")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes of the compiled rows (fp32,bf16,fp16)")
+    parser.add_argument("--llama-cpp", metavar="DIR", default=None,
+                        help="folder with llama.cpp's llama-bench: adds llama.cpp columns on the same weights")
+    parser.add_argument("--gguf", default="F32,F16", help=f"GGUF types for llama.cpp ({','.join(GGUF_TYPES)})")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.gguf = [g for g in args.gguf.split(",") if g]
+    for name in args.dtypes:
+        if name not in DTYPES:
+            parser.error(f"--dtypes: unknown {name!r}; choose from {', '.join(DTYPES)}")
+    for name in args.gguf:
+        if name not in GGUF_TYPES:
+            parser.error(f"--gguf: unknown {name!r}; choose from {', '.join(GGUF_TYPES)}")
+    if args.llama_cpp and not (Path(args.llama_cpp) / "llama-bench").is_file():
+        parser.error(f"--llama-cpp: no llama-bench in {args.llama_cpp} (give llama.cpp's build/bin folder)")
     only = set(args.only.split(","))
     import transformers
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "
-          f"torch {torch.__version__}, transformers {transformers.__version__}\n")
-    if "14m" in only:
-        case_14m(args)
-    if only & {"162m", "batch", "spec"}:
-        models = llama(768, 12, 12, 3072, 32000)
+    print(f"machine: {platform.processor() or platform.machine()}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; load before: {os.getloadavg()[0]:.2f}\n")
+    small = llama(384, 6, 6, 1536, 65) if "14m" in only else None
+    big = llama(768, 12, 12, 3072, 32000) if only & {"162m", "batch", "spec"} else None
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        if small:
+            case_decode(args, "14M", small, 65, 200)
         if "162m" in only:
-            case_162m(args, models)
+            case_decode(args, "162M", big, 32000, 64)
         if "batch" in only:
-            case_batch(args, models)
+            case_batch(args, big)
         if "spec" in only:
-            case_spec(args, models)
+            case_spec(args, big)
+        if "lookup" in only:
+            case_lookup(args)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,18 @@ def test_cli_errors_are_one_line(ckpts, capsys):
     assert err.startswith("error: top_p (1.5)") and err.count("\n") == 1
     assert main(["generate", str(paths["target"])]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_cli_prompt_lookup_and_half_precision_weights(ckpts, capsys):
+    target = str(ckpts[0]["target"])
+    base = ["generate", target, "--prompt", "the the the ", "-n", "12", "--ignore-eos"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--prompt-lookup", "3", "--max-matching-ngram-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "draft acceptance" in captured.err  # greedy: the target's own tokens
+    assert main(base + ["--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(base + ["--dtype", "int3"])
+    assert "unknown dtype 'int3'; choose bf16, fp16 or fp32" in capsys.readouterr().err

@@ -102,3 +102,49 @@ def test_compiled_speculative_greedy_equals_target_greedy():
     target, draft = model(n_layers=3, **kw), model(n_layers=1, seed=1, **kw)
     expected = generate(target, [1, 2, 3], max_new_tokens=70)
     assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=70, draft_model=draft, compile=True), expected)
+    # prompt lookup with a compiled target: short proposals padded to the compiled length
+    assert torch.equal(generate(target, [1, 2, 3], max_new_tokens=70, prompt_lookup_num_tokens=4, compile=True),
+                       expected)
+
+
+@pytest.mark.parametrize("k,ngram", [(1, 1), (3, 2), (5, 3)])
+def test_prompt_lookup_greedy_equals_target_greedy(k, ngram):
+    target = model(n_layers=2)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [1, 2, 3]]
+    expected = generate(target, prompts, max_new_tokens=30)
+    out = generate(target, prompts, max_new_tokens=30, prompt_lookup_num_tokens=k, max_matching_ngram_size=ngram,
+                   return_dict=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats["proposed"] > 0 and 0 <= out.stats["acceptance_rate"] <= 1
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_match():
+    from neoformer.generate.config import GenerationConfig
+    from neoformer.generate.speculative import _PromptLookup
+
+    cfg = GenerationConfig.build(prompt_lookup_num_tokens=3, max_matching_ngram_size=2)
+    look = _PromptLookup(cfg, [1, 2, 3, 4, 9, 2, 3, 7, 8, 2, 3], vocab=10, pad=False)
+    d, q = look.propose(torch.tensor([[3]]), 3)
+    assert d.tolist() == [[7, 8, 2]]  # the latest earlier "2 3" was followed by 7 8 2
+    assert torch.equal(q.softmax(-1).argmax(-1), d[0]) and float(q.softmax(-1).max(-1).values.min()) == 1.0
+    look.extend([5])  # "3 5" never seen, "5" never seen: nothing to propose
+    assert look.propose(torch.tensor([[5]]), 3)[0].shape == (1, 0)
+    padded = _PromptLookup(cfg, [1, 2, 1], vocab=10, pad=True).propose(torch.tensor([[1]]), 3)[0]
+    assert padded.tolist() == [[2, 1, 1]]  # compiled target: always g tokens
+
+
+def test_prompt_lookup_sampling_follows_the_target_distribution():
+    """Sampled first tokens with prompt lookup have the target's distribution (the proposal is
+    one-hot: accepted with p(d), else drawn from p without d)."""
+    target = model(vocab=V, n_layers=1, std=0.5)
+    prompt = [1, 2, 3, 1, 2]  # "1 2" was followed by 3: lookup proposes 3 1 2
+    with torch.inference_mode():
+        p = torch.softmax(target(torch.tensor([prompt]), use_cache=False)[0][0, -1], -1)
+    n = 1500
+    out = generate(target, [prompt] * n, max_new_tokens=2, temperature=1.0, seed=0, prompt_lookup_num_tokens=3,
+                   return_dict=True)
+    firsts = torch.tensor([t[0] for t in out.new_tokens])
+    freq = torch.bincount(firsts, minlength=V).float() / n
+    assert 0.5 * (freq - p).abs().sum() < 0.05
+    with pytest.raises(ValueError, match="not both"):
+        generate(target, prompt, max_new_tokens=2, draft_model=target, prompt_lookup_num_tokens=3)

@@ -13,6 +13,17 @@ from . import UserError
 from .train import threads_arg
 
 
+WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_arg(value: str) -> str:
+    """--dtype: bf16 | fp16 | fp32 (or torch's names) -> torch's name; weights are kept in it."""
+    name = WEIGHT_DTYPES.get(value, value)
+    if name not in WEIGHT_DTYPES.values():
+        raise argparse.ArgumentTypeError(f"unknown dtype {value!r}; choose bf16, fp16 or fp32")
+    return name
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint",
                               description=__doc__.splitlines()[0])
@@ -41,6 +52,10 @@ def add_parser(subparsers) -> None:
     d = p.add_argument_group("speculative decoding")
     d.add_argument("--draft", help="checkpoint of a smaller draft model with the same vocabulary")
     d.add_argument("--num-draft-tokens", type=int, default=4)
+    d.add_argument("--prompt-lookup", type=int, metavar="N", dest="prompt_lookup_num_tokens",
+                   help="speculative decoding without a draft model: propose the N tokens that followed the "
+                        "last earlier match of the text's final n-gram (pays on repetitive text)")
+    d.add_argument("--max-matching-ngram-size", type=int, help="longest n-gram --prompt-lookup matches (default 2)")
     c = p.add_argument_group("context and runtime")
     c.add_argument("--context-window", type=int, metavar="TOKENS",
                    help="tokens kept in the cache before trimming (default: the model's max_seq_len)")
@@ -48,7 +63,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--trim-keep", type=int, help="tokens kept when the window is full (default: half)")
     c.add_argument("--trim", choices=["slice", "refill"], default="slice")
     c.add_argument("--device", default=None)
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.add_argument("--dtype", type=dtype_arg, default=None, metavar="bf16|fp16|fp32",
+                   help="weight dtype for inference (default: as saved); bf16/fp16 keep fp32 norms, "
+                        "softmax and matmul accumulation")
     c.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -67,7 +84,8 @@ def _options(args) -> dict:
                 length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
                 early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
                 num_draft_tokens=args.num_draft_tokens, context_window=args.context_window, trim_keep=args.trim_keep,
-                trim=args.trim, compile=args.compile)
+                trim=args.trim, compile=args.compile, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+                max_matching_ngram_size=args.max_matching_ngram_size)
     if args.greedy:
         opts["do_sample"] = False
     if args.ignore_eos:
@@ -194,7 +212,8 @@ def _run_onnx(args, prompts: list[str]) -> int:
     from ..export.onnx_format import onnx_greedy
     from ..tokenizer import load_tokenizer
 
-    if args.temperature or args.top_k or args.top_p or args.min_p or args.num_beams != 1 or args.draft:
+    if args.temperature or args.top_k or args.top_p or args.min_p or args.num_beams != 1 or args.draft \
+            or args.prompt_lookup_num_tokens:
         raise UserError("--onnx decodes greedily: drop the sampling, beam and draft options")
     tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
     eos = () if args.ignore_eos else tuple(args.eos_id or [tokenizer.eos_id])

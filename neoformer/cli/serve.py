@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .generate import dtype_arg
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
@@ -28,7 +30,8 @@ def add_parser(subparsers) -> None:
                         "differ in the last bits with the load")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one shape)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", type=dtype_arg, default=None, metavar="bf16|fp16|fp32",
+                   help="weight dtype for inference (default: as saved)")
     p.add_argument("--quantize", metavar="SCHEME", help="quantize on load: int8 | int8-dynamic | nf4 | int4 "
                    "(see `neoformer quantize`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -156,6 +156,8 @@ def write_gguf(source: Source, out: Path, dtype: torch.dtype, quant: str | None 
     writer.add_file_type(gguf.LlamaFileType[file_type])
     if source.tokenizer is not None:
         _add_tokenizer(writer, gguf, source.tokenizer, cfg.vocab_size, source.config)
+    else:  # llama.cpp refuses a file without tokenizer.ggml.model; "none" gives vocab_size dummy tokens
+        writer.add_tokenizer_model("none")
     for name, (_, t) in gguf_tensors(source.model).items():
         kind = _element_type(gguf, name, t, dtype, quant)
         array = t.float().numpy()

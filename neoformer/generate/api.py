@@ -210,7 +210,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, attention_m
 
             sequences, scores, new_tokens = beam_search(model, p, generator, stats)
             out = _finish_beam(p, sequences, scores, new_tokens, stats, tokenizer, t0)
-        elif draft_model is not None:
+        elif draft_model is not None or cfg.prompt_lookup_num_tokens:
             from .speculative import speculative_generate
 
             steps = speculative_generate(model, draft_model, p, generator, stats, tokenizer)
@@ -251,7 +251,7 @@ def stream(model, input_ids, max_new_tokens: int | None = None, *, attention_mas
     p = plan(model, input_ids, cfg, attention_mask, tokenizer)
     generator = make_generator(cfg.seed, p.batch.ids.device)
     stats = {} if stats is None else stats
-    if draft_model is not None:
+    if draft_model is not None or cfg.prompt_lookup_num_tokens:
         from .speculative import speculative_stream
 
         if p.batch.ids.shape[0] != 1:

@@ -54,6 +54,18 @@ class StaticKVCache:
         self._start = 0
         if static:
             self._slot = torch.zeros(1, dtype=torch.long, device=device)
+            self._mark_capacity_dynamic()
+
+    def _mark_capacity_dynamic(self) -> None:
+        """Tell torch.compile that the capacity dimension varies, so one compiled step serves every
+        capacity (a longer generation reuses the graph instead of recompiling per capacity bucket)."""
+        from torch._dynamo import maybe_mark_dynamic
+
+        for buf in (*self.k, *self.v):
+            maybe_mark_dynamic(buf, 2)
+        for buf in (self.pos, self.keep, self.tokens):
+            if buf is not None:
+                maybe_mark_dynamic(buf, 1)
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, *, dtype=None, device=None, **kwargs) -> "StaticKVCache":

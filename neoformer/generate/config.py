@@ -39,6 +39,8 @@ class GenerationConfig:
     early_stopping: bool | str = False  # True | False | "never" (HF)
     num_return_sequences: int = 1
     num_draft_tokens: int = 4  # speculative decoding: tokens the draft proposes per round
+    prompt_lookup_num_tokens: int | None = None  # speculative decoding without a draft model: propose this many
+    max_matching_ngram_size: int = 2  # tokens that followed the latest earlier match of the last n-gram (n <= this)
     trim_keep: int | None = None  # context trimming: tokens kept when the window is full (default half)
     trim: str = "slice"  # slice: k[:, :, -keep:] (seed) | refill: re-prefill the kept window
     context_window: int | None = None  # tokens the cache holds before trimming (default: the model's max_seq_len)
@@ -117,6 +119,13 @@ class GenerationConfig:
             bad(f"early_stopping ({self.early_stopping!r}) must be True, False or 'never'")
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
             bad(f"num_draft_tokens ({self.num_draft_tokens!r}) must be an integer >= 1")
+        if self.prompt_lookup_num_tokens is not None and (
+                not isinstance(self.prompt_lookup_num_tokens, int) or self.prompt_lookup_num_tokens < 1):
+            bad(f"prompt_lookup_num_tokens ({self.prompt_lookup_num_tokens!r}) must be an integer >= 1")
+        if not isinstance(self.max_matching_ngram_size, int) or self.max_matching_ngram_size < 1:
+            bad(f"max_matching_ngram_size ({self.max_matching_ngram_size!r}) must be an integer >= 1")
+        if self.prompt_lookup_num_tokens and self.num_beams > 1:
+            bad("prompt_lookup_num_tokens (speculative decoding) does not combine with beam search (num_beams > 1)")
         if self.trim not in TRIM_MODES:
             bad(f"trim ({self.trim!r}) must be one of: {', '.join(TRIM_MODES)}")
         if self.trim_keep is not None and (not isinstance(self.trim_keep, int) or self.trim_keep < 1):

@@ -139,7 +139,8 @@ class RowGemv(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
             if rows <= self.max_rows:
-                y = (w * x.reshape(1, -1)).sum(-1).reshape(*x.shape[:-1], w.shape[0])
+                # fp32 accumulation whatever the weight dtype (bf16/fp16 weights are upcast as they stream in)
+                y = (w * x.reshape(1, -1)).sum(-1, dtype=torch.float32).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""Speculative decoding with a draft model (Leviathan et al. 2023; Chen et al. 2023).
+"""Speculative decoding with a draft model (Leviathan et al. 2023; Chen et al. 2023) or with
+prompt lookup (n-gram drafting, no draft model: ``prompt_lookup_num_tokens``).
 
 Each round the draft proposes ``num_draft_tokens`` (gamma) tokens d_1..d_gamma one at a time
 from its distributions q_i; the target scores [last, d_1..d_gamma] in one forward, giving p_1..
@@ -27,9 +28,11 @@ from .stops import StopStrings
 
 def _check(target, draft, cfg) -> None:
     if not (getattr(target, "supports_speculative_decoding", False)
-            and getattr(draft, "supports_speculative_decoding", False)):
+            and (draft is None or getattr(draft, "supports_speculative_decoding", False))):
         raise ValueError("speculative decoding needs decoder-only target and draft models")
-    if draft.config.vocab_size != target.config.vocab_size:
+    if draft is not None and cfg.prompt_lookup_num_tokens:
+        raise ValueError("give either draft_model or prompt_lookup_num_tokens, not both")
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}); the draft must share the tokenizer")
     if cfg.repetition_penalty not in (None, 1.0) or cfg.no_repeat_ngram_size:
@@ -83,71 +86,142 @@ class _Side:
         _rewind(self.model, self.cache, end, state, fed, fed_pos, n_kept)
 
 
+class _ModelDraft:
+    """Draft tokens from a smaller model with its own cache. Its cache holds every committed token
+    except ``last`` and may lag by ``pending`` tokens (the last draft of a fully accepted round)."""
+
+    def __init__(self, draft, p, prompt: torch.Tensor, cap: int, track: bool, generator):
+        self.cfg, self.cap, self.keep_n, self.generator = p.cfg, cap, p.keep_n, generator
+        compiled = compiled_decode_one(draft, 1) if p.cfg.compile else None
+        self.side = _Side(draft, cap, p.window, track, compiled)
+        self.side.prefill(prompt[:, :-1])
+        self.pending = prompt[:, :0]
+
+    def make_room(self, g: int) -> None:
+        d = self.side.cache
+        if g > 0 and d.end + self.pending.shape[1] + g > self.cap:
+            trim_cache(self.side.model, d, max(self.keep_n - self.pending.shape[1], 1), self.cfg.trim)
+
+    def propose(self, last: torch.Tensor, g: int):
+        """Read what the draft has not seen, propose g tokens -> (d (1, g), q logits (g, V))."""
+        drafts, qs = [], []
+        self.fed = torch.cat((self.pending, last), dim=1)
+        c = self.side.cache
+        self.end, self.state = c.end, c.model_state
+        self.pos = c.next_pos[:, None] + torch.arange(self.fed.shape[1], device=last.device)
+        q_logits = self.side.step(self.fed)
+        for i in range(g):
+            q = process(q_logits, self.cfg, None)
+            drafts.append(_pick(q, self.cfg.sampling, self.generator))
+            qs.append(q)
+            if i < g - 1:
+                q_logits = self.side.step(drafts[-1])
+        return torch.cat(drafts, dim=1), torch.cat(qs, dim=0)
+
+    def commit(self, last: torch.Tensor, d: torch.Tensor, n_ok: int, new: int) -> None:
+        """Rewind the draft's cache to [.., last, d_1..d_n_ok] (it never read d_g)."""
+        g = d.shape[1]
+        if g == 0:
+            self.pending = torch.cat((self.pending, last), dim=1)
+            return
+        m = self.fed.shape[1]
+        kept = min(m + n_ok, m + g - 1)
+        fed = torch.cat((self.fed, d[:, :g - 1]), dim=1)
+        pos = torch.cat((self.pos, self.pos[:, -1:] + torch.arange(1, g, device=d.device)), dim=1)
+        self.side.keep(self.end + kept, self.state, fed, pos, kept)
+        self.pending = d[:, g - 1:] if n_ok == g else d[:, :0]
+
+
+class _PromptLookup:
+    """Draft tokens with no draft model (prompt lookup decoding, Saxena 2023; HF
+    ``prompt_lookup_num_tokens``): the tokens that followed the latest earlier occurrence of the
+    sequence's last n-gram (longest n <= max_matching_ngram_size first). A table maps each n-gram
+    to where its latest continuation starts, updated as tokens are committed (O(1) per lookup).
+    The proposal is deterministic (q is one-hot), so the acceptance rule stays exact: greedy output
+    equals the target's, sampling accepts d with probability p(d) and otherwise draws from p
+    without d. With a compiled target a short proposal is padded to g (the verification is
+    compiled for g + 1 tokens, and costs the same however many of them are real)."""
+
+    def __init__(self, cfg, prompt: list[int], vocab: int, pad: bool):
+        self.max_n, self.vocab, self.pad = cfg.max_matching_ngram_size, vocab, pad
+        self.history: list[int] = []
+        self.follows: dict[tuple, int] = {}
+        self.extend(prompt)
+
+    def extend(self, tokens: list[int]) -> None:
+        for tok in tokens:
+            h = self.history
+            for n in range(1, min(self.max_n, len(h)) + 1):  # the n-gram ending here is followed by tok
+                self.follows[tuple(h[-n:])] = len(h)
+            h.append(tok)
+
+    def make_room(self, g: int) -> None:
+        pass
+
+    def propose(self, last: torch.Tensor, g: int):
+        h = self.history
+        found: list[int] = []
+        for n in range(min(self.max_n, len(h) - 1), 0, -1):
+            start = self.follows.get(tuple(h[-n:]))
+            if start is not None:
+                found = h[start:start + g]
+                break
+        if self.pad and found:
+            found = found + [found[-1]] * (g - len(found))
+        elif self.pad:
+            found = [h[-1]] * g
+        d = torch.tensor([found], dtype=torch.long, device=last.device)
+        q = torch.full((len(found), self.vocab), float("-inf"), device=last.device)
+        q[torch.arange(len(found)), d[0]] = 0.0  # one-hot: the proposal is certain
+        return d, q
+
+    def commit(self, last: torch.Tensor, d: torch.Tensor, n_ok: int, new: int) -> None:
+        self.extend(d[0, :n_ok].tolist() + [new])
+
+
 class _Round:
-    """State of speculative decoding for one prompt: both caches hold every committed token
-    except ``last``; the draft may also lag by ``pending`` tokens."""
+    """State of speculative decoding for one prompt: the target's cache holds every committed
+    token except ``last``; the drafter (a model or prompt lookup) proposes each round's tokens."""
 
     def __init__(self, target, draft, p, prompt: torch.Tensor, generator):
         cfg = self.cfg = p.cfg
-        self.gamma, self.sampling, self.generator = cfg.num_draft_tokens, cfg.sampling, generator
+        self.gamma = cfg.prompt_lookup_num_tokens if draft is None else cfg.num_draft_tokens
+        self.sampling, self.generator = cfg.sampling, generator
         self.cap = min(prompt.shape[1] + cfg.max_new_tokens, p.window)
         self.keep_n = p.keep_n
-        track = cfg.trim == "refill" or "learned" in (target.config.position, draft.config.position)
+        positions = [target.config.position] + ([draft.config.position] if draft is not None else [])
+        track = cfg.trim == "refill" or "learned" in positions
         compiled = cfg.compile  # draft steps and full-size verifications compiled, static-shape caches
         self.t = _Side(target, self.cap, p.window, track, compiled_verify(target, self.gamma + 1) if compiled else None)
-        self.d = _Side(draft, self.cap, p.window, track, compiled_decode_one(draft, 1) if compiled else None)
         self.t.prefill(prompt[:, :-1])
-        self.d.prefill(prompt[:, :-1])
+        if draft is None:
+            self.drafter = _PromptLookup(cfg, prompt[0].tolist(), target.config.vocab_size, pad=compiled)
+        else:
+            self.drafter = _ModelDraft(draft, p, prompt, self.cap, track, generator)
         self.last = prompt[:, -1:]  # (1, 1)
-        self.pending = self.last[:, :0]
 
     def size(self, remaining: int) -> int:
         """Draft tokens this round; trims the target exactly where plain decoding would."""
-        t, d = self.t.cache, self.d.cache
+        t = self.t.cache
         if t.end + 1 > self.cap:
             trim_cache(self.t.model, t, self.keep_n, self.cfg.trim)
         g = min(self.gamma, self.cap - t.end - 1, remaining - 1)
-        if g > 0 and d.end + self.pending.shape[1] + g > self.cap:
-            trim_cache(self.d.model, d, max(self.keep_n - self.pending.shape[1], 1), self.cfg.trim)
+        self.drafter.make_room(g)
         return g
-
-    def propose(self, g: int):
-        """The draft reads what it has not seen and proposes g tokens -> (d (1, g), q logits (g, V))."""
-        drafts, qs = [], []
-        self.d_fed = torch.cat((self.pending, self.last), dim=1)
-        c = self.d.cache
-        self.d_end, self.d_state = c.end, c.model_state
-        self.d_pos = c.next_pos[:, None] + torch.arange(self.d_fed.shape[1], device=self.last.device)
-        q_logits = self.d.step(self.d_fed)
-        for i in range(g):
-            q = process(q_logits, self.cfg, None)
-            drafts.append(_pick(q, self.sampling, self.generator))
-            qs.append(q)
-            if i < g - 1:
-                q_logits = self.d.step(drafts[-1])
-        return torch.cat(drafts, dim=1), torch.cat(qs, dim=0)
 
     def run(self, remaining: int) -> tuple[list[int], int]:
         """One round -> (committed tokens, draft tokens proposed)."""
         g = self.size(remaining)
-        d, q = self.propose(g) if g > 0 else (self.last[:, :0], None)
+        d, q = self.drafter.propose(self.last, g) if g > 0 else (self.last[:, :0], None)
+        g = d.shape[1]  # prompt lookup may find fewer
         c = self.t.cache
         t_end, t_state = c.end, c.model_state
         t_fed = torch.cat((self.last, d), dim=1)
         t_pos = c.next_pos[:, None] + torch.arange(g + 1, device=d.device)
         p_logits = process(self.t.verify(t_fed, t_pos, self.gamma + 1), self.cfg, None)  # (g + 1, V)
         n_ok, new = _accept(p_logits, q, d[0], self.sampling, self.generator)
-        # rewind both caches to [.., last, d_1..d_n_ok]
-        self.t.keep(t_end + 1 + n_ok, t_state, t_fed, t_pos, 1 + n_ok)
-        if g > 0:
-            m = self.d_fed.shape[1]
-            kept = min(m + n_ok, m + g - 1)  # the draft never read d_g
-            fed = torch.cat((self.d_fed, d[:, :g - 1]), dim=1)
-            pos = torch.cat((self.d_pos, self.d_pos[:, -1:] + torch.arange(1, g, device=d.device)), dim=1)
-            self.d.keep(self.d_end + kept, self.d_state, fed, pos, kept)
-            self.pending = d[:, g - 1:] if n_ok == g else d[:, :0]
-        else:
-            self.pending = torch.cat((self.pending, self.last), dim=1)
+        self.t.keep(t_end + 1 + n_ok, t_state, t_fed, t_pos, 1 + n_ok)  # [.., last, d_1..d_n_ok]
+        self.drafter.commit(self.last, d, n_ok, new)
         self.last = torch.tensor([[new]], device=d.device)
         return d[0, :n_ok].tolist() + [new], g
 

@@ -140,7 +140,8 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
             out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
         return out.to(v.dtype)
     mask = ctx.mask(window)
-    same_length = q.shape[2] == k.shape[2]
+    # a branch, not the comparison itself: with a symbolic key length (compiled decode) that is a SymBool
+    same_length = True if q.shape[2] == k.shape[2] else False  # noqa: SIM210
     # the fused causal kernel is only right when queries and keys are the same positions
     is_causal = ctx.causal and mask is not None and same_length and not window and ctx.key_keep is None \
         and ctx.segments is None and ctx.bias is None
