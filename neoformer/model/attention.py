@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .chunked_attention import chunked_attention, use_chunked
 from .norms import unit_norm
 from .positions import apply_rope
 from .weights import residual_projection
@@ -149,6 +150,8 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
     if ctx.bias is not None:
         bias = ctx.bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    if use_chunked(q, mask, dropout_p, training):  # CPU SDPA has no dropout kernel: its math path keeps B*H*T*T
+        return chunked_attention(q, k, v, mask, is_causal, scale, dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
