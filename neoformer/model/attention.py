@@ -214,6 +214,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.o_proj = residual_projection(nn.Linear(q_dim, cfg.d_model, bias=cfg.bias))
         self.ngpt = cfg.ngpt
+        self.qk_norm = cfg.qk_norm
         if cfg.ngpt:  # learned per-dimension scale of the normalized q and k (nGPT s_qk)
             self.qk_scale = nn.Parameter(torch.ones(self.head_dim))
         self.scale = math.sqrt(self.head_dim) if cfg.ngpt else 1.0 / math.sqrt(self.head_dim)
@@ -245,6 +246,8 @@ class Attention(nn.Module):
         """x (B, L, D) -> out (B, L, D). ``cache`` (model/state.py) stores the new K, V and
         returns every cached one, each (B, Hkv, L_total, Dh)."""
         q, k, v = self.project(x, memory)
+        if self.qk_norm:  # per head, before RoPE (RoPE rotates pairs: it keeps the norm)
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if ctx.rope is not None and not self.cross:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
