@@ -118,6 +118,13 @@ class ChunkedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def backward_peak_bytes(batch_heads: int, queries: int, keys: int, head_dim: int) -> int:
+    """Transient bytes of one backward (the larger pass) for the planner: a chunk's fp32 probabilities, their
+    gradient and dropped copy (4 + 4 + 4 bytes per score) and its dropout mask (1), plus dq, dk, dv."""
+    rows = chunk_rows(batch_heads, keys, queries)
+    return 13 * batch_heads * rows * keys + 3 * batch_heads * max(queries, keys) * head_dim * 4
+
+
 def use_chunked(q: torch.Tensor, mask, dropout_p: float, training: bool) -> bool:
     """CPU training with attention dropout, and no learned bias (T5's needs its gradient)."""
     return (q.device.type == "cpu" and training and dropout_p > 0 and torch.is_grad_enabled()
@@ -139,4 +146,4 @@ def chunked_attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.
     return ChunkedAttention.apply(q, k, v, mask, causal, scale, dropout_p, seed, chunk)
 
 
-__all__ = ["chunked_attention", "use_chunked", "dropped", "effective_rate", "chunk_rows"]
+__all__ = ["chunked_attention", "use_chunked", "backward_peak_bytes", "dropped", "effective_rate", "chunk_rows"]
