@@ -86,8 +86,9 @@ NOTES: dict[type, dict[str, str]] = {
                       "= grouped-query (Ainslie et al. 2023). A positive integer that divides `n_heads`",
         "head_dim": "width of one head. None = `d_model // n_heads`; a positive integer, even for `position: rope`",
         "ffn_hidden": "hidden width of the feed-forward layer. None = `4 * d_model`; a positive integer",
-        "activation": "FFN activation, one of `relu`, `gelu`, `gelu_tanh`, `silu`, `glu`, `swiglu`, `geglu` "
-                      "(the last three are gated: GLU variants, Shazeer 2020)",
+        "activation": "FFN activation, one of `relu`, `relu2` (ReLU squared: Primer, So et al. 2021; modded-nanogpt), "
+                      "`gelu`, `gelu_tanh`, `silu`, `glu`, `swiglu`, `geglu` (the last three are gated: GLU variants, "
+                      "Shazeer 2020)",
         "norm": "`rmsnorm` (Zhang & Sennrich 2019) or `layernorm` (Ba et al. 2016)",
         "norm_eps": "epsilon of the norms; > 0",
         "norm_position": "`pre` (norm before each sublayer, GPT-2 onwards) or `post` (Vaswani et al. 2017); "
@@ -120,12 +121,20 @@ NOTES: dict[type, dict[str, str]] = {
                           "None = global attention; else a positive integer",
         "sliding_window_pattern": "per-layer pattern of `L` (local, `sliding_window`) and `G` (global), repeated "
                                   "over the layers, e.g. `LLLG`. None = every layer local; needs `sliding_window`",
-        "attn_dropout": f"dropout on attention probabilities; {_PROB}",
+        "qk_norm": "RMS-normalise each head's queries and keys (no gain) before RoPE (Dehghani et al. 2023; the "
+                   "modded-nanogpt speedrun; OLMo 2); not with `ngpt`; not exported to Hugging Face",
+        "logit_softcap": "logits -> cap * tanh(logits / cap) (Gemma 2, 2024; modded-nanogpt uses 15-30), applied "
+                         "inside the chunked training loss too. None = off; else > 0",
+        "attn_dropout": f"dropout on attention probabilities (CPU training: chunked attention, "
+                        f"model/chunked_attention.py); {_PROB}",
         "hidden_dropout": f"dropout on sublayer outputs; {_PROB}",
         "embed_dropout": f"dropout on the embeddings; {_PROB}",
         "init": "`normal` (N(0, `init_std`)) or `xavier` (Glorot & Bengio 2010; Nima)",
         "init_std": "standard deviation of `normal` init; > 0",
         "scaled_residual_init": "residual output projections get std / sqrt(2 * layers) (GPT-2, Lumi)",
+        "zero_init_residual": "residual output projections (attention `o_proj`, FFN `down`) start at zero: every "
+                              "block starts as the identity (modded-nanogpt; cf. Fixup, Zhang et al. 2019); "
+                              "overrides `scaled_residual_init`",
         "ngpt": "normalized transformer (nGPT, Loshchilov et al. 2024): unit-norm weights and hidden states; "
                 "needs `norm_position: pre`, `bias: false`, `moe_experts: 0`",
         "rmc": "NeoFormer-X Recursive Memory Core (a memory written after each optimizer step); needs "

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "glu", "swiglu", "geglu")
+ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu", "glu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("glu", "swiglu", "geglu")
 POSITIONS = ("rope", "sinusoidal", "learned", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "ntk")
@@ -106,6 +106,11 @@ class ModelConfig:
     attn_backend: str = "auto"  # auto = flash (CUDA, installed) -> sdpa -> eager
     sliding_window: int | None = None  # tokens each query sees (itself included); None = global
     sliding_window_pattern: str | None = None  # e.g. "LLLG": L = local, G = global, repeated over layers
+    # RMS-normalise each head's queries and keys (no gain) before RoPE: Dehghani et al. 2023 ("Scaling Vision
+    # Transformers to 22B"), as in the modded-nanogpt speedrun (Jordan et al. 2024) and OLMo 2
+    qk_norm: bool = False
+    # logits -> cap * tanh(logits / cap) (Gemma 2, Team Gemma 2024; modded-nanogpt uses 15-30); None = off
+    logit_softcap: float | None = None
 
     # regularisation and init
     attn_dropout: float = 0.0
@@ -114,6 +119,9 @@ class ModelConfig:
     init: str = "normal"  # normal(init_std) | xavier (Nima)
     init_std: float = 0.02
     scaled_residual_init: bool = False  # residual output projections std / sqrt(2 * n_layers) (GPT-2, Lumi)
+    # residual output projections (attention o_proj, FFN down) start at zero, so every block starts as the
+    # identity (modded-nanogpt, Jordan et al. 2024; cf. Fixup, Zhang et al. 2019); overrides scaled_residual_init
+    zero_init_residual: bool = False
 
     # nGPT normalized transformer (Loshchilov et al. 2024)
     ngpt: bool = False
@@ -171,7 +179,7 @@ class ModelConfig:
     def validate(self) -> None:
         """Every rule, each failing with one line that names the field (docs/config.md lists them)."""
         require_finite(self, ("norm_eps", "rope_base", "rope_scaling_factor", "attn_dropout", "hidden_dropout",
-                              "embed_dropout", "init_std", "moe_aux_weight"))
+                              "embed_dropout", "init_std", "moe_aux_weight", "logit_softcap"))
         from .kinds import get as model_kind
 
         kind = model_kind(self.kind)  # unknown: one line naming the registered kinds
@@ -190,8 +198,8 @@ class ModelConfig:
         for name in ("attn_dropout", "hidden_dropout", "embed_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
-        for name in ("norm_eps", "init_std", "rope_base"):
-            if getattr(self, name) <= 0:
+        for name in ("norm_eps", "init_std", "rope_base", "logit_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
@@ -253,6 +261,8 @@ class ModelConfig:
                 raise ConfigError("ngpt=True needs bias=False and head_bias=False (normalized weights have no bias)")
             if self.embed_norm or self.mlm_transform:
                 raise ConfigError("ngpt=True normalises on its own: set embed_norm=False and mlm_transform=False")
+            if self.qk_norm:
+                raise ConfigError("ngpt=True normalizes queries and keys already; set qk_norm=False")
         if self.mlm_transform and self.kind != "encoder":
             raise ConfigError(f"mlm_transform (BERT's masked-LM head) is for kind='encoder', not {self.kind!r}")
 

@@ -48,6 +48,7 @@ CASES = [
     ("decoder", {"ngpt": True, "norm": "rmsnorm", "tie_embeddings": False}),
     ("decoder", {"moe_experts": 4, "moe_top_k": 2, "moe_aux_weight": 0.1}),
     ("decoder", {"rmc": True, "rmc_mem_size": 4, "nsb": True, "nsb_rules": 4, "nsb_rule_dim": 8}),
+    ("decoder", {"logit_softcap": 3.0}),  # the cap runs inside each chunk
     ("encoder", {"tie_embeddings": True}),
     ("encoder_decoder", {"n_encoder_layers": 1, "tie_embeddings": True}),
 ]

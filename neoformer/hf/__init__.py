@@ -155,6 +155,9 @@ def stock_export_family(cfg: ModelConfig):
         (cfg.sliding_window_pattern is not None,
          f"a local/global sliding-window pattern (sliding_window_pattern={cfg.sliding_window_pattern!r})"),
         (cfg.embed_scale, "scaled token embeddings (embed_scale=True)"),
+        (cfg.qk_norm, "QK-norm (qk_norm=True)"),
+        (cfg.logit_softcap is not None, f"logit soft-capping (logit_softcap={cfg.logit_softcap})"),
+        (cfg.activation == "relu2", "the ReLU-squared FFN (activation='relu2')"),
     ]
     for bad, feature in unsupported:
         if bad:

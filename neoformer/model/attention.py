@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .chunked_attention import chunked_attention, use_chunked
 from .norms import unit_norm
 from .positions import apply_rope
 from .weights import residual_projection
@@ -150,6 +151,8 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
     if ctx.bias is not None:
         bias = ctx.bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    if use_chunked(q, mask, dropout_p, training):  # CPU SDPA has no dropout kernel: its math path keeps B*H*T*T
+        return chunked_attention(q, k, v, mask, is_causal, scale, dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -212,6 +215,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.o_proj = residual_projection(nn.Linear(q_dim, cfg.d_model, bias=cfg.bias))
         self.ngpt = cfg.ngpt
+        self.qk_norm = cfg.qk_norm
         if cfg.ngpt:  # learned per-dimension scale of the normalized q and k (nGPT s_qk)
             self.qk_scale = nn.Parameter(torch.ones(self.head_dim))
         self.scale = math.sqrt(self.head_dim) if cfg.ngpt else 1.0 / math.sqrt(self.head_dim)
@@ -243,6 +247,8 @@ class Attention(nn.Module):
         """x (B, L, D) -> out (B, L, D). ``cache`` (model/state.py) stores the new K, V and
         returns every cached one, each (B, Hkv, L_total, Dh)."""
         q, k, v = self.project(x, memory)
+        if self.qk_norm:  # per head, before RoPE (RoPE rotates pairs: it keeps the norm)
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if ctx.rope is not None and not self.cross:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

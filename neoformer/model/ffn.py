@@ -10,6 +10,7 @@ from .weights import residual_projection
 
 ACTIVATION_FNS = {
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # ReLU squared: So et al. 2021 ("Primer"), modded-nanogpt's MLP
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's gelu_new
     "silu": F.silu,

@@ -46,6 +46,16 @@ def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) (Gemma 2's logit soft-capping); unchanged when cap is None."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def capped_loss(loss_fn: ChunkLoss, cap: float, logits: torch.Tensor, *row_inputs) -> torch.Tensor:
+    """``loss_fn`` of soft-capped logits (bind with functools.partial): the cap runs inside the chunk."""
+    return loss_fn(soft_cap(logits, cap), *row_inputs)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, scale, loss_fn, rows, *row_inputs):
@@ -120,5 +130,5 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return total / (targets != IGNORE_INDEX).sum()
 
 
-__all__ = ["chunked_head_loss", "chunked_cross_entropy", "token_cross_entropy_sum", "chunk_rows_for",
+__all__ = ["soft_cap", "capped_loss", "chunked_head_loss", "chunked_cross_entropy", "token_cross_entropy_sum", "chunk_rows_for",
            "CHUNK_LOGIT_BYTES"]

@@ -5,6 +5,7 @@ differs. Shapes: B batch, L new tokens, P cached tokens, D d_model, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo, keep_mask
 from .block import Block
 from .ffn import ACTIVATION_FNS
-from .head_loss import at_least_fp32, chunked_head_loss, token_cross_entropy_sum
+from .head_loss import at_least_fp32, capped_loss, chunked_head_loss, soft_cap, token_cross_entropy_sum
 from .memory import NeuralSymbolicBridge, RecursiveMemoryCore
 from .norms import make_norm, unit_norm
 from .positions import RotaryEmbedding, make_bias_module, sinusoidal_encoding
@@ -213,7 +214,8 @@ class NeoFormerModel(nn.Module):
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
-        return logits * self.logit_scale if self.config.ngpt else logits
+        logits = logits * self.logit_scale if self.config.ngpt else logits
+        return soft_cap(logits, self.config.logit_softcap)
 
     # rows per chunk of the training loss (None: 32 MiB of fp32 logits, model/head_loss.py); 0: plain path
     loss_chunk_rows: int | None = None
@@ -226,8 +228,11 @@ class NeoFormerModel(nn.Module):
         that is not a plain bias-free nn.Linear (quantised, adapted) takes the plain path."""
         head = self.lm_head
         hidden = self._head_input(hidden)
+        if self.config.logit_softcap:
+            loss_fn = functools.partial(capped_loss, loss_fn, self.config.logit_softcap)
         if self.loss_chunk_rows == 0 or type(head) is not nn.Linear or head.bias is not None:
-            logits = at_least_fp32(self._project(hidden))
+            logits = at_least_fp32(self.lm_head(hidden))
+            logits = logits * self.logit_scale if self.config.ngpt else logits
             return loss_fn(logits.reshape(-1, logits.shape[-1]),
                            *(x.reshape(logits.shape[0] * logits.shape[1], *x.shape[2:]) for x in row_inputs))
         scale = self.logit_scale if self.config.ngpt else None

@@ -42,7 +42,8 @@ def _has_weight(module: nn.Module) -> bool:
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """normal(init_std) or Xavier for matrices, normal(init_std) for embeddings, zero biases.
+    """normal(init_std) or Xavier for matrices, normal(init_std) for embeddings, zero biases;
+    zeros for the residual output projections under ``zero_init_residual``.
 
     A head tied to the token embedding is initialised as the embedding it shares, normal(init_std):
     a Xavier head init used to overwrite the tied embedding (std 0.0063 instead of 0.02)."""
@@ -54,7 +55,9 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
             nn.init.normal_(module.weight, 0.0, cfg.init_std)
         elif isinstance(module, nn.Linear):
             residual = writes_residual(module)
-            if cfg.init == "xavier":
+            if residual and cfg.zero_init_residual:
+                nn.init.zeros_(module.weight)
+            elif cfg.init == "xavier":
                 nn.init.xavier_uniform_(module.weight, gain=residual_std / cfg.init_std if residual else 1.0)
             else:
                 nn.init.normal_(module.weight, 0.0, residual_std if residual else cfg.init_std)

@@ -9,8 +9,9 @@ sequence length and precision, under ``saved_tensors_hooks`` and adds up the dis
 autograd keeps for backward (parameters excluded). The difference is the cost of one row, the rest
 is the per-forward constant (RoPE tables, the head gradient of the chunked loss), so
 ``activations(batch) = constant + batch * per_row``. Reading them off the model keeps the prediction
-right for every attention path (the CPU flash kernel, the math path attention dropout falls back
-to), MoE, RMC/NSB and autocast without a formula per layer type. With gradient checkpointing the
+right for every attention path (the CPU flash kernel, the chunked attention attention dropout
+takes on CPU), MoE, RMC/NSB and autocast without a formula per layer type; the chunked
+attention's backward transient is added from its own formula (model/chunked_attention.py). With gradient checkpointing the
 probe sees only the block inputs; one block's activations are recomputed at a time in backward
 (the difference divided by the number of blocks), after the loss chunk is gone: the larger of the
 two is added once.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..model.chunked_attention import backward_peak_bytes
 from ..model.head_loss import chunk_rows_for
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "lion": 4}  # fp32 moments; fit() keeps fp32 weights and grads
@@ -37,11 +39,14 @@ class MemoryPrediction:
     activations: int  # saved for backward at the end of the forward
     loss_chunk: int  # one chunk of logits, their softmax and gradient (at the end of the forward)
     recompute: int = 0  # gradient checkpointing: one block's activations, rebuilt in backward
+    attention: int = 0  # chunked attention with dropout (CPU): one chunk's backward transient
 
     @property
     def total(self) -> int:
-        # the loss chunk lives at the end of the forward, a recomputed block later in backward: never both
-        return self.weights + self.grads + self.optimizer + self.activations + max(self.loss_chunk, self.recompute)
+        # the loss chunk lives at the end of the forward, a recomputed block and an attention chunk's
+        # backward later (the chunk inside the recomputed block's backward): never the loss chunk with them
+        return self.weights + self.grads + self.optimizer + self.activations + \
+            max(self.loss_chunk, self.recompute + self.attention)
 
     def describe(self) -> str:
         from ..planner import human_bytes
@@ -49,7 +54,8 @@ class MemoryPrediction:
         return (f"{human_bytes(self.total)} (weights {human_bytes(self.weights)}, grads {human_bytes(self.grads)}, "
                 f"optimizer {human_bytes(self.optimizer)}, activations {human_bytes(self.activations)}, "
                 f"loss chunk {human_bytes(self.loss_chunk)}"
-                + (f", recomputed block {human_bytes(self.recompute)})" if self.recompute else ")"))
+                + (f", recomputed block {human_bytes(self.recompute)}" if self.recompute else "")
+                + (f", attention chunk {human_bytes(self.attention)})" if self.attention else ")"))
 
 
 def _probe_batch(model: nn.Module, rows: int, seq: int, device) -> dict:
@@ -126,7 +132,17 @@ def predict_training_memory(model: nn.Module, objective, batch: int, seq: int, *
     loss_chunk = 3 * rows * vocab * 4
     return MemoryPrediction(weights=n_weights, grads=4 * n_params,
                             optimizer=OPTIMIZER_BYTES_PER_PARAM.get(optimizer, 8) * n_params,
-                            activations=activations, loss_chunk=loss_chunk, recompute=recompute)
+                            activations=activations, loss_chunk=loss_chunk, recompute=recompute,
+                            attention=_attention_transient(model, batch, seq))
+
+
+def _attention_transient(model: nn.Module, batch: int, seq: int) -> int:
+    """Backward transient of the chunked attention (model/chunked_attention.py): CPU training with
+    attention dropout only; the SDPA kernels of the other cases keep theirs small and blockwise."""
+    cfg = model.config
+    if next(model.parameters()).device.type != "cpu" or not cfg.attn_dropout:
+        return 0
+    return backward_peak_bytes(batch * cfg.n_heads, seq, seq, cfg.resolved_head_dim)
 
 
 def available_memory(device: torch.device) -> int | None:

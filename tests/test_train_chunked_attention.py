@@ -1,0 +1,112 @@
+"""Chunked attention with dropout (neoformer/model/chunked_attention.py) against the plain product in fp64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neoformer.config import ModelConfig
+from neoformer.model import build_model
+from neoformer.model.chunked_attention import chunk_rows, chunked_attention, dropped, effective_rate
+
+
+def reference(q, k, v, mask, causal, scale, p, seed, chunk):
+    """Plain softmax(q k^T * scale + mask) * dropout @ v, with the chunks' dropout masks laid side by side."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    s = q @ k.transpose(-2, -1) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1 + lk - lq), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    probs = torch.softmax(s, -1)
+    if p:
+        rows = []
+        for index, start in enumerate(range(0, lq, chunk)):
+            stop = min(start + chunk, lq)
+            end = stop + lk - lq if causal else lk
+            keep = ~dropped(seed, index, (*q.shape[:2], stop - start, end), effective_rate(p), q.device)
+            rows.append(F.pad(keep.to(q.dtype) / (1 - effective_rate(p)), (0, lk - end)))
+        probs = probs * torch.cat(rows, dim=2)
+    return probs @ v
+
+
+def _inputs(B=2, H=4, Hkv=2, lq=19, lk=19, dh=8):
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    return make(B, H, lq, dh), make(B, Hkv, lk, dh), make(B, Hkv, lk, dh)
+
+
+def _grads(out, tensors):
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return torch.autograd.grad((out * weights).sum(), tensors)
+
+
+@pytest.mark.parametrize("causal,mask_kind,p", [(True, None, 0.0), (True, None, 0.3), (False, "bool", 0.3),
+                                                 (False, "bias", 0.2), (True, "bool", 0.5)])
+def test_chunked_equals_plain_fp64(causal, mask_kind, p):
+    q, k, v = _inputs()
+    mask = None
+    if mask_kind == "bool":  # padding: the last 3 keys of row 1 masked
+        keep = torch.ones(2, 1, 1, 19, dtype=torch.bool)
+        keep[1, ..., -3:] = False
+        mask = keep
+    elif mask_kind == "bias":
+        mask = torch.randn(1, 4, 19, 19, dtype=torch.float64)
+    chunk, seed, scale = 5, 1234, 0.3
+    out = chunked_attention(q, k, v, mask, causal, scale, p, chunk=chunk, seed=seed)
+    ref = reference(q, k, v, mask, causal, scale, p, seed, chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_without_dropout_matches_sdpa_and_causal_offset():
+    q, k, v = _inputs(lq=6, lk=19)  # queries are the last 6 positions (a cached continuation)
+    out = chunked_attention(q, k, v, None, True, None, 0.0, chunk=4, seed=0)
+    ref = reference(q, k, v, None, True, q.shape[-1] ** -0.5, 0.0, 0, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    q, k, v = _inputs()
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(chunked_attention(q, k, v, None, True, None, 0.0, chunk=7, seed=0), sdpa)
+
+
+def test_dropout_rate_and_chunk_size():
+    drop = dropped(7, 0, (300, 300), 0.25, torch.device("cpu"))
+    assert abs(drop.float().mean().item() - 0.25) < 0.01
+    assert not torch.equal(drop, dropped(7, 1, (300, 300), 0.25, torch.device("cpu")))
+    assert torch.equal(drop, dropped(7, 0, (300, 300), 0.25, torch.device("cpu")))
+    assert effective_rate(0.25) == 0.25 and abs(effective_rate(0.1) - 0.1) < 1e-5
+    assert chunk_rows(64, 1024, 1024) == 128  # 16 x 4 heads at T = 1024: 32 MiB of scores per chunk
+    assert chunk_rows(48, 64, 64) == 64  # a short sequence is one chunk
+
+
+def test_model_training_uses_it_deterministically():
+    """A Lumi-style model with attention dropout: the training forward routes through the chunked path,
+    the seed comes from the global RNG (same seed -> bit-equal gradients), and eval is unaffected."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, attn_dropout=0.3, max_seq_len=32)
+    model = build_model(cfg)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    import neoformer.model.attention as attention
+
+    original = attention.chunked_attention
+    attention.chunked_attention = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        grads = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            model.zero_grad()
+            loss, _ = model.loss(ids, ids)
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        attention.chunked_attention = original
+    assert len(calls) == 2 * cfg.n_layers
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    model.eval()
+    with torch.no_grad():
+        plain = model(ids)[0]
+        cfg0 = cfg.replace(attn_dropout=0.0)
+        model0 = build_model(cfg0)
+        model0.load_state_dict(model.state_dict())
+        torch.testing.assert_close(plain, model0.eval()(ids)[0])
