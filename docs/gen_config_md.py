@@ -237,6 +237,11 @@ NOTES: dict[type, dict[str, str]] = {
         "early_stopping": "beam search stop rule: True, False or `never` (HF)",
         "num_return_sequences": "sequences returned per prompt; an integer >= 1, at most `num_beams` with beams",
         "num_draft_tokens": "speculative decoding: tokens the draft model proposes per round; an integer >= 1",
+        "prompt_lookup_num_tokens": "speculative decoding without a draft model (prompt lookup): tokens copied "
+                                    "from the context after the latest match of the last n-gram. None = off; "
+                                    "else an integer >= 1 (HF name)",
+        "max_matching_ngram_size": "prompt lookup: longest n-gram matched against the context; an integer >= 1 "
+                                   "(HF name)",
         "trim_keep": "tokens kept when the context window is full. None = half the window; else an integer >= 1 "
                      "and smaller than the window",
         "trim": "how the cache is trimmed: `slice` (keep the last `trim_keep` K/V, the seed's way) or `refill` "
