@@ -318,26 +318,35 @@ def test_cli_full_finetune_writes_a_normal_checkpoint_with_the_template(tmp_path
 
 
 # ---- peft: our adapter in peft, peft's adapter in neoformer ------------------------------------------
-@pytest.mark.parametrize("fused, targets", [(False, ("all-linear",)), (True, ("q", "v", "down"))])
-def test_peft_round_trip_both_ways(tmp_path, monkeypatch, fused, targets):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")  # in the test extra: runs in `make test`
+def our_adapter_in_peft(tmp_path, fused: bool, lora, randomize):
+    """A tiny base exported to transformers, our adapter on it exported as peft files and loaded by peft:
+    (our model with the adapter, base checkpoint, peft's model, input ids)."""
+    import peft
+    import transformers
+
     from neoformer.finetune import adapter_settings
     from neoformer.hf import to_hf
 
     model = tiny(fused_qkv=fused)
     base = save_single_checkpoint(tmp_path / "base", model, {}, None)
     to_hf(model, tmp_path / "hf")
-    lora = LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=fused)
     add_lora(model, lora)
-    randomize_adapter(model)
+    randomize(model)
     adapter = save_single_checkpoint(tmp_path / "adapter", AdapterModel(model, lora), adapter_settings(base, lora, None),
                                      None)
     assert main(["finetune", "export-peft", str(adapter), "--out", str(tmp_path / "peft")]) == 0
-    x = torch.randint(0, 96, (2, 11))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    return model.eval(), base, theirs, torch.randint(0, 96, (2, 11))
+
+
+@pytest.mark.parametrize("fused, targets", [(False, ("all-linear",)), (True, ("q", "v", "down"))])
+def test_peft_round_trip_both_ways(tmp_path, monkeypatch, fused, targets):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")  # in the test extra: runs in `make test`
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=fused)
+    model, base, theirs, x = our_adapter_in_peft(tmp_path, fused, lora, randomize_adapter)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, model(x)[0], rtol=1e-5, atol=1e-5)
     if fused:

@@ -7,7 +7,8 @@ import torch
 from neoformer.checkpoint import load_checkpoint, read_config, save_single_checkpoint
 from neoformer.cli import main
 from neoformer.finetune import AdapterModel, LoraConfig, LoraLinear, add_lora, load_adapter, merge_lora
-from test_finetune import KIND_CASES, _train, base_checkpoint, chat_data, logits_of, tiny, tokenizer  # noqa: F401
+from test_finetune import (KIND_CASES, _train, base_checkpoint, chat_data, logits_of,  # noqa: F401
+                           our_adapter_in_peft, tiny, tokenizer)
 
 CASES = {name: KIND_CASES[name] for name in ("decoder", "decoder-fused-qkv", "encoder", "encoder_decoder")}
 
@@ -78,24 +79,11 @@ def test_dora_peft_parity_both_ways(tmp_path, monkeypatch, fused):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from neoformer.finetune import adapter_settings
-    from neoformer.hf import to_hf
-
-    model = tiny(fused_qkv=fused)
-    base = save_single_checkpoint(tmp_path / "base", model, {}, None)
-    to_hf(model, tmp_path / "hf")
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, dora=True, targets=("q", "v", "down") if fused else ("all-linear",))
-    add_lora(model, lora)
-    randomize_dora(model)
-    adapter = save_single_checkpoint(tmp_path / "adapter", AdapterModel(model, lora), adapter_settings(base, lora, None),
-                                     None)
-    assert main(["finetune", "export-peft", str(adapter), "--out", str(tmp_path / "peft")]) == 0
-    x = torch.randint(0, 96, (2, 11))
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
-    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    model, base, theirs, x = our_adapter_in_peft(tmp_path, fused, lora, randomize_dora)
     assert theirs.peft_config["default"].use_dora
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x).logits, model.eval()(x)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x).logits, model(x)[0], rtol=1e-5, atol=1e-5)
     if fused:
         return
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
