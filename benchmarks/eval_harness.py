@@ -1,7 +1,7 @@
 """lm-eval through neoformer's LM adapter vs lm-eval's own HF backend (HFLM) on the HF export of the
 same trained model: same numbers, and how much faster on CPU.
 
-    PYTHONPATH=$PWD NEOFORMER_TEACHER_CACHE=/work/main/.cache/teachers python benchmarks/eval_harness.py
+    PYTHONPATH=$PWD python benchmarks/eval_harness.py
 
 The model is the cached trained teacher (benchmarks/teacher.py). The tasks are local, offline,
 and shaped like the ones people run: ``stdlib_mc`` is HellaSwag-shaped (a ~100-token context of

@@ -11,7 +11,7 @@ base) when ``neoformer.quantize`` exists. Each run is a separate process (its pe
 own: VmHWM minus the RSS after loading the base, i.e. gradients + optimizer state + activations +
 any quantization copies); step time is the median over its steps. Rounds interleave the methods.
 
-    NEOFORMER_TEACHER_CACHE=/work/main/.cache/teachers python benchmarks/finetune.py [--rounds 2]
+    python benchmarks/finetune.py [--rounds 2]
 """
 from __future__ import annotations
 

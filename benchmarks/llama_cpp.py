@@ -1,7 +1,7 @@
 """llama.cpp side by side: write a neoformer model as GGUF (neoformer's own exporter) and run ``llama-bench`` on it.
 
     from llama_cpp import bench_dir, write_gguf, llama_bench
-    binaries = bench_dir("/tmp/lcpp/.../build/bin")            # the folder holding llama-bench
+    binaries = bench_dir(".cache/llama.cpp/build/bin")              # the folder holding llama-bench
     path = write_gguf(model, work / "q8", tokenizer, quant="q8_0")     # F32 / F16 (dtype=) or Q8_0 / Q4_0 (quant=)
     llama_bench(binaries, path, threads=1, tokens=64)      # batch-1 decode of 64 tokens: (tokens/s, stddev)
     llama_bench(binaries, path, threads=1, prompt=64)      # one 64-token prefill

@@ -1,6 +1,6 @@
 """Quantized vs fp32 on the trained teacher: quality (val perplexity ratio, KL, top-1), decode speed, bytes, RSS.
 
-    PYTHONPATH=$PWD NEOFORMER_TEACHER_CACHE=/work/main/.cache/teachers \
+    PYTHONPATH=$PWD \
         python benchmarks/quantize.py [--batches 16] [--rounds 3] [--tokens 48] [--big]
 
 Quality: every val window of the teacher's corpus (up to --batches), fp32 activations, no autocast:

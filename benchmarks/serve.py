@@ -1,6 +1,6 @@
 """`neoformer serve` under load vs one-at-a-time generation, on the trained small teacher.
 
-    PYTHONPATH=. NEOFORMER_TEACHER_CACHE=/work/main/.cache/teachers python benchmarks/serve.py
+    PYTHONPATH=. python benchmarks/serve.py
 
 Starts `neoformer serve` (one torch thread, --max-batch 16) in a subprocess and sends the same
 set of streamed completion requests (greedy, ignore_eos, fixed max_tokens) at concurrency 1, 4,
