@@ -305,6 +305,11 @@ def test_a_stale_or_short_logit_cache_is_refused_with_one_line(tmp_path):
     assert len(cache) == 2 and indices.shape == (2, 16, 8) and log_norm.shape == (2, 16)
     with pytest.raises(ConfigError, match="no teacher logits for this batch"):
         cache.lookup(batches[2][0])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())  # a stranger's cache naming outside files
+    manifest["batches"] = {k: "../outside.safetensors" for k in manifest["batches"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="logit-cache shard .* refused"):
+        open_logit_cache(tmp_path, key, 1.0).lookup(batches[1][0])
 
 
 def test_bad_requests_get_one_line():

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..safepath import inside
 
 FORMAT = "neoformer-logit-cache/1"
 MANIFEST = "manifest.json"
@@ -64,7 +65,9 @@ class LogitCache:
         if name not in self._open:
             if len(self._open) > 4:  # bound the open memory maps
                 self._open.clear()
-            self._open[name] = safe_open(str(self.root / name), framework="pt")
+            # shard names come from manifest.json: a stranger's cache may only name files inside itself
+            path = inside(self.root, name, what="logit-cache shard", error=ConfigError, child=True)
+            self._open[name] = safe_open(str(path), framework="pt")
         return self._open[name]
 
     def lookup(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
