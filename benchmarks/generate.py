@@ -114,17 +114,14 @@ def write_ggufs(model, types: list[str], folder) -> dict:
 
 
 def llama_bench(binary_dir: str, gguf, n: int, threads: int) -> float:
-    """llama.cpp's decode speed (tg tokens/s) from one `llama-bench -p 0 -n N -r 1 -o json` run
-    (llama-bench warms up before it times)."""
-    import json
-    import subprocess
+    """llama.cpp's decode speed (tg tokens/s) from one `llama-bench -p 0 -n N -r 1` run (it warms up
+    before it times), through the helper the quantization benchmark uses."""
+    from llama_cpp import llama_bench as run_llama_bench
 
-    cmd = [str(Path(binary_dir) / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads),
-           "-r", "1", "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}): {done.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads(done.stdout)[0]["avg_ts"])
+    result = run_llama_bench(Path(binary_dir), Path(gguf), threads=threads, tokens=n)
+    if isinstance(result, str):
+        raise SystemExit(f"llama-bench failed on {gguf}: {result}")
+    return result[0]
 
 
 def timed(fn):
