@@ -1,6 +1,6 @@
-"""`neoformer serve` under load vs one-at-a-time generation, on the trained small teacher.
+"""`neoformer serve` under load vs one-at-a-time generation, on a trained teacher (benchmarks/teacher.py).
 
-    PYTHONPATH=. python benchmarks/serve.py
+    PYTHONPATH=. python benchmarks/serve.py [--teacher small|base|large]
 
 Starts `neoformer serve` (one torch thread, --max-batch 16) in a subprocess and sends the same
 set of streamed completion requests (greedy, ignore_eos, fixed max_tokens) at concurrency 1, 4,
@@ -10,7 +10,7 @@ runs the same prompts one by one through `neoformer.generate` in this process (a
 Rounds interleave the server and the baseline; ratios are quoted with their spread (min-max over
 rounds), against `generate` and against the server's own concurrency-1 figure.
 
-    --random-160m      a 144M Llama shape with RANDOM weights (serving throughput only)
+    --teacher SIZE     small (3.9M), base (~13M, the ~15M row) or large (~144M, the ~160M row)
     --server-tree DIR  run the server from another source tree (a before/after comparison)
     --engine           the scheduler alone, in-process (the price of batch invariance)
 """
@@ -152,26 +152,6 @@ def engine_table(model, tok, prompts, max_tokens: int, rounds: int) -> None:
               f"{', '.join(f'{r[i + 1]:.0f}' for r in rows)})")
 
 
-def random_llama_160m(teacher: str, out: Path) -> str:
-    """A 144M-parameter Llama-shaped decoder (the issue's ~160M class) with RANDOM weights (the
-    teacher's tokenizer and layout, d_model 1024, 12 layers, GQA 16/4 heads, SwiGLU 2816): only
-    for serving throughput, never quality."""
-    import dataclasses
-
-    import torch
-
-    from neoformer import build_model, checkpoint
-    from neoformer.checkpoint import load_checkpoint
-
-    small, tok, _ = load_checkpoint(teacher)
-    cfg = dataclasses.replace(small.config, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_hidden=2816)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    checkpoint.save_checkpoint(out, 0, model, tokenizer=tok)
-    print(f"random Llama-shaped model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    return str(out)
-
-
 def report(rows: dict[int, list[dict]], baseline: list[float]) -> None:
     """The vllm-bench-serve style table: medians over rounds, ratios with their min-max."""
     levels = list(rows)
@@ -193,9 +173,8 @@ def report(rows: dict[int, list[dict]], baseline: list[float]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="default: the trained small teacher")
-    parser.add_argument("--random-160m", action="store_true",
-                        help="a random-weight 144M Llama shape (throughput only; labelled as such)")
+    parser.add_argument("--checkpoint", help="default: the trained teacher named by --teacher")
+    parser.add_argument("--teacher", default="small", help="small | base | large (benchmarks/teacher.py)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -207,7 +186,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import random
-    import tempfile
 
     import torch
 
@@ -218,11 +196,9 @@ def main() -> int:
     if ckpt is None:
         from teacher import teacher_checkpoint
 
-        ckpt = str(teacher_checkpoint("small"))
-    scratch = tempfile.TemporaryDirectory()
-    if args.random_160m:
-        ckpt = random_llama_160m(ckpt, Path(scratch.name) / "random-160m")
+        ckpt = str(teacher_checkpoint(args.teacher))
     model, tok, _ = load_checkpoint(ckpt)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     rng = random.Random(0)
     words = "the of and to in is that for it as with was on be by this are from or at".split()
     prompts = [tok.encode(" ".join(rng.choice(words) for _ in range(rng.randrange(4, 40))))

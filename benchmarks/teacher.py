@@ -7,7 +7,8 @@ every draft useless). This script is the one recipe they all reuse: a Llama-shap
 `neoformer train` on the embedded, offline stdlib corpus with a byte-level BPE tokenizer.
 
     python benchmarks/teacher.py                 # train (or find) the "small" teacher, print its path
-    python benchmarks/teacher.py --size base     # the larger one (compression benchmark)
+    python benchmarks/teacher.py --size base     # ~13M (compression benchmark, serving's ~15M row)
+    python benchmarks/teacher.py --size large    # ~144M, a short run (serving, speculative decoding)
 
     sys.path.insert(0, "benchmarks"); from teacher import teacher_checkpoint
     ckpt = teacher_checkpoint("small")           # a checkpoint directory; trains on first use
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+LARGE_STEPS = 300
 
 # the model overrides sit on the nexus-nano preset (Llama-shaped, GQA, untied, no dropout)
 RECIPES: dict[str, dict] = {
@@ -49,6 +51,17 @@ RECIPES: dict[str, dict] = {
         "model": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024, max_seq_len=256),
         "train": dict(max_steps=2000, batch_size=16, seq_len=128, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200,
                       weight_decay=0.1, eval_every=500, eval_batches=16, save_every=500, samples=0, seed=0),
+        "tokenizer": dict(kind="bpe", vocab_size=4096),
+        "data": dict(source="stdlib"),
+    },
+    # ~144M parameters (the issues' ~160M class; d_model 1024, 12 layers, GQA 16/4, SwiGLU 2816) on the same
+    # tokenizer recipe, so the small teacher can draft for it; a short run (LARGE_STEPS below): trained, not
+    # converged, for serving throughput, speculative decoding and quantization at this size
+    "large": {
+        "preset": "nexus-nano",
+        "model": dict(d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_hidden=2816, max_seq_len=256),
+        "train": dict(max_steps=LARGE_STEPS, batch_size=16, seq_len=128, lr=1e-3, min_lr=1e-4, warmup_steps=40,
+                      weight_decay=0.1, eval_every=100, eval_batches=8, save_every=100, samples=0, seed=0),
         "tokenizer": dict(kind="bpe", vocab_size=4096),
         "data": dict(source="stdlib"),
     },

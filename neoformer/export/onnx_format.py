@@ -28,6 +28,7 @@ OPSET = 18
 
 def _export(module, args, path: Path, input_names, output_names, dynamic: dict[str, dict[int, str]]) -> None:
     optional_import("onnxscript", "onnx")
+    module.eval()  # the wrapper's own flag (its model is already in eval mode); silences the exporter's warning
     dims = {name: {axis: torch.export.Dim.AUTO for axis in axes} for name, axes in dynamic.items()}
     # dynamic_shapes follow forward's signature: the named args, then one tuple for the *flat tensors
     n_named = sum(p.kind != p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values())
