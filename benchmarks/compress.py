@@ -3,7 +3,7 @@ distilled, against same-shape students trained from scratch; importance vs every
 selection; head pruning without retraining; 4x vocabulary reduction.
 
     python benchmarks/compress.py --part all          # or: heads, depth, width, vocab, scratch
-    python benchmarks/compress.py --teacher base      # the ~13M teacher (trains on first use)
+    python benchmarks/compress.py --teacher base      # the 15.7M teacher (trains on first use)
 
 Each part prints a table and merges its results into ``--json`` (default
 benchmarks/results/compress.json); the parts can run separately to keep each under a few

@@ -10,7 +10,7 @@ runs the same prompts one by one through `neoformer.generate` in this process (a
 Rounds interleave the server and the baseline; ratios are quoted with their spread (min-max over
 rounds), against `generate` and against the server's own concurrency-1 figure.
 
-    --teacher SIZE     small (3.9M), base (~13M, the ~15M row) or large (~144M, the ~160M row)
+    --teacher SIZE     small (3.9M), base (15.7M, the ~15M row) or large (143.7M, the ~160M row)
     --server-tree DIR  run the server from another source tree (a before/after comparison)
     --engine           the scheduler alone, in-process (the price of batch invariance)
 """
@@ -181,6 +181,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--no-batch-invariant", action="store_true", help="pass --no-batch-invariant to the server")
     parser.add_argument("--compile", action="store_true", help="pass --compile to the server")
+    parser.add_argument("--prefill-chunk", type=int, help="pass --prefill-chunk N to the server")
     parser.add_argument("--server-tree", help="run the server from this source tree (e.g. an older version)")
     parser.add_argument("--engine", action="store_true", help="only the scheduler in-process, no HTTP")
     args = parser.parse_args()
@@ -208,6 +209,7 @@ def main() -> int:
         engine_table(model, tok, prompts, args.max_tokens, args.rounds)
         return 0
     flags = ["--no-batch-invariant"] * args.no_batch_invariant + ["--compile"] * args.compile
+    flags += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
     print(f"checkpoint {ckpt}; {args.requests} requests x {args.max_tokens} tokens; server flags {flags}; "
           f"server tree {args.server_tree or REPO}; load {os.getloadavg()[0]:.2f}")
     port = free_port()

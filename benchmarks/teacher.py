@@ -7,8 +7,8 @@ every draft useless). This script is the one recipe they all reuse: a Llama-shap
 `neoformer train` on the embedded, offline stdlib corpus with a byte-level BPE tokenizer.
 
     python benchmarks/teacher.py                 # train (or find) the "small" teacher, print its path
-    python benchmarks/teacher.py --size base     # ~13M (compression benchmark, serving's ~15M row)
-    python benchmarks/teacher.py --size large    # ~144M, a short run (serving, speculative decoding)
+    python benchmarks/teacher.py --size base     # 15.7M (compression benchmark, serving's ~15M row)
+    python benchmarks/teacher.py --size large    # 143.7M, a short run (serving, speculative decoding)
 
     sys.path.insert(0, "benchmarks"); from teacher import teacher_checkpoint
     ckpt = teacher_checkpoint("small")           # a checkpoint directory; trains on first use
@@ -45,7 +45,7 @@ RECIPES: dict[str, dict] = {
         "tokenizer": dict(kind="bpe", vocab_size=4096),
         "data": dict(source="stdlib"),
     },
-    # ~13M parameters; for the compression benchmark's 2x / 4x students
+    # 15.7M parameters; for the compression benchmark's 2x / 4x students and serving's ~15M row
     "base": {
         "preset": "nexus-nano",
         "model": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024, max_seq_len=256),
@@ -54,7 +54,7 @@ RECIPES: dict[str, dict] = {
         "tokenizer": dict(kind="bpe", vocab_size=4096),
         "data": dict(source="stdlib"),
     },
-    # ~144M parameters (the issues' ~160M class; d_model 1024, 12 layers, GQA 16/4, SwiGLU 2816) on the same
+    # 143.7M parameters (the issues' ~160M class; d_model 1024, 12 layers, GQA 16/4, SwiGLU 2816) on the same
     # tokenizer recipe, so the small teacher can draft for it; a short run (LARGE_STEPS below): trained, not
     # converged, for serving throughput, speculative decoding and quantization at this size
     "large": {

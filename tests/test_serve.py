@@ -382,6 +382,29 @@ def test_scheduler_rmc_state_per_request_and_cancel_and_timeout(tok):
     assert events[0][-1].finish == "timeout" and not sched.waiting
 
 
+def test_prefill_tokens_per_step_never_exceed_the_chunk_and_tokens_match_generate(tok):
+    """--prefill-chunk bounds the prompt tokens of every step (a strict bound: the step after which
+    running rows get their next token costs the same however many newcomers wait), and the
+    chunked prefill gives generate's tokens."""
+    from neoformer.serve import Sampling, Scheduler, Sequence
+
+    model = tiny_decoder(tok, 128)
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]  # 3 + 3 tokens do not fit one 4-token step
+    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=4)
+    out = [[] for _ in prompts]
+    seqs = [Sequence(p, Sampling(max_tokens=6, ignore_eos=True), out[i].append) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        sched.submit(seq)
+    per_step = []
+    while not all(o and o[-1].finish for o in out):
+        before = sum(seq.prefilled for seq in seqs)
+        sched.step()
+        per_step.append(sum(seq.prefilled for seq in seqs) - before)
+    assert max(per_step) <= 4 and per_step[:5] == [3, 3, 4, 3, 0]
+    want = [generate(model, p, 6, eos_token_id=[], return_dict=True).new_tokens[0] for p in prompts]
+    assert [[e.token for e in ev if e.token is not None] for ev in out] == want
+
+
 def test_encoder_decoder_completions_match_generate(tok):
     from neoformer.serve import Sampling, Scheduler
 

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="decode only the busy rows: faster at low load, but a request's tokens may then "
                         "differ in the last bits with the load")
+    p.add_argument("--prefill-chunk", type=int, default=32, metavar="N",
+                   help="prompt tokens prefilled per step (default 32): smaller keeps the other requests' "
+                        "inter-token latency flatter, larger gives a sooner first token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one shape)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", type=dtype_arg, default=None, metavar="bf16|fp16|fp32",
@@ -40,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 
 def _check(args) -> None:
-    for name in ("max_batch", "max_queue", "max_tokens_default", "max_body"):
+    for name in ("max_batch", "max_queue", "max_tokens_default", "max_body", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
     if not 0 < args.timeout:
@@ -77,7 +80,7 @@ def run(args) -> int:
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_tokens_default=args.max_tokens_default, timeout=args.timeout,
                            max_body_bytes=args.max_body, compile=args.compile,
-                           batch_invariant=args.batch_invariant)
+                           batch_invariant=args.batch_invariant, prefill_chunk=args.prefill_chunk)
     print(f"serving {name} ({model.config.kind}, context {model.config.max_seq_len}) on http://{args.host}:{args.port}"
           f"  (playground: /, API: /v1)", file=sys.stderr, flush=True)
     serve(model, tokenizer, config, name, options, host=args.host, port=args.port, log_level=args.log_level)

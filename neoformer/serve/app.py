@@ -38,6 +38,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     compile: bool = False
     batch_invariant: bool = True
+    prefill_chunk: int = 32  # prompt tokens prefilled per step
 
 
 class Server:
@@ -51,7 +52,7 @@ class Server:
         self.template = chat_template_of(config)
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                                   metrics=self.metrics, compile=options.compile,
+                                   prefill_chunk=options.prefill_chunk, metrics=self.metrics, compile=options.compile,
                                    batch_invariant=options.batch_invariant)
         self.eos = {tokenizer.eos_id} if tokenizer is not None and tokenizer.eos_id is not None else set()
         self.created = int(time.time())

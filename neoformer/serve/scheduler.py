@@ -92,14 +92,15 @@ class Sequence:
 class Scheduler:
     """Owns the model on one thread. ``submit`` a Sequence; ``call`` runs a function between steps."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64,
-                 prefill_budget: int = 64, metrics=None, compile: bool = False, batch_invariant: bool = True):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 32,
+                 prefill_budget: int | None = None, metrics=None, compile: bool = False, batch_invariant: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model)
         self.capacity = model.config.max_seq_len
         self.rows: list[Sequence | None] = [None] * max_batch
         self.batch_invariant = batch_invariant  # decode every row each step (see rows.py)
-        self.max_queue, self.chunk, self.budget = max_queue, prefill_chunk, max(prefill_budget, prefill_chunk)
+        # prompt tokens per step (default: one chunk) while other rows wait for their next token
+        self.max_queue, self.chunk, self.budget = max_queue, prefill_chunk, max(prefill_budget or 0, prefill_chunk)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.tasks: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.metrics = metrics
@@ -183,7 +184,7 @@ class Scheduler:
         self._admit()
         budget = self.budget
         for seq in [s for s in self.rows if s is not None and s.prefilled < len(s.prompt)]:
-            if budget <= 0:
+            if self._next_chunk_len(seq) > budget:  # a strict bound keeps every step's cost, and so each gap, flat
                 break
             budget -= self._prefill_chunk(seq)
         if any(s is not None and s.prefilled == len(s.prompt) for s in self.rows):
@@ -233,10 +234,14 @@ class Scheduler:
 
         return None if self.cross is None else Encoded(*self.cross.rows(rows))
 
+    def _next_chunk_len(self, seq: Sequence) -> int:
+        # fixed boundaries (multiples of the chunk): a prompt gets the same math alone or not
+        return min(len(seq.prompt), (seq.prefilled // self.chunk + 1) * self.chunk) - seq.prefilled
+
     def _prefill_chunk(self, seq: Sequence) -> int:
         """One chunk of seq's prompt; after the last one, its first token. Returns the chunk's size."""
         lo = seq.prefilled
-        hi = min(len(seq.prompt), (lo // self.chunk + 1) * self.chunk)  # fixed boundaries: same math alone or not
+        hi = lo + self._next_chunk_len(seq)
         ids = torch.tensor([seq.prompt[lo:hi]], device=self.device)
         positions = torch.arange(lo, hi, device=self.device)[None]
         chunk = PrefillChunk(self.slots, seq.row, lo, seq.state)
