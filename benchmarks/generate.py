@@ -19,10 +19,13 @@ Sections (``--only`` picks some), each run once per ``--threads`` count:
 - ``spec``:  speculative decoding on the 162M target with a 2-layer draft: an independent random
              one (random weights agree on almost nothing) and one made of the target's
              embedding, first 2 blocks, final norm and head (a "self-speculative" draft).
+- ``spec-trained``: speculative decoding with trained models (``benchmarks/teacher.py``): the
+             143.7M ``large`` target, the 3.9M ``small`` and 15.7M ``base`` teachers as drafts
+             (not in the default ``--only``: it trains the teachers on first use).
 
 Usage::
 
-    python benchmarks/generate.py [--threads 1,2] [--rounds 3] [--only 14m,162m,batch,spec] [--no-compile]
+    python benchmarks/generate.py [--threads 1,2] [--rounds 3] [--only 14m,162m,batch,spec,lookup,spec-trained] [--no-compile]
         [--dtypes fp32,bf16] [--llama-cpp /path/to/llama.cpp/build/bin] [--gguf F32,F16]
 """
 from __future__ import annotations
@@ -337,22 +340,9 @@ def case_spec(args, models):
         table(["variant", "tokens/s", "vs target alone (eager)", "acceptance"], rows)
 
 
-def case_lookup(args):
-    """Prompt-lookup drafting on the cached trained teacher (benchmarks/teacher.py): text whose
-    continuation repeats the prompt (a stdlib source excerpt given twice, the second time cut short,
-    so copying is the right continuation) and, for contrast, the same excerpt once."""
-    import json as json_module
-
-    from teacher import teacher_checkpoint
-
-    from neoformer.checkpoint import load_checkpoint
-
-    model, tok, _ = load_checkpoint(str(teacher_checkpoint("small")), dtype=torch.float32)
-    model.eval()
-    text = (Path(json_module.__file__).parent / "encoder.py").read_text()[2000:3400]
-    ids = tok.encode(text)[:120]
-    n = 96
-    prompts = {"repeated text": ids + ids[:8], "plain text": ids}
+def speculative_tables(args, title: str, model, prompts: dict, n: int, helpers: dict) -> None:
+    """Target alone vs target + each helper (name -> generate() kwargs: a draft model or prompt
+    lookup), eager and compiled, greedy and sampling, interleaved rounds; one table per prompt and mode."""
     for sampling in (False, True):
         opts = dict(temperature=1.0, seed=0) if sampling else {}
         mode = "sampling (temperature 1)" if sampling else "greedy"
@@ -363,20 +353,60 @@ def case_lookup(args):
                 tag = " (compile=True)" if compiled else ""
                 if compiled:  # warm up (compile) outside the timed rounds
                     ours_generate(model, prompt_t, n, compile=True, **opts)
-                    ours_generate(model, prompt_t, n, compile=True, prompt_lookup_num_tokens=args.gamma, **opts)
+                    for kw in helpers.values():
+                        ours_generate(model, prompt_t, n, compile=True, **kw, **opts)
                 variants["target alone" + tag] = lambda c=compiled: _ours(model, prompt_t, n, compile=c, **opts)
-                variants[f"+ prompt lookup, {args.gamma} tokens{tag}"] = lambda c=compiled: _ours(
-                    model, prompt_t, n, compile=c, prompt_lookup_num_tokens=args.gamma, **opts)
+                for name, kw in helpers.items():
+                    variants[f"+ {name}{tag}"] = lambda c=compiled, kw=kw: _ours(model, prompt_t, n, compile=c,
+                                                                                   **kw, **opts)
             med, outs, extras = rounds(variants, args.rounds)
             check = "" if sampling else f", identical tokens: {same(outs)}"
-            print(f"### Prompt lookup, trained 3.9M teacher, {label} ({len(prompt)} prompt tokens), {mode}, "
-                  f"{n} new tokens, {torch.get_num_threads()} thread(s){check}\n")
+            print(f"### {title}, {label} ({len(prompt)} prompt tokens), {mode}, {n} new tokens, "
+                  f"{torch.get_num_threads()} thread(s){check}\n")
             rows = []
             for name, sec in med.items():
                 rate = extras[name].get("acceptance_rate") if extras[name] else None
                 alone = med["target alone" + (" (compile=True)" if "compile" in name else "")]
                 rows.append([name, n / sec, alone / sec, "-" if rate is None else f"{rate:.0%}"])
             table(["variant", "tokens/s", "vs target alone (same compile)", "acceptance"], rows)
+
+
+def stdlib_excerpt(tok) -> list[int]:
+    """120 tokens of stdlib source (json/encoder.py): text like the teachers' training data."""
+    import json as json_module
+
+    return tok.encode((Path(json_module.__file__).parent / "encoder.py").read_text()[2000:3400])[:120]
+
+
+def case_lookup(args):
+    """Prompt-lookup drafting on the cached trained teacher (benchmarks/teacher.py): text whose
+    continuation repeats the prompt (a stdlib source excerpt given twice, the second time cut short,
+    so copying is the right continuation) and, for contrast, the same excerpt once."""
+    from teacher import teacher_checkpoint
+
+    from neoformer.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(str(teacher_checkpoint("small")), dtype=torch.float32)
+    ids = stdlib_excerpt(tok)
+    speculative_tables(args, "Prompt lookup, trained 3.9M teacher", model.eval(),
+                       {"repeated text": ids + ids[:8], "plain text": ids}, 96,
+                       {f"prompt lookup, {args.gamma} tokens": dict(prompt_lookup_num_tokens=args.gamma)})
+
+
+def case_spec_trained(args):
+    """Speculative decoding with trained models (benchmarks/teacher.py, same tokenizer): the 143.7M
+    `large` target with the 3.9M `small` and the 15.7M `base` teachers as drafts."""
+    from teacher import teacher_checkpoint
+
+    from neoformer.checkpoint import load_checkpoint
+
+    target, tok, _ = load_checkpoint(str(teacher_checkpoint("large")), dtype=torch.float32)
+    drafts = {size: load_checkpoint(str(teacher_checkpoint(size)), dtype=torch.float32)[0].eval()
+              for size in ("small", "base")}
+    speculative_tables(args, "Speculative decoding, trained 143.7M target", target.eval(),
+                       {"stdlib text": stdlib_excerpt(tok)}, 64,
+                       {f"{size} draft ({d.num_parameters() / 1e6:.1f}M), gamma {args.gamma}":
+                        dict(draft_model=d, num_draft_tokens=args.gamma) for size, d in drafts.items()})
 
 
 def main():
@@ -420,6 +450,8 @@ def main():
             case_spec(args, big)
         if "lookup" in only:
             case_lookup(args)
+        if "spec-trained" in only:
+            case_spec_trained(args)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

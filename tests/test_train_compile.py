@@ -41,6 +41,7 @@ def _assert_compiled_equals_eager(cfg: ModelConfig) -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~19 s of inductor compiling on 2 cold cores: .ci/run runs it by name after `make test`
 def test_compiled_step_equals_eager_decoder():
     _assert_compiled_equals_eager(ModelConfig(**TINY))
 
