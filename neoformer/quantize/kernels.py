@@ -15,6 +15,7 @@ Which op runs each scheme (measured; the figures are in :mod:`neoformer.quantize
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,23 @@ def dequantize_int4(q: Int4Weight, dtype=torch.float32) -> torch.Tensor:
     g = codes.reshape(out, n_in // q.group_size, q.group_size)
     w = (g - 8) * q.scales.float()[..., None] + q.zeros.float()[..., None]
     return w.reshape(out, n_in).to(dtype)
+
+
+_malloc_trim = None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS. glibc keeps freed blocks in its arenas: the one-off
+    repack of every int4 weight into the kernel's layout (first forward) left ~360 MB of a 162M
+    model's RSS behind (measured: 498 MB growth -> 138 MB after malloc_trim). No-op off glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def int4_cpu_pack(q: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,6 +174,7 @@ class QuantizedLinear(nn.Module):
                 self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
                 if self._layout_known and not self.shares_storage:
                     self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
+                K.release_freed_memory()  # the repack's temporaries, or RSS keeps them (kernels.py)
             packed, scales_zeros = self._int4_cpu
             xb = x2.to(torch.bfloat16)
             if xb.shape[0] >= INT4_GEMM_ROWS and self._layout_known:  # prefill
