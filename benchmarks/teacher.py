@@ -32,7 +32,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-LARGE_STEPS = 300
 
 # the model overrides sit on the nexus-nano preset (Llama-shaped, GQA, untied, no dropout)
 RECIPES: dict[str, dict] = {
@@ -55,12 +54,12 @@ RECIPES: dict[str, dict] = {
         "data": dict(source="stdlib"),
     },
     # 143.7M parameters (the issues' ~160M class; d_model 1024, 12 layers, GQA 16/4, SwiGLU 2816) on the same
-    # tokenizer recipe, so the small teacher can draft for it; a short run (LARGE_STEPS below): trained, not
+    # tokenizer recipe, so the small teacher can draft for it; a short run (300 steps): trained, not
     # converged, for serving throughput, speculative decoding and quantization at this size
     "large": {
         "preset": "nexus-nano",
         "model": dict(d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_hidden=2816, max_seq_len=256),
-        "train": dict(max_steps=LARGE_STEPS, batch_size=16, seq_len=128, lr=1e-3, min_lr=1e-4, warmup_steps=40,
+        "train": dict(max_steps=300, batch_size=16, seq_len=128, lr=1e-3, min_lr=1e-4, warmup_steps=40,
                       weight_decay=0.1, eval_every=100, eval_batches=8, save_every=100, samples=0, seed=0),
         "tokenizer": dict(kind="bpe", vocab_size=4096),
         "data": dict(source="stdlib"),

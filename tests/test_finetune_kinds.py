@@ -61,6 +61,14 @@ def _fixed_batch(kind, data, model, tokenizer):
     return task.objective, next(task.train)
 
 
+def _base_data_and_batch(tmp_path, tokenizer, kind):
+    """A tiny base checkpoint of this kind, its fine-tuning data, the loaded base
+    model, and the objective with one fixed batch to compare losses on."""
+    base, data = _base(tmp_path, tokenizer, kind), _data(tmp_path, kind)
+    base_model = load_checkpoint(base)[0]
+    return (base, data, base_model, *_fixed_batch(kind, data, base_model, tokenizer))
+
+
 def _loss(objective, model, batch):
     with torch.no_grad():
         return float(objective(model.eval(), batch)[0])
@@ -68,10 +76,7 @@ def _loss(objective, model, batch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lora_run_lowers_the_loss_trains_only_the_adapter_and_merges_to_equal_logits(tmp_path, tokenizer, kind):
-    base = _base(tmp_path, tokenizer, kind)
-    data = _data(tmp_path, kind)
-    base_model = load_checkpoint(base)[0]
-    objective, batch = _fixed_batch(kind, data, base_model, tokenizer)
+    base, data, base_model, objective, batch = _base_data_and_batch(tmp_path, tokenizer, kind)
     assert main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--lora",
                  "r=8,alpha=32,dropout=0", "--targets", "all-linear", "--max-steps", "30", "--lr", "3e-2", "--batch", "4", "--seq", "32",
                  "--val-fraction", "0", "--no-progress", "--threads", "1", "--precision", "fp32"]) == 0
@@ -113,10 +118,7 @@ def test_only_adapter_parameters_get_gradients_from_the_kinds_objective(tmp_path
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_full_finetune_writes_a_normal_checkpoint_with_lower_loss(tmp_path, tokenizer, kind):
-    base = _base(tmp_path, tokenizer, kind)
-    data = _data(tmp_path, kind)
-    base_model = load_checkpoint(base)[0]
-    objective, batch = _fixed_batch(kind, data, base_model, tokenizer)
+    base, data, base_model, objective, batch = _base_data_and_batch(tmp_path, tokenizer, kind)
     result = finetune(base, data, tmp_path / "full", train=_train(30, lr=3e-3), seq_len=32, val_fraction=0.0,
                       log=lambda *_: None)
     model, loaded_tokenizer, config = load_checkpoint(result.checkpoint)

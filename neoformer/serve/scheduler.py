@@ -93,14 +93,14 @@ class Scheduler:
     """Owns the model on one thread. ``submit`` a Sequence; ``call`` runs a function between steps."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 32,
-                 prefill_budget: int | None = None, metrics=None, compile: bool = False, batch_invariant: bool = True):
+                 metrics=None, compile: bool = False, batch_invariant: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model)
         self.capacity = model.config.max_seq_len
         self.rows: list[Sequence | None] = [None] * max_batch
         self.batch_invariant = batch_invariant  # decode every row each step (see rows.py)
-        # prompt tokens per step (default: one chunk) while other rows wait for their next token
-        self.max_queue, self.chunk, self.budget = max_queue, prefill_chunk, max(prefill_budget or 0, prefill_chunk)
+        # at most one chunk's worth of prompt tokens per step, while other rows wait for their next token
+        self.max_queue, self.chunk = max_queue, prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.tasks: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.metrics = metrics
@@ -182,7 +182,7 @@ class Scheduler:
     def step(self) -> None:
         self._expire()
         self._admit()
-        budget = self.budget
+        budget = self.chunk
         for seq in [s for s in self.rows if s is not None and s.prefilled < len(s.prompt)]:
             if self._next_chunk_len(seq) > budget:  # a strict bound keeps every step's cost, and so each gap, flat
                 break
