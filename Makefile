@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[plot,sentencepiece]"
+	$(PY) -m neoformer.kernels  # build the CPU decode kernels now (~20 s once), not on first use
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

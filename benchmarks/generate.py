@@ -88,6 +88,12 @@ class Floor:
         return f"{f:.2f}" if f <= 1 else f"n/a (floor mismeasured: {f:.2f})"
 
 
+def pack_linears(model) -> int:
+    from neoformer.kernels import pack_linears as pack
+
+    return pack(model)
+
+
 def weight_bytes(model) -> int:
     """Bytes of weights read per decoded token: all but the embedding table (one row per token)."""
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
@@ -209,6 +215,10 @@ def case_decode(args, label: str, models, vocab: int, n: int):
     if args.compile:
         for name, model in weights.items():
             add_compiled(variants, model, ids, n, f"{label} {name}")
+            if args.kernels:
+                packed = copy.deepcopy(model)
+                if pack_linears(packed):
+                    add_compiled(variants, packed, ids, n, f"{label} {name} packed", prefix="neoformer kernels")
     floor = Floor()
     gguf_dir = tempfile.TemporaryDirectory()
     ggufs = write_ggufs(ours, args.gguf, gguf_dir.name) if args.llama_cpp else {}
@@ -244,18 +254,26 @@ def case_decode(args, label: str, models, vocab: int, n: int):
     table(["variant", "decode tokens/s (median)", "spread", "ms/token", "floor ms", "fraction of floor"], rows)
     ref = {r[0]: r[1] for r in rows}
     for name, rate in ref.items():
-        if name.startswith("neoformer compile"):
+        if name.startswith(("neoformer compile", "neoformer kernels")):
             theirs = ", ".join(f"{rate / v:.2f}x {k}" for k, v in ref.items() if k.startswith("llama.cpp"))
             print(f"{name}: {theirs or '(no llama.cpp)'}")
     print()
 
 
-def add_compiled(variants, model, ids, n, label):
+def add_compiled(variants, model, ids, n, label, prefix="neoformer compile"):
     """Compile once (timed and reported), then add the compiled engine as a variant."""
     t, _ = timed(lambda: ours_generate(model, ids, n, compile=True))
     print(f"{label}: compiling the decode step took {t:.1f} s (once per model and batch size)")
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
-    variants[f"neoformer compile {dtype}"] = lambda: _ours(model, ids, n, compile=True)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype(model)]
+    variants[f"{prefix} {dtype}"] = lambda: _ours(model, ids, n, compile=True)
+
+
+def model_dtype(model) -> torch.dtype:
+    """The weights' dtype (a packed model keeps them in buffers: the norms' parameters are fp32 there too)."""
+    from neoformer.kernels import TiledLinear
+
+    tiled = next((m for m in model.modules() if isinstance(m, TiledLinear)), None)
+    return tiled.tiles.dtype if tiled is not None else next(model.parameters()).dtype
 
 
 def _ours(model, ids, n, **kw):
@@ -416,6 +434,8 @@ def main():
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
     parser.add_argument("--only", default="14m,162m,batch,spec,lookup")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-kernels", dest="kernels", action="store_false",
+                        help="leave out the rows with neoformer's CPU decode kernels (neoformer.kernels.pack_linears)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes of the compiled rows (fp32,bf16,fp16)")
     parser.add_argument("--llama-cpp", metavar="DIR", default=None,
                         help="folder with llama.cpp's llama-bench: adds llama.cpp columns on the same weights")

@@ -1,6 +1,6 @@
 """The package's layering, read from the source (no imports run): lower layers never import upper ones.
 
-    config, presets, tokenizer   <- model <- checkpoint <- parallel, generate, data <- train
+    config, presets, tokenizer   <- model <- kernels, checkpoint <- parallel, generate, data <- train
         <- quantize <- serve, compress, finetune, export, eval (never each other) <- cli
 
 A violation here is how couplings creep back in (a model that needs the trainer, a checkpoint loader
@@ -18,7 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "neoformer"
 # subpackage -> subpackages it must never import (at import time or inside a function)
 FEATURES = {"serve", "compress", "quantize", "finetune", "export", "eval"}  # one package per feature, above the core
 FORBIDDEN = {
-    "model": {"generate", "train", "parallel", "checkpoint", "cli", "data", "hf"} | FEATURES,
+    "model": {"generate", "train", "parallel", "checkpoint", "cli", "data", "hf", "kernels"} | FEATURES,
+    # the CPU decode kernels sit on the model (its attention hook) and below everything that uses them
+    "kernels": {"generate", "train", "parallel", "checkpoint", "cli", "data", "hf"} | FEATURES,
     "checkpoint": {"train", "parallel", "generate", "cli", "data", "hf"} | FEATURES,
     "generate": {"train", "parallel", "checkpoint", "cli"} | FEATURES,
     "parallel": {"train", "generate", "cli"} | FEATURES,

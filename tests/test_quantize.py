@@ -95,32 +95,55 @@ def test_fast_forward_matches_the_float64_reference(scheme, rows):
     assert (fast.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-def test_int4_prefill_gemm_on_the_kernel_layout_matches_the_float64_reference():
+@pytest.fixture
+def without_neoformer_kernels(monkeypatch):
+    """As on a machine where neoformer's CPU kernels cannot load (PyTorch's own ops then run)."""
+    from neoformer.kernels import build
+
+    monkeypatch.setitem(build._state, "loaded", False)
+
+
+def test_int4_prefill_gemm_on_the_kernel_layout_matches_the_float64_reference(without_neoformer_kernels):
     torch.manual_seed(2)
     q = QuantizedLinear.from_linear(torch.nn.Linear(128, 192, bias=False), "int4", 32)
     x = torch.randn(INT4_GEMM_ROWS + 3, 128)
     with torch.no_grad():
-        fast, decode = q(x), q(x[:1])  # the block-dequantized GEMM, then the packed GEMV kernel
+        fast, decode = q(x), q(x[:1])  # the block-dequantized GEMM, then PyTorch's packed GEMV kernel
         expected = F.linear(x.double(), q.dequantize(torch.float64))
-    assert q._layout_known and q.qweight is None
+    assert q._layout_known and q.qweight is None and q._kernel is None
     assert (fast.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
     assert (decode.double() - expected[:1]).abs().max() <= 2e-2 * expected[:1].abs().max()
     assert torch.equal(K.int4_cpu_unpack(q._int4_cpu[0], 192, 128), K.unpack_nibbles(q.packed().qweight))
 
 
-@pytest.mark.parametrize("out", [128, 96])  # 96 rows: not whole 64-row blocks of the kernel layout
-def test_int4_holds_its_weight_once_and_gives_the_stored_bytes_back(out):
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("scheme, out", [("int4", 128), ("int4", 96), ("int8", 96), ("int8-dynamic", 80)])
+def test_a_kernel_layout_holds_the_weight_once_and_gives_the_stored_bytes_back(scheme, out, kernels, monkeypatch):
+    """Whichever kernel takes the weight over (neoformer's, or PyTorch's int4 layout without them), the stored
+    tensors it replaces are dropped and come back bit for bit in state_dict, dequantize and the prefill path."""
+    from neoformer.kernels import build
+
+    if not kernels:
+        monkeypatch.setitem(build._state, "loaded", False)
+    elif not build.load():
+        pytest.skip(f"neoformer's CPU kernels cannot load here: {build.unavailable_reason()}")
     torch.manual_seed(3)
-    q = QuantizedLinear.from_linear(torch.nn.Linear(128, out), "int4", 64)
+    group = 64 if scheme == "int4" else None
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, out), scheme, group)
     stored = {k: v.clone() for k, v in q.state_dict().items()}
+    dense = q.dequantize()
     with torch.no_grad():
-        q(torch.randn(1, 128))  # the CPU kernel's layout replaces the stored bytes where it is the known one
-    assert (q.qweight is None) == (out % 64 == 0)
+        prefill_before = q(torch.randn(40, 128, generator=torch.Generator().manual_seed(0)))
+        q(torch.randn(1, 128))  # the first small batch builds the kernel layout
+    held_once = (q._kernel is not None) if kernels else (scheme == "int4" and out % 64 == 0)
+    assert (q.qweight is None) == held_once
     again = q.state_dict()
     assert stored.keys() == again.keys() and all(torch.equal(stored[k], again[k]) for k in stored)
-    assert torch.equal(q.dequantize(), K.dequantize_int4(K.Int4Weight(stored["qweight"], q.scales, q.zeros, 64)))
+    assert torch.equal(q.dequantize(), dense)
     with torch.no_grad():
         assert torch.equal(q(torch.ones(2, 128)), q(torch.ones(2, 128)))
+        prefill_after = q(torch.randn(40, 128, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(prefill_after, prefill_before, rtol=1e-2, atol=1e-2 * prefill_before.abs().max().item())
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -170,15 +170,35 @@ _STEPS = {("decode", False): decode_one_static, ("decode", True): decode_one_gem
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def model_fingerprint(model) -> tuple:
+    """What a compiled step assumes of the model: train/eval modes, and each parameter's and buffer's dtype,
+    shape, device and storage. The compiled steps skip dynamo's per-call guards on the model's modules and
+    tensors (measured: 0.4-0.65 ms a token on the 162M model, a fifth of a 14M model's step); instead
+    this is compared once per generate call, and a changed model is compiled again."""
+    tensors = (*model.parameters(), *model.buffers())
+    return (tuple(m.training for m in model.modules()),
+            tuple((t.dtype, t.shape, t.device, t.data_ptr()) for t in tensors))
+
+
 def _compile(model, kind: str, rows: int):
     """torch.compile of one step function, cached per model (and RowGemv or not)."""
     cuda = next(model.parameters()).is_cuda
     key = (kind, rows <= RowGemv.max_rows and not cuda)
     entry = _compiled.setdefault(model, {})
-    if key not in entry:
-        entry[key] = torch.compile(_STEPS[key], fullgraph=True, dynamic=False,
-                                   options=CUDA_COMPILE_OPTIONS if cuda else CPU_COMPILE_OPTIONS)
-    return entry[key]
+    fingerprint = model_fingerprint(model)
+    if key not in entry or entry[key][0] != fingerprint:
+        for module in model.modules():  # layouts a module makes on first use (quantized kernels): not while tracing
+            prepare = getattr(module, "prepare_small_batches", None)
+            if prepare is not None:
+                prepare()
+        fingerprint = model_fingerprint(model)
+        options = dict(CUDA_COMPILE_OPTIONS if cuda else CPU_COMPILE_OPTIONS)
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        # isolate_recompiles: each model keeps its own compiled entries, so compiling many models in one
+        # process neither hits the shared recompile limit nor makes every step try the others' guards
+        entry[key] = (fingerprint, torch.compile(_STEPS[key], fullgraph=True, dynamic=False, isolate_recompiles=True,
+                                                 options=options))
+    return entry[key][1]
 
 
 def compiled_decode_one(model, batch: int):

@@ -134,20 +134,33 @@ def eager_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, trainin
     return torch.matmul(probs.to(v.dtype), v)
 
 
+# A faster CPU kernel for attention with few query rows (decode steps) registers itself here -- neoformer.kernels
+# does once its C++ library loads -- as fn(q, k, v, bool mask or None, is_causal, scale) -> out, or None where
+# it does not apply. (model/ imports no feature package; the kernels package fills this hook.)
+SMALL_QUERY_KERNELS: list = []
+
+
+def _sdpa_mask(q, k, ctx: AttnContext, window):
+    """(mask, is_causal) for SDPA: the fused causal flag where queries and keys are the same positions."""
+    mask = ctx.mask(window)
+    # a branch, not the comparison itself: with a symbolic key length (compiled decode) that is a SymBool
+    same_length = True if q.shape[2] == k.shape[2] else False  # noqa: SIM210
+    is_causal = ctx.causal and mask is not None and same_length and not window and ctx.key_keep is None \
+        and ctx.segments is None and ctx.bias is None
+    return (None if is_causal else mask), is_causal
+
+
 def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training):
+    if SMALL_QUERY_KERNELS and q.device.type == "cpu" and ctx.bias is None and not (training and dropout_p):
+        out = SMALL_QUERY_KERNELS[0](q, k, v, *_sdpa_mask(q, k, ctx, window), scale)
+        if out is not None:
+            return out
     if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)):
         # measured: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32
         with torch.autocast("cpu", enabled=False):
             out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
         return out.to(v.dtype)
-    mask = ctx.mask(window)
-    # a branch, not the comparison itself: with a symbolic key length (compiled decode) that is a SymBool
-    same_length = True if q.shape[2] == k.shape[2] else False  # noqa: SIM210
-    # the fused causal kernel is only right when queries and keys are the same positions
-    is_causal = ctx.causal and mask is not None and same_length and not window and ctx.key_keep is None \
-        and ctx.segments is None and ctx.bias is None
-    if is_causal:
-        mask = None
+    mask, is_causal = _sdpa_mask(q, k, ctx, window)
     if ctx.bias is not None:
         bias = ctx.bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import KERNEL_ROWS
 from . import kernels as K
+from .kernel_layout import KernelLayout
 
 SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes; other groups run the pure path
@@ -109,7 +111,8 @@ class QuantizedLinear(nn.Module):
         if scheme == "int8":  # the packed op takes bf16 scales; converting them inside a compiled graph
             # trips an Inductor lowering assertion (torch 2.13), so a bf16 copy is kept (2 bytes per row)
             self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
-        self._int4_cpu = None  # (packed, scales_zeros) in the CPU kernel's layout, made on first use
+        self._kernel = None  # neoformer's CPU kernels' layout (kernel_layout.py), made on the first small batch
+        self._int4_cpu = None  # (packed, scales_zeros) in PyTorch's int4 kernel layout: without neoformer's kernels
         self._layout_known = False  # the kernel layout is the one kernels.int4_cpu_unpack reads
         # a head tied to a QuantizedEmbedding shares its stored tensors: int4 then keeps its qweight too
         # (the embedding looks rows up in it), so the kernel layout is an extra copy of the 4-bit weight
@@ -124,20 +127,37 @@ class QuantizedLinear(nn.Module):
 
     def packed(self):
         """The weight as a :mod:`.kernels` dataclass."""
-        if self.scheme == "int4" and self.qweight is None:
-            return K.Int4Weight(self._int4_recover(), self.scales, self.zeros, self.group_size)
-        return packed_weight(self.scheme, self, self.group_size)
+        return packed_weight(self.scheme, self.stored(), self.group_size)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The stored tensors (:data:`STORED`), rebuilt from a kernel layout that replaced them."""
+        tensors = {name: getattr(self, name) for name in STORED[self.scheme]}
+        if self._kernel is not None and any(tensors[name] is None for name in self._kernel.replaces):
+            tensors.update(self._kernel.stored())
+        if self.scheme == "int4" and tensors["qweight"] is None:
+            tensors["qweight"] = self._int4_recover()
+        return tensors
 
     def _int4_recover(self) -> torch.Tensor:
-        """The stored int4 bytes, read back from the CPU kernel's layout (once the kernel took over the
+        """The stored int4 bytes, read back from PyTorch's CPU kernel layout (once the kernel took over the
         weight, the stored copy is dropped so the 4-bit weight is held once; only where the layout was
         checked to be the known one, see kernels.int4_cpu_layout_holds)."""
         return K.pack_nibbles(K.int4_cpu_unpack(self._int4_cpu[0], self.out_features, self.in_features))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.scheme == "int4" and self.qweight is None:  # dropped for the kernel layout: stored bytes again
-            destination[prefix + "qweight"] = self._int4_recover()
+        for name, tensor in self.stored().items():  # dropped for a kernel layout: the stored bytes again
+            destination[prefix + name] = tensor
+
+    def _restore_stored(self) -> None:
+        """Back to the stored tensors (before loading, moving or re-laying out the weight)."""
+        for name, tensor in self.stored().items():
+            setattr(self, name, tensor)
+        self._kernel, self._int4_cpu = None, None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._restore_stored()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in) the packed one stands for."""
@@ -158,32 +178,58 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= KERNEL_ROWS and self._kernel_layout() is not None:  # decode: neoformer's CPU kernels
+            return self._kernel(x2, K.quantize_rows_int8)
         if self.scheme == "int8":
             xb = x2.to(torch.bfloat16)
+            qweight = self.stored()["qweight"]
             if xb.shape[0] > PACKED_ROWS:  # prefill: the packed op is a GEMV kernel; a bf16 GEMM is faster
-                return F.linear(xb, self.qweight.to(torch.bfloat16)) * self.scales_bf16
-            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales_bf16)
+                return F.linear(xb, qweight.to(torch.bfloat16)) * self.scales_bf16
+            return torch.ops.aten._weight_int8pack_mm(xb, qweight, self.scales_bf16)
         if self.scheme == "int8-dynamic":
             return K.int8_dynamic_linear(x2, self.packed())
         if self.scheme == "int4":
-            if self.group_size not in INT4_KERNEL_GROUPS:
-                return F.linear(x2, self.dequantize(x2.dtype))
-            if self._int4_cpu is None:
-                packed, scales_zeros = K.int4_cpu_pack(self.packed())
-                self._layout_known = K.int4_cpu_layout_holds(packed, self.packed())
-                self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
-                if self._layout_known and not self.shares_storage:
-                    self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
-                K.release_freed_memory()  # the repack's temporaries, or RSS keeps them (kernels.py)
-            packed, scales_zeros = self._int4_cpu
-            xb = x2.to(torch.bfloat16)
-            if xb.shape[0] >= INT4_GEMM_ROWS and self._layout_known:  # prefill
-                return K.int4_cpu_gemm(xb, packed, self.scales, self.zeros, self.group_size)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scales_zeros)
+            return self._int4_forward(x2)
         bnb = _bitsandbytes()  # nf4
         if bnb is None:
             return F.linear(x2, self.dequantize(x2.dtype))
         return bnb.matmul_4bit(x2, self.qweight.reshape(-1, 1).t(), quant_state=self._bnb_state())
+
+    def prepare_small_batches(self) -> None:
+        """Build the kernel layout now (the generation engine calls this before compiling a decode step, so the
+        layout is never made while tracing)."""
+        if self.qweight is not None and self.qweight.device.type == "cpu":
+            self._kernel_layout()
+
+    def _kernel_layout(self):
+        """neoformer's CPU kernel layout (None where it cannot run): built once, then it holds the weight."""
+        if self._kernel is None and self._int4_cpu is None and not torch.compiler.is_compiling():
+            self._kernel = KernelLayout.build(self.scheme, self.stored(), self.in_features, self.group_size)
+            if self._kernel is not None:
+                if not self.shares_storage:  # a tied head's tensors are also the embedding's lookup table
+                    for name in self._kernel.replaces:
+                        setattr(self, name, None)
+                K.release_freed_memory()
+        return self._kernel
+
+    def _int4_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._kernel_layout() is not None:  # prefill from neoformer's kernel layout: dequantized, one bf16 GEMM
+            return F.linear(x2.to(torch.bfloat16), self._kernel.dense(torch.bfloat16))
+        if self.group_size not in INT4_KERNEL_GROUPS:
+            return F.linear(x2, self.dequantize(x2.dtype))
+        # PyTorch's own int4 op (machines without neoformer's kernels)
+        if self._int4_cpu is None:
+            packed, scales_zeros = K.int4_cpu_pack(self.packed())
+            self._layout_known = K.int4_cpu_layout_holds(packed, self.packed())
+            self._int4_cpu = (packed, scales_zeros.to(torch.bfloat16))
+            if self._layout_known and not self.shares_storage:
+                self.qweight = None  # held once, in the kernel's layout (see _int4_recover)
+            K.release_freed_memory()  # the repack's temporaries, or RSS keeps them (kernels.py)
+        packed, scales_zeros = self._int4_cpu
+        xb = x2.to(torch.bfloat16)
+        if xb.shape[0] >= INT4_GEMM_ROWS and self._layout_known:  # prefill
+            return K.int4_cpu_gemm(xb, packed, self.scales, self.zeros, self.group_size)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scales_zeros)
 
     def _bnb_state(self):
         from bitsandbytes.functional import QuantState, get_4bit_type
@@ -194,10 +240,7 @@ class QuantizedLinear(nn.Module):
                           quant_type="nf4", dtype=torch.float32)
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): back to the stored layout, rebuilt on first use
-        if self._int4_cpu is not None:
-            if self.qweight is None:
-                self.qweight = self._int4_recover()
-            self._int4_cpu = None
+        self._restore_stored()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

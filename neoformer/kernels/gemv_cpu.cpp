@@ -1,0 +1,426 @@
+// Small-batch matrix-vector products for CPU decoding, on weights repacked into row tiles.
+//
+// Why hand-written (measured on the 2-core Zen 4 of BENCHMARKS.md, 1 thread, the 162M model's linears):
+// MKL's fp32 GEMV reads weights at ~14 GB/s and its bf16 GEMV at ~6 GB/s; inductor's fused multiply-reduce
+// ((W * x).sum(-1), the RowGemv mode) at ~22 GB/s (fp32) and ~17 GB/s (bf16); PyTorch's
+// _weight_int8pack_mm at ~4 GB/s. Reading a weight laid out as row tiles -- tile[t][i][r] = W[t*R + r][i],
+// so one column of R rows is one contiguous vector -- is one sequential stream with no horizontal sums,
+// and runs at the machine's streaming bandwidth (~27 GB/s here) for every weight type below.
+//
+// Layouts (R = rows per tile; `out` is padded to a multiple of R with zero rows; ops.py packs them):
+//   f32     R = 16  float  [out/16][in][16]
+//   bf16    R = 32  bf16   [out/32][in][32]
+//   int8    R = 32  int8   [out/32][in][32]          w = q * scale[row]; fp32 activations (weight-only)
+//   int8x8  R = 16  uint8  [out/16][in/4][16][4]     q + 128, four inputs of a row per 32-bit lane (VNNI);
+//                                                    int8 activations with one scale per row of x
+//   int4x8  R = 16  uint8  [out/16][in/8][16][4]     a lane's low nibbles: inputs k..k+3, high: k+4..k+7;
+//                                                    w = (q - 8) * scale + zero per group (bf16, tiled
+//                                                    [out/16][in/group][16]); int8 activations per block of 32
+// x is (M, in), y is (M, out_padded) fp32. Rows of x are processed kMaxRows at a time so each weight byte is
+// read once for all of them (batched decode, speculative verification), and each row's sums run in the same
+// order whatever M is: a row's result does not depend on the other rows (batch invariance).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 8;  // rows of x per weight pass (register budget: kMaxRows x 2 accumulators)
+
+inline __m512 bf16_to_f32(__m256i v) {  // 16 bf16 -> 16 fp32, exact (bf16 is the top half of fp32)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline __m512 i8_to_f32(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// ---- f32, R = 16 --------------------------------------------------------------------------------
+template <int M>
+void f32_tile(const float* tile, const float* x, int64_t in, float* y, int64_t ldy) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; ++i) {
+    __m512 w = _mm512_loadu_ps(tile + 16 * i);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[m * in + i]), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// ---- bf16 and int8, R = 32: two fp32 vectors per column ------------------------------------------
+template <int M, typename Load>
+void pair_tile(Load load, const float* x, int64_t in, float* y, int64_t ldy, const float* row_scale) {
+  __m512 lo[M], hi[M];
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    __m512 w0, w1;
+    load(k, w0, w1);
+    for (int m = 0; m < M; ++m) {
+      __m512 xv = _mm512_set1_ps(x[m * in + k]);
+      lo[m] = _mm512_fmadd_ps(w0, xv, lo[m]);
+      hi[m] = _mm512_fmadd_ps(w1, xv, hi[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 a = lo[m], b = hi[m];
+    if (row_scale) a = _mm512_mul_ps(a, _mm512_loadu_ps(row_scale)), b = _mm512_mul_ps(b, _mm512_loadu_ps(row_scale + 16));
+    _mm512_storeu_ps(y + m * ldy, a);
+    _mm512_storeu_ps(y + m * ldy + 16, b);
+  }
+}
+
+// ---- int8 x int8 (VNNI), R = 16 rows x 4 columns per 64-byte vector ---------------------------------
+// vpdpbusd multiplies unsigned by signed bytes, so the weight is stored as q + 128 (uint8) and the
+// activations stay signed: sum((q + 128) * xq) = sum(q * xq) + 128 * sum(xq), corrected per row of x.
+template <int M>
+void int8x8_tile(const uint8_t* tile, const int8_t* xq, int64_t in, const int32_t* xq_sum, const float* x_scale,
+                 const float* w_scale, float* y, int64_t ldy) {
+  __m512i acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < in; k += 4) {
+    __m512i w = _mm512_loadu_si512(tile + 16 * k);
+    for (int m = 0; m < M; ++m) {
+      int32_t four;
+      std::memcpy(&four, xq + m * in + k, 4);
+      acc[m] = _mm512_dpbusd_epi32(acc[m], w, _mm512_set1_epi32(four));
+    }
+  }
+  __m512 ws = _mm512_loadu_ps(w_scale);
+  for (int m = 0; m < M; ++m) {
+    __m512i exact = _mm512_sub_epi32(acc[m], _mm512_set1_epi32(128 * xq_sum[m]));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(x_scale[m]));
+    _mm512_storeu_ps(y + m * ldy, _mm512_mul_ps(v, ws));
+  }
+}
+
+// ---- int4 x int8 (VNNI), R = 16 rows x 8 columns per 64-byte vector -------------------------------------
+// Lane r (row r) of a vector holds columns k..k+3 in its low nibbles and k+4..k+7 in its high nibbles.
+// Activations are int8 per block of 32 columns (scale xs, sum of codes xsum); w = q * a + b per group:
+//   sum_k w_k x_k = sum_blocks xs * (a * sum_k q_k xq_k + b * xsum)
+// (uint16_t: the bits of bf16 values)
+template <int M>
+void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zero, const int8_t* xq, const float* xs,
+                 const float* xsum, int64_t in, int64_t group, float* y, int64_t ldy) {
+  constexpr int64_t kBlock = 32;
+  const int64_t blocks = in / kBlock, per_group = group / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 out[M];
+  for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m512i acc_lo[M], acc_hi[M];  // two dependency chains per row (vpdpbusd latency)
+    for (int m = 0; m < M; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
+    for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; k += 8) {
+      __m512i v = _mm512_loadu_si512(tile + 8 * k);  // 16 rows x 8 columns
+      __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      for (int m = 0; m < M; ++m) {
+        int32_t x0, x1;
+        std::memcpy(&x0, xq + m * in + k, 4);
+        std::memcpy(&x1, xq + m * in + k + 4, 4);
+        acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], lo, _mm512_set1_epi32(x0));
+        acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], hi, _mm512_set1_epi32(x1));
+      }
+    }
+    const int64_t g = blk / per_group;
+    // w = (q - 8) * s + z = q * a + b with a = s, b = z - 8 s (the stored bf16 scale and zero, tiled)
+    __m512 ag = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + 16 * g)));
+    __m512 bg = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), ag,
+                                 bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + 16 * g))));
+    for (int m = 0; m < M; ++m) {
+      __m512 scale = _mm512_set1_ps(xs[m * blocks + blk]);
+      __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc_lo[m], acc_hi[m])), scale);
+      out[m] = _mm512_fmadd_ps(ag, dot, out[m]);
+      out[m] = _mm512_fmadd_ps(bg, _mm512_set1_ps(xs[m * blocks + blk] * xsum[m * blocks + blk]), out[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, out[m]);
+}
+
+// ---- dispatch over tiles (threads) and row blocks -------------------------------------------------
+template <typename TileFn>
+void for_tiles(int64_t tiles, int64_t rows, TileFn fn) {
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+      const int m = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
+      for (int64_t t = begin; t < end; ++t) fn(t, r0, m);
+    }
+  });
+}
+
+#define NEOFORMER_DISPATCH_ROWS(m, CALL) \
+  switch (m) {                           \
+    case 1: CALL(1); break;              \
+    case 2: CALL(2); break;              \
+    case 3: CALL(3); break;              \
+    case 4: CALL(4); break;              \
+    case 5: CALL(5); break;              \
+    case 6: CALL(6); break;              \
+    case 7: CALL(7); break;              \
+    default: CALL(8); break;             \
+  }
+
+void check_x(const at::Tensor& x, int64_t in) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 (rows, ", in, ") tensor");
+}
+
+at::Tensor gemv_f32(const at::Tensor& packed, const at::Tensor& x) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 16 && packed.scalar_type() == at::kFloat && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 16;
+  check_x(x, in);
+  auto y = at::empty({rows, out}, x.options());
+  const float* P = packed.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+#define CALL(M) f32_tile<M>(P + t * in * 16, X + r0 * in, in, Y + r0 * out + t * 16, out)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+at::Tensor gemv_bf16(const at::Tensor& packed, const at::Tensor& x) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 32;
+  check_x(x, in);
+  auto y = at::empty({rows, out}, x.options());
+  const uint16_t* P = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+    const uint16_t* tile = P + t * in * 32;
+    auto load = [tile](int64_t k, __m512& w0, __m512& w1) {
+      const __m256i* p = reinterpret_cast<const __m256i*>(tile + 32 * k);
+      w0 = bf16_to_f32(_mm256_loadu_si256(p));
+      w1 = bf16_to_f32(_mm256_loadu_si256(p + 1));
+    };
+#define CALL(M) pair_tile<M>(load, X + r0 * in, in, Y + r0 * out + t * 32, out, nullptr)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& x) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.scalar_type() == at::kChar && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 32;
+  TORCH_CHECK(scales.numel() == out && scales.scalar_type() == at::kFloat && scales.is_contiguous());
+  check_x(x, in);
+  auto y = at::empty({rows, out}, x.options());
+  const int8_t* P = packed.data_ptr<int8_t>();
+  const float* S = scales.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+    const int8_t* tile = P + t * in * 32;
+    auto load = [tile](int64_t k, __m512& w0, __m512& w1) {
+      const __m128i* p = reinterpret_cast<const __m128i*>(tile + 32 * k);
+      w0 = i8_to_f32(_mm_loadu_si128(p));
+      w1 = i8_to_f32(_mm_loadu_si128(p + 1));
+    };
+#define CALL(M) pair_tile<M>(load, X + r0 * in, in, Y + r0 * out + t * 32, out, S + t * 32)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+at::Tensor gemv_int8x8(const at::Tensor& packed, const at::Tensor& w_scale, const at::Tensor& xq,
+                       const at::Tensor& x_scale) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1) * 4, rows = xq.size(0), out = tiles * 16;
+  TORCH_CHECK(xq.dim() == 2 && xq.size(1) == in && xq.scalar_type() == at::kChar && xq.is_contiguous(),
+              "xq must be a contiguous int8 (rows, ", in, ") tensor");
+  TORCH_CHECK(x_scale.numel() == rows && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous());
+  TORCH_CHECK(w_scale.numel() == out && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous());
+  auto xq_sum = xq.sum(-1, false, at::kInt).contiguous();
+  auto y = at::empty({rows, out}, x_scale.options());
+  const uint8_t* P = packed.data_ptr<uint8_t>();
+  const int8_t* X = xq.data_ptr<int8_t>();
+  const int32_t* XS = xq_sum.data_ptr<int32_t>();
+  const float *SX = x_scale.data_ptr<float>(), *SW = w_scale.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+#define CALL(M) int8x8_tile<M>(P + t * in * 16, X + r0 * in, in, XS + r0, SX + r0, SW + t * 16, Y + r0 * out + t * 16, out)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+at::Tensor gemv_int4x8(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& xq,
+                       const at::Tensor& xs, const at::Tensor& xsum, int64_t group) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1) * 8, rows = xq.size(0), out = tiles * 16;
+  TORCH_CHECK(group % 32 == 0 && in % group == 0, "group must be a multiple of 32 that divides the input width");
+  const int64_t groups = in / group, blocks = in / 32;
+  TORCH_CHECK(scales.numel() == out * groups && zeros.numel() == out * groups && scales.is_contiguous() &&
+              zeros.is_contiguous() && scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(xq.dim() == 2 && xq.size(1) == in && xq.scalar_type() == at::kChar && xq.is_contiguous(),
+              "xq must be a contiguous int8 (rows, ", in, ") tensor");
+  TORCH_CHECK(xs.numel() == rows * blocks && xsum.numel() == rows * blocks && xs.is_contiguous() && xsum.is_contiguous() &&
+              xs.scalar_type() == at::kFloat && xsum.scalar_type() == at::kFloat);
+  auto y = at::empty({rows, out}, xs.options());
+  const uint8_t* P = packed.data_ptr<uint8_t>();
+  const uint16_t* S = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const uint16_t* Z = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
+  const float *XSC = xs.data_ptr<float>(), *XS = xsum.data_ptr<float>();
+  const int8_t* X = xq.data_ptr<int8_t>();
+  float* Y = y.data_ptr<float>();
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+#define CALL(M) int4x8_tile<M>(P + t * in * 8, S + t * groups * 16, Z + t * groups * 16, X + r0 * in, \
+                               XSC + r0 * blocks, XS + r0 * blocks, in, group, Y + r0 * out + t * 16, out)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+// ---- attention for a few queries (decode steps) --------------------------------------------------
+// PyTorch's CPU flash kernel spends ~50 us on one 12-head query against 256 cached keys (and a bf16
+// cache is upcast whole first); the products themselves are ~0.4 MFLOP. Per (batch row, KV head): the
+// scores of every query row of its query heads, a softmax, and the weighted sum of V, all in fp32.
+inline __m512 exp512(__m512 x) {  // Cephes expf: |relative error| < 2e-7 on [-87, 88]
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as at::BFloat16 does
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+
+// one query row: out = softmax(scale * q K^T over the allowed keys) V
+template <typename T, typename Q>
+void attend_row(const Q* q, const T* K, int64_t k_row, const T* V, int64_t v_row, int64_t keys, const bool* allowed,
+                int64_t limit, float scale, int64_t D, float* scores, Q* out) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  __m512 qv[16];  // D <= 256
+  for (int64_t d = 0; d < D; d += 16) qv[d / 16] = _mm512_mul_ps(load16(q + d), _mm512_set1_ps(scale));
+  float best = kMasked;
+  for (int64_t j = 0; j < keys; ++j) {
+    if (j >= limit || (allowed && !allowed[j])) {
+      scores[j] = kMasked;
+      continue;
+    }
+    const T* kj = K + j * k_row;
+    __m512 acc = _mm512_mul_ps(qv[0], load16(kj));
+    for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(qv[d / 16], load16(kj + d), acc);
+    scores[j] = _mm512_reduce_add_ps(acc);
+    best = std::max(best, scores[j]);
+  }
+  __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(best), masked = _mm512_set1_ps(kMasked);
+  int64_t j = 0;
+  for (; j + 16 <= keys; j += 16) {
+    __m512 sv = _mm512_loadu_ps(scores + j);
+    __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, masked, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(sv, shift)));
+    _mm512_storeu_ps(scores + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  float sum = _mm512_reduce_add_ps(total);
+  for (; j < keys; ++j) {
+    scores[j] = scores[j] == kMasked ? 0.0f : std::exp(scores[j] - best);
+    sum += scores[j];
+  }
+  __m512 acc[16];
+  for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < keys; ++i) {
+    if (scores[i] == 0.0f) continue;
+    __m512 p = _mm512_set1_ps(scores[i]);
+    const T* vi = V + i * v_row;
+    for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_fmadd_ps(p, load16(vi + d), acc[d / 16]);
+  }
+  __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+  for (int64_t d = 0; d < D; d += 16) store16(out + d, _mm512_mul_ps(acc[d / 16], inv));
+}
+
+template <typename T, typename Q>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, bool causal,
+                    double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), keys = k.size(2);
+  const int64_t group = H / Hkv;
+  const Q* Qp = reinterpret_cast<const Q*>(q.data_ptr());
+  const T* Kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* Vp = reinterpret_cast<const T*>(v.data_ptr());
+  Q* Op = reinterpret_cast<Q*>(out.data_ptr());
+  const bool* Mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t mask_batch = mask.defined() && mask.size(0) > 1 ? L * keys : 0;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(keys);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, hk = task % Hkv;
+      const T* K = Kp + b * k.stride(0) + hk * k.stride(1);
+      const T* V = Vp + b * v.stride(0) + hk * v.stride(1);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t i = 0; i < L; ++i) {
+          const bool* allowed = Mp ? Mp + b * mask_batch + i * keys : nullptr;
+          const int64_t limit = causal ? keys - L + i + 1 : keys;
+          attend_row<T, Q>(Qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), K, k.stride(2), V, v.stride(2), keys,
+                           allowed, limit, static_cast<float>(scale), D, scores.data(),
+                           Op + ((b * H + h) * L + i) * D);
+        }
+    }
+  });
+}
+
+// q (B, H, L, D), k / v (B, Hkv, keys, D) with unit stride in D; mask: undefined or bool (B|1, L, keys)
+at::Tensor small_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(3) % 16 == 0 && q.size(3) <= 256);
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the head dimension must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0);
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16));
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16);
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 3 && m.size(1) == q.size(2) && m.size(2) == k.size(2) &&
+                (m.size(0) == 1 || m.size(0) == q.size(0)), "mask must be bool (B|1, L, keys)");
+  }
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  const bool q32 = q.scalar_type() == at::kFloat, kv32 = k.scalar_type() == at::kFloat;
+  if (q32 && kv32) attention_impl<float, float>(q, k, v, m, causal, scale, out);
+  else if (q32) attention_impl<at::BFloat16, float>(q, k, v, m, causal, scale, out);
+  else if (kv32) attention_impl<float, at::BFloat16>(q, k, v, m, causal, scale, out);
+  else attention_impl<at::BFloat16, at::BFloat16>(q, k, v, m, causal, scale, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(neoformer_cpu, m) {
+  m.def("small_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> Tensor");
+  m.def("gemv_f32(Tensor packed, Tensor x) -> Tensor");
+  m.def("gemv_bf16(Tensor packed, Tensor x) -> Tensor");
+  m.def("gemv_int8(Tensor packed, Tensor scales, Tensor x) -> Tensor");
+  m.def("gemv_int8x8(Tensor packed, Tensor w_scale, Tensor xq, Tensor x_scale) -> Tensor");
+  m.def("gemv_int4x8(Tensor packed, Tensor scales, Tensor zeros, Tensor xq, Tensor xs, Tensor xsum, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(neoformer_cpu, CPU, m) {
+  m.impl("small_query_attention", &small_query_attention);
+  m.impl("gemv_f32", &gemv_f32);
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int8x8", &gemv_int8x8);
+  m.impl("gemv_int4x8", &gemv_int4x8);
+}

@@ -1,0 +1,81 @@
+"""The CPU kernels' copy of a quantized linear weight (int8, int8-dynamic, int4), for small batches.
+
+A :class:`KernelLayout` is built from a QuantizedLinear's stored tensors on its first small-batch forward;
+it holds the same values rearranged (ops.py), so the module drops the stored tensors it replaces and
+rebuilds them from the layout when they are needed again (prefill, saving, dequantizing): the weight is
+held once. Activations: ``int8`` keeps them fp32 (weight-only); ``int8-dynamic`` quantizes each row to
+int8 exactly as its prefill path does (the integer dot products are exact, so both agree);
+``int4`` quantizes them to int8 per block of 32 inputs for the VNNI dot products (llama.cpp's Q4_0
+decode does the same), which its tests and benchmark measure against fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import build, ops
+from .kernels import pack_nibbles, unpack_nibbles
+
+KERNEL_SCHEMES = ("int8", "int8-dynamic", "int4")
+
+
+def supported(scheme: str, in_features: int, group_size: int | None) -> bool:
+    if scheme == "int8":
+        return True
+    if scheme == "int8-dynamic":
+        return in_features % 16 == 0
+    return scheme == "int4" and group_size is not None and group_size % ops.ACT_BLOCK == 0 and in_features % group_size == 0
+
+
+class KernelLayout:
+    """One quantized weight in the kernels' layout; ``layout(x2)`` -> fp32 (rows, out)."""
+
+    def __init__(self, scheme: str, out_features: int, group_size: int | None, tensors: dict[str, torch.Tensor],
+                 replaces: tuple[str, ...]):
+        self.scheme, self.out_features, self.group_size = scheme, out_features, group_size
+        self.tensors, self.replaces = tensors, replaces
+
+    @classmethod
+    def build(cls, scheme: str, stored: dict[str, torch.Tensor], in_features: int,
+              group_size: int | None) -> "KernelLayout | None":
+        """None where the kernels cannot run here (not loaded, or this shape is not supported)."""
+        if scheme not in KERNEL_SCHEMES or not supported(scheme, in_features, group_size) or not build.load():
+            return None
+        q = stored["qweight"]
+        out = q.shape[0]
+        if scheme == "int8":
+            tiles, scales = ops.pack_int8(q, stored["scales"])
+            return cls(scheme, out, None, {"tiles": tiles, "scales": scales}, ("qweight",))
+        if scheme == "int8-dynamic":
+            tiles, scales = ops.pack_int8_vnni(q, stored["scales"])
+            return cls(scheme, out, None, {"tiles": tiles, "scales": scales}, ("qweight",))
+        tiles, scales, zeros = ops.pack_int4_vnni(unpack_nibbles(q), stored["scales"], stored["zeros"], group_size)
+        return cls(scheme, out, group_size, {"tiles": tiles, "scales": scales, "zeros": zeros},
+                   ("qweight", "scales", "zeros"))
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The stored tensors this layout replaces, rebuilt bit for bit."""
+        t, out = self.tensors, self.out_features
+        if self.scheme == "int8":
+            return {"qweight": ops.dense_int8(t["tiles"], out)}
+        if self.scheme == "int8-dynamic":
+            return {"qweight": ops.dense_int8_vnni(t["tiles"], out)}
+        return {"qweight": pack_nibbles(ops.codes_int4_vnni(t["tiles"], out)),
+                "scales": ops.untile_groups(t["scales"], out), "zeros": ops.untile_groups(t["zeros"], out)}
+
+    def __call__(self, x2: torch.Tensor, quantize_rows=None) -> torch.Tensor:
+        """x2 (rows, in) -> fp32 (rows, out). ``quantize_rows``: the int8-dynamic scheme's activation
+        quantizer (quantize/kernels.py), so both of its paths quantize alike."""
+        t = self.tensors
+        if self.scheme == "int8":
+            y = ops.gemv_int8(t["tiles"], t["scales"], x2.float().contiguous())
+        elif self.scheme == "int8-dynamic":
+            xq, x_scale = quantize_rows(x2)
+            y = ops.gemv_int8_vnni(t["tiles"], t["scales"], xq.contiguous(), x_scale)
+        else:
+            y = ops.gemv_int4_vnni(t["tiles"], t["scales"], t["zeros"], x2.float().contiguous(), self.group_size)
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """int4: the (out, in) weight in ``dtype`` straight from the layout (prefill: one GEMM)."""
+        t = self.tensors
+        return ops.dense_int4_vnni(t["tiles"], t["scales"], t["zeros"], self.out_features, dtype)
