@@ -82,12 +82,12 @@ def quality(model, reference_logits, batches):
 
 
 def decode_rate(model, prompt, tokens, compile=False):
+    """Decode tokens/s of greedy batch-1 generation (the engine's decode timer: prefill excluded, as
+    llama-bench's tg figure excludes it)."""
     with torch.inference_mode():
-        generate(model, [prompt], max_new_tokens=2, eos_token_id=[], compile=compile)  # warm: int4 packs, compiles
-        start = time.perf_counter()
-        out = generate(model, [prompt], max_new_tokens=tokens, eos_token_id=[], compile=compile)
-        elapsed = time.perf_counter() - start
-    return (out.shape[1] - len(prompt)) / elapsed
+        generate(model, [prompt], max_new_tokens=2, eos_token_id=[], compile=compile)  # warm: layouts, compiles
+        out = generate(model, [prompt], max_new_tokens=tokens, eos_token_id=[], compile=compile, return_dict=True)
+    return (out.sequences.shape[1] - len(prompt) - 1) / out.stats["decode_s"]
 
 
 def prefill_ms(model, vocab, batch=16):
@@ -170,7 +170,8 @@ def teacher_section(args, work):
               f"{statistics.median(prefill[name]):7.1f} [{min(prefill[name]):.1f}-{max(prefill[name]):.1f}]")
 
 
-BIG_VARIANTS = [("int8", None, ("lm_head", "embed")), ("int8", None, ()), ("int4", 64, ()), ("nf4", 64, ())]
+BIG_VARIANTS = [("int8", None, ("lm_head", "embed")), ("int8", None, ()), ("int8-dynamic", None, ()), ("int4", 64, ()),
+                ("nf4", 64, ())]
 GGUF_OF = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0", "fp32": None}  # llama.cpp's counterpart of each
 
 
@@ -200,7 +201,7 @@ def big_section(args, work):
         for t in threads:
             torch.set_num_threads(t)
             for name, m in models.items():
-                rates[(name, t)].append(decode_rate(m, [1, 2, 3, 4], tokens))
+                rates[(name, t)].append(decode_rate(m, [1, 2, 3, 4], tokens, compile=args.compile))
             for name, gguf in ggufs.items():
                 rates[(name, t)].append(llama_bench(args.binaries, gguf, threads=t, tokens=tokens))
         torch.set_num_threads(1)
@@ -209,7 +210,7 @@ def big_section(args, work):
         for name, gguf in ggufs.items():
             prefill[name].append(llama_bench(args.binaries, gguf, threads=1, prompt=128))
     print(f"\nrandom 162M Llama-shaped ({sum(p.numel() for p in models['fp32'].parameters()):,} parameters), speed only; "
-          f"decode: batch 1, {tokens} new tokens, tokens/s median [min-max] over {rounds} rounds (llama.cpp: "
+          f"decode ({'compiled' if args.compile else 'eager'}): batch 1, {tokens} new tokens, tokens/s median [min-max] over {rounds} rounds (llama.cpp: "
           "llama-bench -n, mean of each round); prefill: tokens/s of 4 x 128 tokens (ours) / one 128-token batch "
           "(llama-bench -p 128), 1 thread; 'all': the token embedding and the LM head are quantized too")
     base = {t: statistics.median(rates[("fp32", t)]) for t in threads}
@@ -258,6 +259,7 @@ def main():
     parser.add_argument("--big", action="store_true", help="add the random 162M model (speed only)")
     parser.add_argument("--big-only", action="store_true", help="only the 162M model")
     parser.add_argument("--big-threads", type=int, choices=(1, 2), default=1, help="threads for the 162M model")
+    parser.add_argument("--compile", action="store_true", help="162M: decode with the compiled step (compile=True)")
     parser.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's build/bin (make llama-cpp): llama-bench on "
                         "the 162M model's weights as GGUF F32 / Q8_0 / Q4_0, side by side")
     args = parser.parse_args()

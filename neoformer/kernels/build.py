@@ -20,7 +20,8 @@ import torch
 SOURCE = Path(__file__).with_name("gemv_cpu.cpp")
 # the instruction sets the kernels use; checked against /proc/cpuinfo before building or loading
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma")
+# the bf16 kernel also needs avx512_bf16 (has_bf16); the library is built with it and that kernel is not called without
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mfma")
 LIBRARY = "neoformer_cpu"  # the torch.ops namespace the C++ file registers
 
 _state: dict = {"loaded": None, "reason": None}
@@ -84,6 +85,11 @@ def load(verbose: bool = False) -> bool:
             warnings.warn(f"neoformer CPU kernels unavailable: {reason}", stacklevel=2)
     _state.update(loaded=reason is None, reason=reason)
     return reason is None
+
+
+def has_bf16() -> bool:
+    """The bf16 kernel runs here (AVX512-BF16); bf16 weights stay unpacked elsewhere."""
+    return "avx512_bf16" in cpu_flags()
 
 
 def unavailable_reason() -> str | None:

@@ -9,7 +9,7 @@
 //
 // Layouts (R = rows per tile; `out` is padded to a multiple of R with zero rows; ops.py packs them):
 //   f32     R = 16  float  [out/16][in][16]
-//   bf16    R = 32  bf16   [out/32][in][32]
+//   bf16    R = 32  bf16   [out/32][in/2][32][2]     two columns of a row per 32-bit lane; bf16 activations
 //   int8    R = 32  int8   [out/32][in][32]          w = q * scale[row]; fp32 activations (weight-only)
 //   int8x8  R = 16  uint8  [out/16][in/4][16][4]     q + 128, four inputs of a row per 32-bit lane (VNNI);
 //                                                    int8 activations with one scale per row of x
@@ -73,25 +73,63 @@ void pair_tile(Load load, const float* x, int64_t in, float* y, int64_t ldy, con
   }
 }
 
+// ---- bf16 x bf16 pairs (AVX512-BF16), R = 32 rows x 2 columns per 128 bytes ---------------------------
+// vdpbf16ps adds two exact bf16 x bf16 products per fp32 lane: lane r holds (w[r][k], w[r][k + 1]) and
+// the activations are bf16 pairs (a bf16 model's activations are bf16 already). Half the instructions of
+// upcasting to fp32 FMAs, which matters once several rows share a pass (speculative verification).
+template <int M>
+void bf16_tile(const uint16_t* tile, const uint32_t* x_pairs, int64_t pairs, float* y, int64_t ldy) {
+  __m512 lo[M], hi[M];
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < pairs; ++k) {
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + 64 * k), w1 = (__m512bh)_mm512_loadu_si512(tile + 64 * k + 32);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x_pairs[m * pairs + k]));
+      lo[m] = _mm512_dpbf16_ps(lo[m], w0, xv);
+      hi[m] = _mm512_dpbf16_ps(hi[m], w1, xv);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(y + m * ldy, lo[m]);
+    _mm512_storeu_ps(y + m * ldy + 16, hi[m]);
+  }
+}
+
 // ---- int8 x int8 (VNNI), R = 16 rows x 4 columns per 64-byte vector ---------------------------------
 // vpdpbusd multiplies unsigned by signed bytes, so the weight is stored as q + 128 (uint8) and the
 // activations stay signed: sum((q + 128) * xq) = sum(q * xq) + 128 * sum(xq), corrected per row of x.
 template <int M>
 void int8x8_tile(const uint8_t* tile, const int8_t* xq, int64_t in, const int32_t* xq_sum, const float* x_scale,
                  const float* w_scale, float* y, int64_t ldy) {
-  __m512i acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < in; k += 4) {
+  // integer sums are exact in any order: a few rows get several accumulators (vpdpbusd latency) and stay
+  // bit-identical to the one-accumulator sums of larger batches
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  __m512i acc[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 4 * U <= in; k += 4 * U)
+    for (int u = 0; u < U; ++u) {
+      __m512i w = _mm512_loadu_si512(tile + 16 * (k + 4 * u));
+      for (int m = 0; m < M; ++m) {
+        int32_t four;
+        std::memcpy(&four, xq + m * in + k + 4 * u, 4);
+        acc[m][u] = _mm512_dpbusd_epi32(acc[m][u], w, _mm512_set1_epi32(four));
+      }
+    }
+  for (; k < in; k += 4) {
     __m512i w = _mm512_loadu_si512(tile + 16 * k);
     for (int m = 0; m < M; ++m) {
       int32_t four;
       std::memcpy(&four, xq + m * in + k, 4);
-      acc[m] = _mm512_dpbusd_epi32(acc[m], w, _mm512_set1_epi32(four));
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w, _mm512_set1_epi32(four));
     }
   }
   __m512 ws = _mm512_loadu_ps(w_scale);
   for (int m = 0; m < M; ++m) {
-    __m512i exact = _mm512_sub_epi32(acc[m], _mm512_set1_epi32(128 * xq_sum[m]));
+    __m512i sum = acc[m][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, acc[m][u]);
+    __m512i exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * xq_sum[m]));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(x_scale[m]));
     _mm512_storeu_ps(y + m * ldy, _mm512_mul_ps(v, ws));
   }
@@ -111,17 +149,23 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
   __m512 out[M];
   for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    __m512i acc_lo[M], acc_hi[M];  // two dependency chains per row (vpdpbusd latency)
-    for (int m = 0; m < M; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
-    for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; k += 8) {
-      __m512i v = _mm512_loadu_si512(tile + 8 * k);  // 16 rows x 8 columns
-      __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-      for (int m = 0; m < M; ++m) {
-        int32_t x0, x1;
-        std::memcpy(&x0, xq + m * in + k, 4);
-        std::memcpy(&x1, xq + m * in + k + 4, 4);
-        acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], lo, _mm512_set1_epi32(x0));
-        acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], hi, _mm512_set1_epi32(x1));
+    // integer sums: exact in any order, so small batches split them over more dependency chains
+    constexpr int U = M <= 2 ? 2 : 1;
+    __m512i acc_lo[M][U], acc_hi[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc_lo[m][u] = acc_hi[m][u] = _mm512_setzero_si512();
+    for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = k + 8 * u;
+        __m512i v = _mm512_loadu_si512(tile + 8 * c);  // 16 rows x 8 columns
+        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < M; ++m) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xq + m * in + c, 4);
+          std::memcpy(&x1, xq + m * in + c + 4, 4);
+          acc_lo[m][u] = _mm512_dpbusd_epi32(acc_lo[m][u], lo, _mm512_set1_epi32(x0));
+          acc_hi[m][u] = _mm512_dpbusd_epi32(acc_hi[m][u], hi, _mm512_set1_epi32(x1));
+        }
       }
     }
     const int64_t g = blk / per_group;
@@ -131,7 +175,9 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
                                  bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + 16 * g))));
     for (int m = 0; m < M; ++m) {
       __m512 scale = _mm512_set1_ps(xs[m * blocks + blk]);
-      __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc_lo[m], acc_hi[m])), scale);
+      __m512i sum = _mm512_add_epi32(acc_lo[m][0], acc_hi[m][0]);
+      for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, _mm512_add_epi32(acc_lo[m][u], acc_hi[m][u]));
+      __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
       out[m] = _mm512_fmadd_ps(ag, dot, out[m]);
       out[m] = _mm512_fmadd_ps(bg, _mm512_set1_ps(xs[m * blocks + blk] * xsum[m * blocks + blk]), out[m]);
     }
@@ -184,21 +230,16 @@ at::Tensor gemv_f32(const at::Tensor& packed, const at::Tensor& x) {
 }
 
 at::Tensor gemv_bf16(const at::Tensor& packed, const at::Tensor& x) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous());
-  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 32;
-  check_x(x, in);
-  auto y = at::empty({rows, out}, x.options());
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), pairs = packed.size(1), in = pairs * 2, rows = x.size(0), out = tiles * 32;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bfloat16 (rows, ", in, ") tensor");
+  auto y = at::empty({rows, out}, x.options().dtype(at::kFloat));
   const uint16_t* P = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  const float* X = x.data_ptr<float>();
+  const uint32_t* X = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
   float* Y = y.data_ptr<float>();
   for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
-    const uint16_t* tile = P + t * in * 32;
-    auto load = [tile](int64_t k, __m512& w0, __m512& w1) {
-      const __m256i* p = reinterpret_cast<const __m256i*>(tile + 32 * k);
-      w0 = bf16_to_f32(_mm256_loadu_si256(p));
-      w1 = bf16_to_f32(_mm256_loadu_si256(p + 1));
-    };
-#define CALL(M) pair_tile<M>(load, X + r0 * in, in, Y + r0 * out + t * 32, out, nullptr)
+#define CALL(M) bf16_tile<M>(P + t * pairs * 64, X + r0 * pairs, pairs, Y + r0 * out + t * 32, out)
     NEOFORMER_DISPATCH_ROWS(m, CALL)
 #undef CALL
   });

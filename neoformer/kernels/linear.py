@@ -44,7 +44,7 @@ class TiledLinear(nn.Module):
         if rows > KERNEL_ROWS or x.requires_grad or x.device.type != "cpu":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        y = gemv_float(self.tiles, x.reshape(rows, self.in_features).float().contiguous())
+        y = gemv_float(self.tiles, x.reshape(rows, self.in_features))
         if y.shape[1] != self.out_features:
             y = y[:, :self.out_features]
         if self.bias is not None:
@@ -75,13 +75,15 @@ class TiledLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap the model's fp32 / bf16 nn.Linear modules (CPU) for TiledLinear, in place; returns how many.
+    """Swap the model's fp32 / bf16 nn.Linear modules (CPU) for TiledLinear, in place; returns how many
+    (bf16 ones where the CPU has AVX512-BF16).
     Does nothing (0) when the kernels cannot load here (``build.unavailable_reason()`` says why)."""
     if not build.load():
         return 0
+    dtypes = (torch.float32, torch.bfloat16) if build.has_bf16() else (torch.float32,)
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and m.weight.device.type == "cpu"
-               and m.weight.dtype in (torch.float32, torch.bfloat16)]
+               if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in dtypes
+               and (m.weight.dtype != torch.bfloat16 or m.in_features % 2 == 0)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, TiledLinear.from_linear(linear))

@@ -34,21 +34,29 @@ def _pad(v: torch.Tensor, rows: int) -> torch.Tensor:
 
 # ---- float weights -------------------------------------------------------------------------------
 def pack_float(w: torch.Tensor) -> torch.Tensor:
-    """fp32 -> fp32 tiles of 16 rows; bf16 -> bf16 tiles of 32 rows (other dtypes: fp32)."""
-    if w.dtype == torch.bfloat16:
-        return _tile(w, BF16_TILE)
-    return _tile(w.float(), F32_TILE)
+    """fp32 -> fp32 tiles (out/16, in, 16); bf16 -> bf16 tiles of 32 rows x 2 columns (out/32, in/2, 64)."""
+    if w.dtype != torch.bfloat16:
+        return _tile(w.float(), F32_TILE)
+    if w.shape[1] % 2:
+        raise ValueError(f"the bf16 kernel needs an even input width (got {w.shape[1]})")
+    w = _pad(w, BF16_TILE)
+    out, n_in = w.shape
+    return w.view(out // 32, 32, n_in // 2, 2).permute(0, 2, 1, 3).reshape(out // 32, n_in // 2, 64).contiguous()
 
 
 def dense_float(tiles: torch.Tensor, out: int) -> torch.Tensor:
-    return _untile(tiles, out)
+    if tiles.dtype != torch.bfloat16:
+        return _untile(tiles, out)
+    t, pairs, _ = tiles.shape
+    return tiles.view(t, pairs, 32, 2).permute(0, 2, 1, 3).reshape(t * 32, pairs * 2)[:out]
 
 
 def gemv_float(tiles: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) fp32 -> (rows, out_padded) fp32; each product in fp32, weights exactly as stored."""
+    """x (rows, in) -> fp32 (rows, out_padded); fp32 tiles take fp32 x, bf16 tiles bf16 x (exact products,
+    fp32 sums)."""
     if tiles.dtype == torch.bfloat16:
-        return torch.ops.neoformer_cpu.gemv_bf16(tiles, x)
-    return torch.ops.neoformer_cpu.gemv_f32(tiles, x)
+        return torch.ops.neoformer_cpu.gemv_bf16(tiles, x.to(torch.bfloat16).contiguous())
+    return torch.ops.neoformer_cpu.gemv_f32(tiles, x.float().contiguous())
 
 
 # ---- int8 weight-only: per output row scale, fp32 activations ---------------------------------------------

@@ -190,7 +190,7 @@ class QuantizedLinear(nn.Module):
             return K.int8_dynamic_linear(x2, self.packed())
         if self.scheme == "int4":
             return self._int4_forward(x2)
-        bnb = _bitsandbytes()  # nf4
+        bnb = None if torch.compiler.is_compiling() else _bitsandbytes()  # nf4 (bitsandbytes' op does not trace)
         if bnb is None:
             return F.linear(x2, self.dequantize(x2.dtype))
         return bnb.matmul_4bit(x2, self.qweight.reshape(-1, 1).t(), quant_state=self._bnb_state())
