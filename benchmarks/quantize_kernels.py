@@ -5,7 +5,9 @@
 Times every candidate for 768x768 and 768x2048 (in x out) weights, interleaved over rounds, and
 prints microseconds per call (median, with min-max) and the ratio to fp32 F.linear.
 Candidates: pure-PyTorch dequantize+matmul (the reference), torch's own packed ops
-(_weight_int8pack_mm, _weight_int4pack_mm_for_cpu, _int_mm), bitsandbytes and torchao.
+(_weight_int8pack_mm, _weight_int4pack_mm_for_cpu, _int_mm), neoformer's CPU kernels (neoformer/kernels,
+through TiledLinear / QuantizedLinear: up to 16 rows the kernel, beyond that the GEMM path), bitsandbytes
+and torchao.
 """
 from __future__ import annotations
 
@@ -47,6 +49,24 @@ def candidates(w: torch.Tensor, dtype: torch.dtype):
         if K.int4_cpu_layout_holds(packed, i4):  # prefill: the kernel layout block-dequantized, one GEMM
             out[f"int4 g{g} kernel layout -> {dtype_name(dtype)} blocks + GEMM"] = (
                 "int4", lambda x, p=packed, i4=i4: K.int4_cpu_gemm(x, p, i4.scales, i4.zeros, i4.group_size))
+    from neoformer.kernels import TiledLinear, build
+
+    if build.load():  # neoformer's CPU kernels, through the modules that use them (eager: one op call each)
+        from neoformer.quantize import QuantizedLinear
+
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        layer.weight.data.copy_(w)
+        out["fp32 neoformer tiled kernel"] = ("float", TiledLinear.from_linear(layer))
+        if build.has_bf16():
+            bf16 = TiledLinear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(torch.bfloat16))
+            bf16.load_state_dict({"weight": wb})
+            out["bf16 neoformer tiled kernel"] = ("float", lambda x, m=bf16: m(x.to(torch.bfloat16)))
+        for scheme, group in (("int8", None), ("int8-dynamic", None), ("int4", 64)):
+            q = QuantizedLinear.from_linear(layer, scheme, group)
+            q.prepare_small_batches()
+            out[f"{scheme}{f' g{group}' if group else ''} neoformer kernel (QuantizedLinear)"] = (scheme, q)
+    else:
+        print(f"neoformer CPU kernels: {build.unavailable_reason()}")
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as BF

@@ -75,7 +75,19 @@ def test_int4_vnni_kernel_matches_its_float64_arithmetic(group, rows):
     assert _relative(y, x.double() @ K.dequantize_int4(q, torch.float64).t()) < 2e-2
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int8x8", "int4x8"])
+@pytest.mark.parametrize("rows", [1, 3, 10])
+def test_nf4_kernel_matches_float64(rows):
+    torch.manual_seed(7)
+    q = K.quantize_nf4(torch.randn(48, 128), 64)
+    x = torch.randn(rows, 128)
+    codes = K.unpack_nibbles(q.qweight)
+    tiles, absmax = ops.pack_nf4(codes, q.absmax)
+    y = ops.gemv_nf4(tiles, absmax, x, 64)[:, :48]
+    assert _relative(y, x.double() @ K.dequantize_nf4(q, torch.float64).t()) < 1e-6
+    assert torch.equal(ops.codes_nf4(tiles, 48), codes) and torch.equal(ops.untile_groups(absmax, 48), q.absmax)
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int8x8", "int4x8", "nf4"])
 def test_each_row_is_computed_the_same_whatever_the_batch(kind):
     """Batch invariance: a row's result does not depend on how many rows share the call (serving, speculation)."""
     torch.manual_seed(4)
@@ -84,11 +96,14 @@ def test_each_row_is_computed_the_same_whatever_the_batch(kind):
     t8, s8 = ops.pack_int8(q8.qweight, q8.scales)
     v8, vs8 = ops.pack_int8_vnni(q8.qweight, q8.scales)
     t4 = ops.pack_int4_vnni(K.unpack_nibbles(q4.qweight), q4.scales, q4.zeros, 32)
+    n4 = K.quantize_nf4(w, 32)
+    tn = ops.pack_nf4(K.unpack_nibbles(n4.qweight), n4.absmax)
     run = {"f32": lambda x: ops.gemv_float(ops.pack_float(w), x),
            "bf16": lambda x: ops.gemv_float(ops.pack_float(w.bfloat16()), x),
            "int8": lambda x: ops.gemv_int8(t8, s8, x),
            "int8x8": lambda x: ops.gemv_int8_vnni(v8, vs8, *K.quantize_rows_int8(x)),
-           "int4x8": lambda x: ops.gemv_int4_vnni(*t4, x, 32)}[kind]
+           "int4x8": lambda x: ops.gemv_int4_vnni(*t4, x, 32),
+           "nf4": lambda x: ops.gemv_nf4(*tn, x, 32)}[kind]
     x = torch.randn(13, 64)
     whole = run(x)
     for i in (0, 7, 12):
@@ -166,7 +181,7 @@ def test_pack_linears_does_nothing_without_the_kernels(monkeypatch):
     assert pack_linears(model) == 0 and not any(isinstance(m, TiledLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4", "nf4"])
 def test_quantized_decode_runs_the_kernels_and_generates_as_the_reference(scheme):
     """A prompt longer than the kernel's row limit: prefill takes the GEMM path, decoding the kernels; the
     tokens equal those of a cache-free greedy loop through the dequantize-then-F.linear reference."""

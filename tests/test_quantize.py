@@ -117,7 +117,7 @@ def test_int4_prefill_gemm_on_the_kernel_layout_matches_the_float64_reference(wi
 
 
 @pytest.mark.parametrize("kernels", [True, False])
-@pytest.mark.parametrize("scheme, out", [("int4", 128), ("int4", 96), ("int8", 96), ("int8-dynamic", 80)])
+@pytest.mark.parametrize("scheme, out", [("int4", 128), ("int4", 96), ("int8", 96), ("int8-dynamic", 80), ("nf4", 80)])
 def test_a_kernel_layout_holds_the_weight_once_and_gives_the_stored_bytes_back(scheme, out, kernels, monkeypatch):
     """Whichever kernel takes the weight over (neoformer's, or PyTorch's int4 layout without them), the stored
     tensors it replaces are dropped and come back bit for bit in state_dict, dequantize and the prefill path."""
@@ -128,7 +128,7 @@ def test_a_kernel_layout_holds_the_weight_once_and_gives_the_stored_bytes_back(s
     elif not build.load():
         pytest.skip(f"neoformer's CPU kernels cannot load here: {build.unavailable_reason()}")
     torch.manual_seed(3)
-    group = 64 if scheme == "int4" else None
+    group = 64 if scheme in ("int4", "nf4") else None
     q = QuantizedLinear.from_linear(torch.nn.Linear(128, out), scheme, group)
     stored = {k: v.clone() for k, v in q.state_dict().items()}
     dense = q.dequantize()

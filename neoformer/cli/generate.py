@@ -69,6 +69,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: drops to 1 while another process keeps the CPU busy)")
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    c.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="keep PyTorch's matmuls on CPU (by default the linear layers move to neoformer's decode "
+                        "kernels where the CPU has AVX-512; see docs/generation.md)")
     c.add_argument("--onnx", action="store_true",
                    help="CHECKPOINT is a `neoformer export --format onnx` folder: greedy decoding with onnxruntime")
     c.add_argument("--quantize", metavar="SCHEME", help="quantize on load: int8 | int8-dynamic | nf4 | int4 "
@@ -95,7 +98,7 @@ def _options(args) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _load(path: str, device, dtype, quantize: str | None = None):
+def _load(path: str, device, dtype, quantize: str | None = None, cpu_kernels: bool = True):
     import torch
 
     from .. import kinds as model_kinds
@@ -107,6 +110,10 @@ def _load(path: str, device, dtype, quantize: str | None = None):
         from ..quantize import quantize_model
 
         model = quantize_model(model, quantize)
+    if cpu_kernels:  # the float linears left (quantized ones pick the kernels themselves)
+        from ..kernels import pack_linears
+
+        pack_linears(model)  # CPU fp32 / bf16 nn.Linear only; nothing where the kernels cannot load
     return model, tokenizer
 
 
@@ -174,10 +181,10 @@ def run(args) -> int:
         return _run_onnx(args, prompts)
     opts = _options(args)
     device = resolve_device(args.device) if args.device else None
-    model, tokenizer = _load(args.checkpoint, device, args.dtype, args.quantize)
+    model, tokenizer = _load(args.checkpoint, device, args.dtype, args.quantize, args.cpu_kernels)
     draft = None
     if args.draft:
-        draft, draft_tokenizer = _load(args.draft, device, args.dtype)
+        draft, draft_tokenizer = _load(args.draft, device, args.dtype, cpu_kernels=args.cpu_kernels)
         _check_draft_tokenizer(tokenizer, draft_tokenizer, args)
     notes: list[str] = []  # thread-tuner notes, printed after the text rather than inside it
     tuner = apply_threads(args.threads, next(model.parameters()).device.type, notes.append)

@@ -13,6 +13,8 @@
 //   int8    R = 32  int8   [out/32][in][32]          w = q * scale[row]; fp32 activations (weight-only)
 //   int8x8  R = 16  uint8  [out/16][in/4][16][4]     q + 128, four inputs of a row per 32-bit lane (VNNI);
 //                                                    int8 activations with one scale per row of x
+//   nf4     R = 32  uint8  [out/32][in][16]          byte j: row j (low nibble), row j + 16 (high);
+//                                                    w = NF4[q] * absmax per group (fp32, tiled [out/32][in/group][32])
 //   int4x8  R = 16  uint8  [out/16][in/8][16][4]     a lane's low nibbles: inputs k..k+3, high: k+4..k+7;
 //                                                    w = (q - 8) * scale + zero per group (bf16, tiled
 //                                                    [out/16][in/group][16]); int8 activations per block of 32
@@ -185,6 +187,46 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, out[m]);
 }
 
+// ---- nf4 (weight-only), R = 32 rows, 16 bytes per column --------------------------------------------
+// byte j of a column: row j (low nibble), row j + 16 (high nibble). The 16 NF4 levels sit in one register
+// and vpermps looks 16 codes up at once; fp32 activations, sums per group, then times the group's absmax.
+const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+template <int M>
+void nf4_tile(const uint8_t* tile, const float* absmax, const float* x, int64_t in, int64_t group, float* y,
+              int64_t ldy) {
+  const __m512 levels = _mm512_loadu_ps(kNF4);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m512 out_lo[M], out_hi[M];
+  for (int m = 0; m < M; ++m) out_lo[m] = out_hi[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < in / group; ++g) {
+    __m512 lo[M], hi[M];
+    for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16 * k));
+      __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, nibble)), levels);
+      __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), nibble)), levels);
+      for (int m = 0; m < M; ++m) {
+        __m512 xv = _mm512_set1_ps(x[m * in + k]);
+        lo[m] = _mm512_fmadd_ps(w0, xv, lo[m]);
+        hi[m] = _mm512_fmadd_ps(w1, xv, hi[m]);
+      }
+    }
+    __m512 a0 = _mm512_loadu_ps(absmax + 32 * g), a1 = _mm512_loadu_ps(absmax + 32 * g + 16);
+    for (int m = 0; m < M; ++m) {
+      out_lo[m] = _mm512_fmadd_ps(a0, lo[m], out_lo[m]);
+      out_hi[m] = _mm512_fmadd_ps(a1, hi[m], out_hi[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(y + m * ldy, out_lo[m]);
+    _mm512_storeu_ps(y + m * ldy + 16, out_hi[m]);
+  }
+}
+
 // ---- dispatch over tiles (threads) and row blocks -------------------------------------------------
 template <typename TileFn>
 void for_tiles(int64_t tiles, int64_t rows, TileFn fn) {
@@ -315,6 +357,25 @@ at::Tensor gemv_int4x8(const at::Tensor& packed, const at::Tensor& scales, const
   for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
 #define CALL(M) int4x8_tile<M>(P + t * in * 8, S + t * groups * 16, Z + t * groups * 16, X + r0 * in, \
                                XSC + r0 * blocks, XS + r0 * blocks, in, group, Y + r0 * out + t * 16, out)
+    NEOFORMER_DISPATCH_ROWS(m, CALL)
+#undef CALL
+  });
+  return y;
+}
+
+at::Tensor gemv_nf4(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& x, int64_t group) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 16 && packed.scalar_type() == at::kByte && packed.is_contiguous());
+  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 32;
+  TORCH_CHECK(group > 0 && in % group == 0, "group must divide the input width");
+  TORCH_CHECK(absmax.numel() == out * (in / group) && absmax.scalar_type() == at::kFloat && absmax.is_contiguous());
+  check_x(x, in);
+  auto y = at::empty({rows, out}, x.options());
+  const uint8_t* P = packed.data_ptr<uint8_t>();
+  const float *A = absmax.data_ptr<float>(), *X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t groups = in / group;
+  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
+#define CALL(M) nf4_tile<M>(P + t * in * 16, A + t * groups * 32, X + r0 * in, in, group, Y + r0 * out + t * 32, out)
     NEOFORMER_DISPATCH_ROWS(m, CALL)
 #undef CALL
   });
@@ -453,6 +514,7 @@ TORCH_LIBRARY(neoformer_cpu, m) {
   m.def("gemv_f32(Tensor packed, Tensor x) -> Tensor");
   m.def("gemv_bf16(Tensor packed, Tensor x) -> Tensor");
   m.def("gemv_int8(Tensor packed, Tensor scales, Tensor x) -> Tensor");
+  m.def("gemv_nf4(Tensor packed, Tensor absmax, Tensor x, int group) -> Tensor");
   m.def("gemv_int8x8(Tensor packed, Tensor w_scale, Tensor xq, Tensor x_scale) -> Tensor");
   m.def("gemv_int4x8(Tensor packed, Tensor scales, Tensor zeros, Tensor xq, Tensor xs, Tensor xsum, int group) -> Tensor");
 }
@@ -462,6 +524,7 @@ TORCH_LIBRARY_IMPL(neoformer_cpu, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_nf4", &gemv_nf4);
   m.impl("gemv_int8x8", &gemv_int8x8);
   m.impl("gemv_int4x8", &gemv_int4x8);
 }

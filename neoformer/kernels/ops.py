@@ -95,6 +95,25 @@ def gemv_int8_vnni(tiles: torch.Tensor, scales: torch.Tensor, xq: torch.Tensor, 
     return torch.ops.neoformer_cpu.gemv_int8x8(tiles, scales, xq, x_scale.reshape(-1))
 
 
+# ---- nf4 (weight-only): w = NF4[q] * absmax per group, fp32 activations --------------------------------------
+NF4_TILE = 32
+
+
+def pack_nf4(codes: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 (out, in) in [0, 15], absmax fp32 (out, in/group) -> (uint8 (out/32, in, 16): byte j of a
+    column holds row j (low nibble) and row j + 16 (high); absmax tiled (out/32, in/group, 32))."""
+    t = _tile(codes, NF4_TILE)  # (T, in, 32)
+    return (t[..., :16] | (t[..., 16:] << 4)).contiguous(), _tile(absmax.float(), NF4_TILE)
+
+
+def codes_nf4(tiles: torch.Tensor, out: int) -> torch.Tensor:
+    return _untile(torch.cat((tiles & 0x0F, tiles >> 4), dim=-1), out)
+
+
+def gemv_nf4(tiles: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.ops.neoformer_cpu.gemv_nf4(tiles, absmax, x.float().contiguous(), group)
+
+
 # ---- int4 x int8 (VNNI): w = (q - 8) * scale + zero per group, activations int8 per block of 32 -----------
 def pack_int4_vnni(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int):
     """codes uint8 (out, in) in [0, 15], bf16 scales / zeros (out, in/group) -> (uint8 (out/16, in/8, 64),
@@ -179,6 +198,8 @@ def register_fakes() -> None:
     torch.library.register_fake(lib + "gemv_f32")(rows_by(F32_TILE))
     torch.library.register_fake(lib + "gemv_bf16")(rows_by(BF16_TILE))
     torch.library.register_fake(lib + "gemv_int8")(rows_by(INT8_TILE))
+    torch.library.register_fake(lib + "gemv_nf4")(
+        lambda packed, absmax, x, group: x.new_empty((x.shape[0], packed.shape[0] * NF4_TILE)))
     torch.library.register_fake(lib + "gemv_int8x8")(
         lambda packed, w_scale, xq, x_scale: x_scale.new_empty((xq.shape[0], packed.shape[0] * VNNI_TILE)))
     torch.library.register_fake(lib + "small_query_attention")(lambda q, k, v, mask, causal, scale: torch.empty_like(q))

@@ -1,12 +1,13 @@
 """The CPU kernels' copy of a quantized linear weight (int8, int8-dynamic, int4), for small batches.
 
-A :class:`KernelLayout` is built from a QuantizedLinear's stored tensors on its first small-batch forward;
+Schemes: int8, int8-dynamic, int4, nf4. A :class:`KernelLayout` is built from a QuantizedLinear's stored tensors on its first small-batch forward;
 it holds the same values rearranged (ops.py), so the module drops the stored tensors it replaces and
 rebuilds them from the layout when they are needed again (prefill, saving, dequantizing): the weight is
 held once. Activations: ``int8`` keeps them fp32 (weight-only); ``int8-dynamic`` quantizes each row to
 int8 exactly as its prefill path does (the integer dot products are exact, so both agree);
 ``int4`` quantizes them to int8 per block of 32 inputs for the VNNI dot products (llama.cpp's Q4_0
-decode does the same), which its tests and benchmark measure against fp32.
+decode does the same), which its tests and benchmark measure against fp32; ``nf4`` keeps fp32
+activations and looks its 16 levels up in a register.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from ..kernels import build, ops
 from .kernels import pack_nibbles, unpack_nibbles
 
-KERNEL_SCHEMES = ("int8", "int8-dynamic", "int4")
+KERNEL_SCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
 
 
 def supported(scheme: str, in_features: int, group_size: int | None) -> bool:
@@ -23,6 +24,8 @@ def supported(scheme: str, in_features: int, group_size: int | None) -> bool:
         return True
     if scheme == "int8-dynamic":
         return in_features % 16 == 0
+    if scheme == "nf4":
+        return group_size is not None and in_features % group_size == 0
     return scheme == "int4" and group_size is not None and group_size % ops.ACT_BLOCK == 0 and in_features % group_size == 0
 
 
@@ -48,6 +51,9 @@ class KernelLayout:
         if scheme == "int8-dynamic":
             tiles, scales = ops.pack_int8_vnni(q, stored["scales"])
             return cls(scheme, out, None, {"tiles": tiles, "scales": scales}, ("qweight",))
+        if scheme == "nf4":
+            tiles, absmax = ops.pack_nf4(unpack_nibbles(q), stored["absmax"])
+            return cls(scheme, out, group_size, {"tiles": tiles, "absmax": absmax}, ("qweight", "absmax"))
         tiles, scales, zeros = ops.pack_int4_vnni(unpack_nibbles(q), stored["scales"], stored["zeros"], group_size)
         return cls(scheme, out, group_size, {"tiles": tiles, "scales": scales, "zeros": zeros},
                    ("qweight", "scales", "zeros"))
@@ -59,6 +65,8 @@ class KernelLayout:
             return {"qweight": ops.dense_int8(t["tiles"], out)}
         if self.scheme == "int8-dynamic":
             return {"qweight": ops.dense_int8_vnni(t["tiles"], out)}
+        if self.scheme == "nf4":
+            return {"qweight": pack_nibbles(ops.codes_nf4(t["tiles"], out)), "absmax": ops.untile_groups(t["absmax"], out)}
         return {"qweight": pack_nibbles(ops.codes_int4_vnni(t["tiles"], out)),
                 "scales": ops.untile_groups(t["scales"], out), "zeros": ops.untile_groups(t["zeros"], out)}
 
@@ -71,6 +79,8 @@ class KernelLayout:
         elif self.scheme == "int8-dynamic":
             xq, x_scale = quantize_rows(x2)
             y = ops.gemv_int8_vnni(t["tiles"], t["scales"], xq.contiguous(), x_scale)
+        elif self.scheme == "nf4":
+            y = ops.gemv_nf4(t["tiles"], t["absmax"], x2, self.group_size)
         else:
             y = ops.gemv_int4_vnni(t["tiles"], t["scales"], t["zeros"], x2.float().contiguous(), self.group_size)
         return y if y.shape[1] == self.out_features else y[:, :self.out_features]

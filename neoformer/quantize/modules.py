@@ -193,7 +193,8 @@ class QuantizedLinear(nn.Module):
         bnb = None if torch.compiler.is_compiling() else _bitsandbytes()  # nf4 (bitsandbytes' op does not trace)
         if bnb is None:
             return F.linear(x2, self.dequantize(x2.dtype))
-        return bnb.matmul_4bit(x2, self.qweight.reshape(-1, 1).t(), quant_state=self._bnb_state())
+        stored = self.stored()
+        return bnb.matmul_4bit(x2, stored["qweight"].reshape(-1, 1).t(), quant_state=self._bnb_state(stored["absmax"]))
 
     def prepare_small_batches(self) -> None:
         """Build the kernel layout now (the generation engine calls this before compiling a decode step, so the
@@ -231,11 +232,11 @@ class QuantizedLinear(nn.Module):
             return K.int4_cpu_gemm(xb, packed, self.scales, self.zeros, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scales_zeros)
 
-    def _bnb_state(self):
+    def _bnb_state(self, absmax: torch.Tensor):
         from bitsandbytes.functional import QuantState, get_4bit_type
 
-        device = self.qweight.device
-        return QuantState(absmax=self.absmax.reshape(-1), shape=torch.Size((self.out_features, self.in_features)),
+        device = absmax.device
+        return QuantState(absmax=absmax.reshape(-1), shape=torch.Size((self.out_features, self.in_features)),
                           code=get_4bit_type("nf4", device=device), blocksize=self.group_size,
                           quant_type="nf4", dtype=torch.float32)
 
