@@ -427,3 +427,20 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     monkeypatch.undo()
     assert resolve_checkpoint(run).name == "step-000001" and not list((run / "checkpoints").glob(".tmp-*"))
     load_model(run)
+
+
+def test_owned_reads_equal_the_mapped_tensors_and_refuse_a_short_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from neoformer.checkpoint.plain import _read_safetensors, read_owned_tensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randint(-128, 127, (7,), dtype=torch.int8),
+               "c": torch.randn(4).to(torch.bfloat16), "empty": torch.zeros(0, 2)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    mapped, _ = _read_safetensors(tmp_path / "w.safetensors")
+    owned = read_owned_tensors(tmp_path / "w.safetensors", list(tensors))
+    assert all(torch.equal(owned[k], mapped[k]) and owned[k].dtype == mapped[k].dtype for k in tensors)
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_owned_tensors(tmp_path / "short.safetensors", list(tensors))

@@ -175,6 +175,37 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_owned_tensors(path: Path, keys) -> dict[str, torch.Tensor]:
+    """Some tensors of a safetensors file read into the process's own memory with ordinary reads, not through
+    a file mapping: the touched pages of a mapping stay resident while any tensor keeps it open, so a weight
+    that is re-laid out on load (the CPU kernels' layouts) would otherwise be held twice."""
+    import json as json_module
+    import struct
+
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json_module.loads(f.read(header_len))
+            for key in keys:
+                entry = header[key]
+                begin, end = entry["data_offsets"]
+                f.seek(8 + header_len + begin)
+                data = bytearray(f.read(end - begin))
+                if len(data) != end - begin:
+                    raise ValueError(f"{key} is cut short")
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                out[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
+    return out
+
+
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool = True) -> None:
     """Load ``model.safetensors`` of a checkpoint into ``model``; shape or name mismatches raise CheckpointError."""
     path = resolve_checkpoint(checkpoint)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import WEIGHTS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, verify_checkpoint
+from ..checkpoint.plain import _read_safetensors, load_checkpoint_tokenizer, read_owned_tensors, verify_checkpoint
 from ..config import ConfigError, ModelConfig
 from ..model.weights import mark_like
 from .embedding import QuantizedEmbedding
@@ -133,9 +133,12 @@ def load_quantized_checkpoint(path, config: dict, *, device=None, dtype=None):
     except ConfigError as err:
         raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {err}") from None
     tensors, metadata = _read_safetensors(path / WEIGHTS)
-    if scheme == "int4":  # own memory, not pages of the file's mapping: int4 hands its stored bytes to the CPU
-        # kernel's layout, which frees them only if no other tensor keeps that (touched) mapping alive
-        tensors = {key: t.clone() for key, t in tensors.items()}
+    # the packed tensors in own memory, not as pages of the file's mapping: a CPU kernel layout takes them over on
+    # first use, and touched pages of the mapping stay resident while the float tensors keep it open (measured:
+    # int8 "all" on the 162M model, RSS growth 1.53x of its bytes through the mapping)
+    packed = [key for name in [*settings["modules"], *settings.get("embeddings", [])] for key in
+              (f"{name}.{stored}" for stored in STORED[scheme]) if key in tensors]
+    tensors.update(read_owned_tensors(path / WEIGHTS, packed))
     aliases = _resolve_aliases(tensors, metadata, path)
     modules = dict(model.named_modules())
     for name in settings["modules"]:
