@@ -9,6 +9,7 @@ every draft useless). This script is the one recipe they all reuse: a Llama-shap
     python benchmarks/teacher.py                 # train (or find) the "small" teacher, print its path
     python benchmarks/teacher.py --size base     # 15.7M (compression benchmark, serving's ~15M row)
     python benchmarks/teacher.py --size large    # 143.7M, a short run (serving, speculative decoding)
+    python benchmarks/teacher.py --size large-draft   # a 4-layer draft distilled from it (speculative decoding)
 
     sys.path.insert(0, "benchmarks"); from teacher import teacher_checkpoint
     ckpt = teacher_checkpoint("small")           # a checkpoint directory; trains on first use
@@ -98,13 +99,42 @@ def teacher_checkpoint(size: str = "small", *, threads: str = "auto", force: boo
     return out
 
 
+# Drafts for speculative decoding, made from a teacher by `neoformer compress` (the Nexus pipeline): a few of its
+# layers, a quarter of its width (PCA), pruned heads and FFN, then pure distillation (alpha 1, T 1: the draft
+# should propose what the target would say, not what the data says)
+DRAFTS: dict[str, dict] = {
+    "large-draft": {"teacher": "large", "flags": ["--layers", "keep=0,4,8,11", "--width", "0.25", "--heads", "4",
+                                                  "--kv-heads", "1", "--ffn-dim", "704", "--alpha", "1.0",
+                                                  "--temperature", "1.0", "--distill-steps", "300", "--lr", "2e-3",
+                                                  "--teacher-bf16", "--eval-every", "100", "--save-every", "100"]},
+}
+
+
+def draft_checkpoint(name: str = "large-draft", *, threads: str = "auto", force: bool = False) -> Path:
+    """A draft distilled from a cached teacher (run directory); compressed and distilled on first use."""
+    recipe = DRAFTS[name]
+    digest = hashlib.sha256(json.dumps({**recipe, "teacher_recipe": RECIPES[recipe["teacher"]]},
+                                       sort_keys=True).encode()).hexdigest()[:10]
+    out = cache_root() / f"{name}-{digest}"
+    if (out / "recipe.json").is_file() and not force:
+        return out
+    teacher = teacher_checkpoint(recipe["teacher"], threads=threads)
+    cmd = [sys.executable, "-m", "neoformer.cli", "compress", str(teacher), "--out", str(out), *recipe["flags"],
+           "--threads", threads, "--overwrite"]
+    print(f"distilling {name}: {' '.join(cmd)}", file=sys.stderr)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    (out / "recipe.json").write_text(json.dumps({"draft": name, **recipe}, indent=2) + "\n")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(RECIPES), default="small")
+    parser.add_argument("--size", choices=sorted(RECIPES) + sorted(DRAFTS), default="small")
     parser.add_argument("--threads", default="auto")
     parser.add_argument("--force", action="store_true", help="train again even if cached")
     args = parser.parse_args()
-    print(teacher_checkpoint(args.size, threads=args.threads, force=args.force))
+    make = draft_checkpoint if args.size in DRAFTS else teacher_checkpoint
+    print(make(args.size, threads=args.threads, force=args.force))
     return 0
 
 
