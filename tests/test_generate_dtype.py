@@ -63,3 +63,24 @@ def test_compiled_bf16_decode_and_no_recompiles_as_the_cache_grows(trained):
         expected = generate(half, prompt, max_new_tokens=n)
         assert torch.equal(generate(half, prompt, max_new_tokens=n, compile=True), expected)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_step_follows_a_model_that_changed_since(trained):
+    """The compiled step skips dynamo's guards on module attributes (its tensor guards stay, and the engine
+    compares a fingerprint of the model once per call): a model changed between calls -- new dtypes, new
+    values, swapped modules -- must never run a stale graph."""
+    model = copy.deepcopy(trained)
+    prompt = PATTERN[:4]
+    assert torch.equal(generate(model, prompt, max_new_tokens=12, compile=True), generate(model, prompt, max_new_tokens=12))
+    model.to(torch.bfloat16)  # same Parameter objects, new dtype
+    assert torch.equal(generate(model, prompt, max_new_tokens=12, compile=True), generate(model, prompt, max_new_tokens=12))
+    with torch.no_grad():  # new values in the same storage: read at call time, no recompile needed
+        for p in model.parameters():
+            p.mul_(0.5)
+    assert torch.equal(generate(model, prompt, max_new_tokens=12, compile=True), generate(model, prompt, max_new_tokens=12))
+    from neoformer.kernels import pack_linears
+
+    if pack_linears(model):  # modules swapped for others (dynamo's module guards are the ones skipped)
+        assert torch.equal(generate(model, prompt, max_new_tokens=12, compile=True),
+                           generate(model, prompt, max_new_tokens=12))

@@ -172,9 +172,9 @@ _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def model_fingerprint(model) -> tuple:
     """What a compiled step assumes of the model: train/eval modes, and each parameter's and buffer's dtype,
-    shape, device and storage. The compiled steps skip dynamo's per-call guards on the model's modules and
-    tensors (measured: 0.4-0.65 ms a token on the 162M model, a fifth of a 14M model's step); instead
-    this is compared once per generate call, and a changed model is compiled again."""
+    shape, device and storage. The compiled steps skip dynamo's per-call guards on module attributes
+    (measured: 0.65 -> 0.19 ms of guard evaluation a token on the 162M model; the tensor guards stay);
+    instead this is compared once per generate call, and a changed model is compiled again."""
     tensors = (*model.parameters(), *model.buffers())
     return (tuple(m.training for m in model.modules()),
             tuple((t.dtype, t.shape, t.device, t.data_ptr()) for t in tensors))
