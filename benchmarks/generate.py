@@ -412,19 +412,30 @@ def case_lookup(args):
 
 
 def case_spec_trained(args):
-    """Speculative decoding with trained models (benchmarks/teacher.py, same tokenizer): the 143.7M
-    `large` target with the 3.9M `small` and the 15.7M `base` teachers as drafts."""
-    from teacher import teacher_checkpoint
+    """Speculative decoding with trained models (benchmarks/teacher.py, same tokenizer): the 143.7M `large`
+    target with the 3.9M `small` and 15.7M `base` teachers as drafts, and with `large-draft`, a 4-layer draft
+    distilled from the target itself by `neoformer compress`. Weights in the first of --dtypes, linears on
+    neoformer's CPU kernels unless --no-kernels."""
+    import copy
+
+    from teacher import draft_checkpoint, teacher_checkpoint
 
     from neoformer.checkpoint import load_checkpoint
 
-    target, tok, _ = load_checkpoint(str(teacher_checkpoint("large")), dtype=torch.float32)
-    drafts = {size: load_checkpoint(str(teacher_checkpoint(size)), dtype=torch.float32)[0].eval()
-              for size in ("small", "base")}
-    speculative_tables(args, "Speculative decoding, trained 143.7M target", target.eval(),
+    dtype = DTYPES[args.dtypes[0]]
+    target, tok, _ = load_checkpoint(str(teacher_checkpoint("large")), dtype=dtype)
+    drafts = {size: load_checkpoint(str(teacher_checkpoint(size)), dtype=dtype)[0].eval() for size in ("small", "base")}
+    drafts["large-draft"] = load_checkpoint(str(draft_checkpoint("large-draft")), dtype=dtype)[0].eval()
+    if args.kernels:
+        for model in (target, *drafts.values()):
+            pack_linears(model)
+    params = {name: sum(p.numel() for p in copy.deepcopy(d).parameters()) + sum(
+        b.numel() for n, b in d.named_buffers() if n.endswith("tiles")) for name, d in drafts.items()}
+    kernels = "kernels" if args.kernels else "PyTorch ops"
+    speculative_tables(args, f"Speculative decoding, trained 143.7M target ({args.dtypes[0]}, {kernels})", target.eval(),
                        {"stdlib text": stdlib_excerpt(tok)}, 64,
-                       {f"{size} draft ({d.num_parameters() / 1e6:.1f}M), gamma {args.gamma}":
-                        dict(draft_model=d, num_draft_tokens=args.gamma) for size, d in drafts.items()})
+                       {f"{name} draft ({params[name] / 1e6:.1f}M), gamma {args.gamma}":
+                        dict(draft_model=d, num_draft_tokens=args.gamma) for name, d in drafts.items()})
 
 
 def main():

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from neoformer import ModelConfig, build_model
 from neoformer.data import CausalWindows, make_sampler, sequential_batches
@@ -73,15 +74,32 @@ MODERN = "llama+muon+qk_norm"  # what measurably helped here (BENCHMARKS.md keep
 
 
 def recipe(name: str) -> tuple[dict, dict]:
-    """Model and train fields of ``base+switch+...`` (``modern`` = MODERN)."""
-    base, *switches = (MODERN if name == "modern" else name).split("+")
-    if base not in RECIPES or any(s not in TWEAKS for s in switches):
+    """Model and train fields of ``base+switch+...`` (``modern`` = MODERN); a switch may also be ``field=value``
+    for any ModelConfig or TrainConfig field (``llama+muon+lr=3e-3+n_layers=6``), for sweeps."""
+    import dataclasses
+
+    base, *switches = (MODERN if name == "modern" else name).replace("modern+", MODERN + "+").split("+")
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = [s for s in switches if s not in TWEAKS and s.partition("=")[0] not in model_names | train_names]
+    if base not in RECIPES or bad:
         raise SystemExit(f"unknown recipe {name!r}: a base of {', '.join(RECIPES)} with +switches of "
-                         f"{', '.join(TWEAKS)}, or modern")
+                         f"{', '.join(TWEAKS)} or field=value, or modern")
     model_fields, train_fields = dict(RECIPES[base][0]), dict(RECIPES[base][1])
     for switch in switches:
-        model_fields.update(TWEAKS[switch][0])
-        train_fields.update(TWEAKS[switch][1])
+        if switch in TWEAKS:
+            model_fields.update(TWEAKS[switch][0])
+            train_fields.update(TWEAKS[switch][1])
+            continue
+        key, _, text = switch.partition("=")
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = yaml.safe_load(text)
+        (model_fields if key in model_names else train_fields)[key] = value
     return model_fields, train_fields
 
 
@@ -127,8 +145,8 @@ def load(path: Path):
 
 def run(name: str, tok, train, val, steps: int, eval_every: int, eval_batches: int, precision: str) -> dict:
     model_fields, train_fields = recipe(name)
-    cfg = ModelConfig(name="shakespeare", vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=4,
-                      max_seq_len=T, **model_fields)
+    cfg = ModelConfig(**{"name": "shakespeare", "vocab_size": tok.vocab_size, "d_model": 128, "n_layers": 4,
+                         "n_heads": 4, "max_seq_len": T, **model_fields})
     torch.manual_seed(1337)
     model = build_model(cfg)
     windows, val_windows = CausalWindows(train, T), CausalWindows(val, T)
@@ -142,9 +160,9 @@ def run(name: str, tok, train, val, steps: int, eval_every: int, eval_batches: i
         if event == "eval":
             history.append((info["step"], info["val_loss"], time.perf_counter() - started + startup))
 
-    train_cfg = TrainConfig(max_steps=steps, batch_size=B, seq_len=T, warmup_steps=100, grad_clip=1.0,
-                            eval_every=eval_every, eval_batches=eval_batches, progress=False, plot=False,
-                            save_every=0, log_every=10**9, precision=precision, **train_fields)
+    train_cfg = TrainConfig(**{"max_steps": steps, "batch_size": B, "seq_len": T, "warmup_steps": 100, "grad_clip": 1.0,
+                               "eval_every": eval_every, "eval_batches": eval_batches, "progress": False, "plot": False,
+                               "save_every": 0, "log_every": 10**9, "precision": precision, **train_fields})
     result = fit(model, causal_lm, sampler, train_cfg, val_batches=lambda: sequential_batches(val_windows, B),
                  callbacks=[on_event], log=lambda *_: None)
     wall = time.perf_counter() - started + startup
