@@ -416,8 +416,6 @@ def case_spec_trained(args):
     target with the 3.9M `small` and 15.7M `base` teachers as drafts, and with `large-draft`, a 4-layer draft
     distilled from the target itself by `neoformer compress`. Weights in the first of --dtypes, linears on
     neoformer's CPU kernels unless --no-kernels."""
-    import copy
-
     from teacher import draft_checkpoint, teacher_checkpoint
 
     from neoformer.checkpoint import load_checkpoint
@@ -426,11 +424,10 @@ def case_spec_trained(args):
     target, tok, _ = load_checkpoint(str(teacher_checkpoint("large")), dtype=dtype)
     drafts = {size: load_checkpoint(str(teacher_checkpoint(size)), dtype=dtype)[0].eval() for size in ("small", "base")}
     drafts["large-draft"] = load_checkpoint(str(draft_checkpoint("large-draft")), dtype=dtype)[0].eval()
+    params = {name: d.num_parameters() for name, d in drafts.items()}
     if args.kernels:
         for model in (target, *drafts.values()):
             pack_linears(model)
-    params = {name: sum(p.numel() for p in copy.deepcopy(d).parameters()) + sum(
-        b.numel() for n, b in d.named_buffers() if n.endswith("tiles")) for name, d in drafts.items()}
     kernels = "kernels" if args.kernels else "PyTorch ops"
     speculative_tables(args, f"Speculative decoding, trained 143.7M target ({args.dtypes[0]}, {kernels})", target.eval(),
                        {"stdlib text": stdlib_excerpt(tok)}, 64,
