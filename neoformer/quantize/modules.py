@@ -2,22 +2,18 @@
 
 Every scheme keeps a pure-PyTorch path (dequantize, then F.linear) used for autograd (QLoRA:
 gradients flow to the input, the packed base has no parameters), on non-CPU devices and by the
-tests; on CPU inference goes through the fastest op measured here (`benchmarks/quantize_kernels.py`,
-1 thread, load ~3 on 2 cores, 768 in x 2048 out; microseconds per call, batch 1 | batch 16):
+tests. On CPU inference:
 
-  fp32 F.linear                                   233 |   617    (bf16 F.linear 214 | 244)
-  int8          aten._weight_int8pack_mm, bf16 x   82 |   571    (fp32 x: 871 | 12868; pure 822 | 1016;
-                                                                  torchao Int8WeightOnly 630 | 1054)
-  int8-dynamic  torch._int_mm (VNNI), fp32 x      258 |   223    (torchao 420 | 457; bitsandbytes 863 | 1446)
-  int4 g64      aten._weight_int4pack_mm_for_cpu,  74 |   536    (fp32 x: 2410 | 37267; pure 3000 | 3582;
-                bf16 x                                           torchao's CPU int4 layout is not in 0.18)
-  nf4 g64       bitsandbytes.matmul_4bit          668 |  1160    (pure LUT dequantize 8906 | 7443; compiled 4486)
+- up to KERNEL_ROWS rows (decode steps, speculative verification, serving's batch) run neoformer's CPU
+  kernels (neoformer/kernels: int8 weight-only, int8 x int8 and int4 x int8 on VNNI, nf4 by register
+  lookup) on a layout made on the first small batch (kernel_layout.py), which then holds the weight;
+- more rows (prefill) run one GEMM: int8 cast to bf16 (exact), int8-dynamic through torch._int_mm, int4
+  dequantized to bf16 from the kernel layout, nf4 through bitsandbytes;
+- where neoformer's kernels cannot load (no AVX-512 VNNI, no compiler), PyTorch's own packed ops run as
+  before: _weight_int8pack_mm and _weight_int4pack_mm_for_cpu on bf16 activations, torch._int_mm,
+  bitsandbytes' matmul_4bit.
 
-So int8 and int4 cast the activations to bf16 for the packed op (AVX-512 BF16 here; the result is
-cast back; int8 prefill of more than PACKED_ROWS tokens runs one bf16 GEMM instead, as the packed op
-is a GEMV kernel), int8-dynamic quantizes activations per token, and nf4 uses bitsandbytes when it is
-installed (its CPU library; otherwise the pure path). nf4 is a storage / QLoRA format here, not a
-speed one: no CPU kernel measured beats fp32 for it.
+Per-op timings of every candidate: ``benchmarks/quantize_kernels.py`` and docs/quantize.md.
 """
 from __future__ import annotations
 
