@@ -81,6 +81,29 @@ def quality(model, reference_logits, batches):
     return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
 
 
+@torch.no_grad()
+def decode_quality(model, reference_logits, batches, windows: int = 8) -> dict:
+    """The same measures on the decode path: the first ``windows`` validation windows fed one token at a
+    time through the KV cache (batch 1), where the CPU decode kernels run (int4: int8 activations)."""
+    from neoformer.generate.cache import StaticKVCache
+    from neoformer.generate.engine import decode_one, prefill
+
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    rows = [(x[i:i + 1], y[i], ref[i]) for (x, y), ref in zip(batches, reference_logits) for i in range(x.shape[0])]
+    for x, y, ref in rows[:windows]:
+        cache = StaticKVCache.for_model(model, 1, x.shape[1])
+        steps = [prefill(model, cache, x[:, :1], torch.zeros(1, 1, dtype=torch.long))]
+        for t in range(1, x.shape[1]):
+            steps.append(decode_one(model, cache, x[:, t]))
+        logits = torch.cat(steps).float()
+        logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
+        nll += F.nll_loss(logp, y, reduction="sum").item()
+        kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
+        count += y.numel()
+    return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
+
+
 def decode_rate(model, prompt, tokens, compile=False):
     """Decode tokens/s of greedy batch-1 generation (the engine's decode timer: prefill excluded, as
     llama-bench's tg figure excludes it)."""
@@ -146,6 +169,7 @@ def teacher_section(args, work):
     with torch.no_grad():
         reference = [fp32(x)[0].float() for x, _ in batches]
     base_q = quality(fp32, reference, batches)
+    base_dq = decode_quality(fp32, reference, batches)
     models, rows = {"fp32": fp32}, {}
     fp32_bytes = tensor_bytes(path)
     for scheme, group, skip in SCHEMES:
@@ -153,18 +177,23 @@ def teacher_section(args, work):
         written, _, _ = quantize_checkpoint(path, work / name.replace(" ", "-"), scheme, group, skip)
         model, _, _ = load_checkpoint(written)
         models[name] = model
-        rows[name] = {**quality(model, reference, batches), "bytes": tensor_bytes(written), "path": written}
+        rows[name] = {**quality(model, reference, batches), "bytes": tensor_bytes(written), "path": written,
+                      "decode": decode_quality(model, reference, batches)}
     prompt = tokenizer.encode("def main(")
     rates, prefill = speed_table(models, prompt, args.tokens, args.rounds, fp32.config.vocab_size)
     windows = sum(x.shape[0] for x, _ in batches)
     print(f"\nteacher {path.name}: {fp32.num_parameters():,} parameters, {windows} val windows x "
           f"{batches[0][0].shape[1]} tokens; fp32 val ppl {base_q['ppl']:.4f}")
-    print(f"{'scheme':14s} {'ppl ratio':>9s} {'mean KL':>9s} {'top-1':>7s} {'bytes':>11s} {'RSS growth':>11s}  "
-          f"{'decode tok/s, 1 thread':>27s}  {'2 threads':>27s}  prefill 16x128 ms")
+    print("quality: whole windows in one forward (the prefill / GEMM path); 'decode': the first 8 windows one token at "
+          "a time through the cache (the decode kernels), each against fp32's whole-window logits")
+    print(f"{'scheme':14s} {'ppl ratio':>9s} {'mean KL':>9s} {'top-1':>7s} {'decode: ppl ratio, KL, top-1':>30s} "
+          f"{'bytes':>11s} {'RSS growth':>11s}  {'decode tok/s, 1 thread':>27s}  {'2 threads':>27s}  prefill 16x128 ms")
     for name in models:
-        r = rows.get(name, {**base_q, "bytes": fp32_bytes, "path": path})
+        r = rows.get(name, {**base_q, "bytes": fp32_bytes, "path": path, "decode": base_dq})
+        d = r["decode"]
         rss = rss_growth(r["path"], args.tokens)
-        print(f"{name:14s} {r['ppl'] / base_q['ppl']:9.4f} {r['kl']:9.5f} {r['top1']:7.2%} {r['bytes']:11,} "
+        print(f"{name:14s} {r['ppl'] / base_q['ppl']:9.4f} {r['kl']:9.5f} {r['top1']:7.2%} "
+              f"{d['ppl'] / base_dq['ppl']:12.4f} {d['kl']:9.5f} {d['top1']:7.2%} {r['bytes']:11,} "
               f"{rss:11,}  {fmt_rates(rates[(name, 1)], statistics.median(rates[('fp32', 1)])):>27s}  "
               f"{fmt_rates(rates[(name, 2)], statistics.median(rates[('fp32', 2)])):>27s}  "
               f"{statistics.median(prefill[name]):7.1f} [{min(prefill[name]):.1f}-{max(prefill[name]):.1f}]")
@@ -172,7 +201,6 @@ def teacher_section(args, work):
 
 BIG_VARIANTS = [("int8", None, ("lm_head", "embed")), ("int8", None, ()), ("int8-dynamic", None, ()), ("int4", 64, ()),
                 ("nf4", 64, ())]
-GGUF_OF = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0", "fp32": None}  # llama.cpp's counterpart of each
 
 
 def big_name(scheme, group, skip):
