@@ -73,3 +73,14 @@ def test_cli_prompt_lookup_and_half_precision_weights(ckpts, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--dtype", "int3"])
     assert "unknown dtype 'int3'; choose bf16, fp16 or fp32" in capsys.readouterr().err
+
+
+def test_cli_packs_the_linears_for_the_cpu_kernels_unless_told_not_to(ckpts):
+    from neoformer.cli.generate import _load
+    from neoformer.kernels import TiledLinear, build
+
+    path = str(ckpts[0]["target"])
+    packed, _ = _load(path, None, None)
+    plain, _ = _load(path, None, None, cpu_kernels=False)
+    assert any(isinstance(m, TiledLinear) for m in packed.modules()) == build.load()
+    assert not any(isinstance(m, TiledLinear) for m in plain.modules())
