@@ -213,3 +213,17 @@ def test_compiled_decode_with_kernels_matches_eager(make):
     prompt = list(range(1, KERNEL_ROWS + 4))  # longer than the kernel's rows: the first layouts come from prefill
     expected = generate(model, prompt, max_new_tokens=10)
     assert torch.equal(generate(model, prompt, max_new_tokens=10, compile=True), expected)
+
+
+@pytest.mark.slow
+def test_compiled_speculative_decoding_with_packed_models_equals_the_target_alone():
+    """Verification reads several query rows through the attention kernel inside a compiled graph (its fake
+    shapes and strides must be the kernel's), and the draft's steps run the GEMV kernels."""
+    torch.manual_seed(0)
+    target = build_model("lumi-debug").eval()
+    draft = build_model("lumi-debug", n_layers=1).eval()
+    pack_linears(target), pack_linears(draft)
+    prompt = [5, 6, 7, 8]
+    expected = generate(target, prompt, max_new_tokens=12)
+    assert torch.equal(generate(target, prompt, max_new_tokens=12, draft_model=draft, num_draft_tokens=3,
+                                compile=True), expected)

@@ -202,7 +202,8 @@ def register_fakes() -> None:
         lambda packed, absmax, x, group: x.new_empty((x.shape[0], packed.shape[0] * NF4_TILE)))
     torch.library.register_fake(lib + "gemv_int8x8")(
         lambda packed, w_scale, xq, x_scale: x_scale.new_empty((xq.shape[0], packed.shape[0] * VNNI_TILE)))
-    torch.library.register_fake(lib + "small_query_attention")(lambda q, k, v, mask, causal, scale: torch.empty_like(q))
+    torch.library.register_fake(lib + "small_query_attention")(  # contiguous, as the kernel returns it
+        lambda q, k, v, mask, causal, scale: q.new_empty(q.shape))
     torch.library.register_fake(lib + "gemv_int4x8")(
         lambda packed, scales, zeros, xq, xs, xsum, group: xs.new_empty((xq.shape[0], packed.shape[0] * VNNI_TILE)))
 
