@@ -137,7 +137,14 @@ def test_request_timeout_408_while_running_and_while_queued(tok):
         status, _, out = result["out"]
         assert status == 408 and out["error"]["type"] == "timeout_error", out
 
-        blocker = server.scheduler.call(lambda: time.sleep(0.7))  # the model thread is busy: the next one queues
+        def hold_until_queued_and_past_its_deadline():
+            for _ in range(5000):  # bounded: until the request below waits in the queue
+                if server.scheduler.waiting:
+                    break
+                time.sleep(0.001)
+            time.sleep(0.7)  # counted from its arrival, however long the request took to get there
+
+        blocker = server.scheduler.call(hold_until_queued_and_past_its_deadline)  # the model thread is busy
         status, _, out = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 2}).encode(),
                                stay=True)
         blocker.result(10)
