@@ -133,6 +133,20 @@ def test_small_query_attention_matches_sdpa_in_float64(case, dtype):
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("valid", [5, 16, 29, 57])
+def test_small_query_attention_row_does_not_depend_on_keys_past_it(valid):
+    """A decode step sees `valid` keys, a verification or a static-capacity cache sees more (masked): the row
+    must come out bit-identical, else greedy speculative output drifts from the target's."""
+    torch.manual_seed(6)
+    q = torch.randn(1, 4, 1, 32)
+    k, v = torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
+    alone = ops.small_query_attention(q, k[:, :, :valid], v[:, :, :valid], None, False, 0.2)
+    for total in (valid + 1, valid + 7, 64):
+        mask = (torch.arange(total) < valid).view(1, 1, 1, total)
+        more = ops.small_query_attention(q, k[:, :, :total], v[:, :, :total], mask, False, 0.2)
+        assert torch.equal(more, alone), total
+
+
 def test_small_query_attention_declines_what_it_does_not_cover():
     q = torch.randn(1, 2, 1, 24)  # head dim not a multiple of 16
     assert ops.small_query_attention(q, q, q, None, False, 0.2) is None
@@ -213,6 +227,24 @@ def test_compiled_decode_with_kernels_matches_eager(make):
     prompt = list(range(1, KERNEL_ROWS + 4))  # longer than the kernel's rows: the first layouts come from prefill
     expected = generate(model, prompt, max_new_tokens=10)
     assert torch.equal(generate(model, prompt, max_new_tokens=10, compile=True), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_layers", [1, 2])  # 2: the target itself, every draft accepted
+def test_compiled_bf16_speculative_output_is_the_targets_to_the_token(draft_layers):
+    """Random bf16 weights have near ties, so any round computed differently from a plain step (the prompt's last
+    token read by a verification, a short last round run eagerly, keys past a row counted) flips tokens; these
+    are the cases that differed before (tokens 31 and 56 of 40 new)."""
+    torch.manual_seed(0)
+    target = build_model("nexus-nano", n_layers=2, vocab_size=4096, max_seq_len=256).eval().to(torch.bfloat16)
+    draft = target if draft_layers == 2 else build_model("nexus-nano", n_layers=1, vocab_size=4096).eval().to(torch.bfloat16)
+    pack_linears(target), pack_linears(draft)
+    prompt = list(range(5, 25))  # longer than the kernels' rows: the prompt runs on BLAS
+    expected = generate(target, prompt, max_new_tokens=40)
+    assert torch.equal(generate(target, prompt, max_new_tokens=40, compile=True), expected)
+    for compiled in (False, True):
+        assert torch.equal(generate(target, prompt, max_new_tokens=40, draft_model=draft, num_draft_tokens=4,
+                                    compile=compiled), expected)
 
 
 @pytest.mark.slow

@@ -56,14 +56,13 @@ class _Side:
     """One model (target or draft) with its cache; eager, or compiled over a static-shape cache."""
 
     def __init__(self, model, cap: int, window: int, track: bool, compiled_fn=None):
-        self.model, self.fn = model, compiled_fn
+        self.model, self.fn, self.window = model, compiled_fn, window
         capacity = bucket(cap, window) if compiled_fn is not None else cap
         self.cache = StaticKVCache.for_model(model, 1, capacity, static=compiled_fn is not None, track_tokens=track)
 
-    def prefill(self, ids: torch.Tensor) -> None:
-        if ids.shape[1]:
-            forward_tokens(self.model, self.cache, ids, torch.arange(ids.shape[1], device=ids.device)[None])
-            self.cache.sync()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Read the whole prompt -> logits (1, V) after its last token."""
+        return _run(self.model, self.cache, ids)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Draft: read ids (1, L) one at a time -> logits (1, V) after the last one."""
@@ -75,11 +74,19 @@ class _Side:
         return logits
 
     def verify(self, ids: torch.Tensor, positions: torch.Tensor, compiled_len: int) -> torch.Tensor:
-        """Target: read ids (1, L) in one forward -> logits (L, V)."""
+        """Target: read ids (1, L) in one forward -> logits (L, V). Compiled, a short round (the last ones of
+        a generation) is padded to the compiled length where the cache has room: the eager forward rounds
+        differently from the compiled one, and greedy output must not depend on how a round was run."""
+        n = ids.shape[1]
+        pad = compiled_len - n
+        if self.fn is not None and 0 < pad and self.cache.end + compiled_len <= self.cache.capacity \
+                and int(positions[0, -1]) + pad < self.window:
+            ids = torch.cat((ids, ids[:, -1:].expand(1, pad)), dim=1)
+            positions = torch.cat((positions, positions[:, -1:] + torch.arange(1, pad + 1, device=ids.device)), dim=1)
         if self.fn is not None and ids.shape[1] == compiled_len:
             logits = self.fn(self.model, self.cache, ids, positions)
             self.cache.end += ids.shape[1]
-            return logits[0]
+            return logits[0, :n]
         return _run(self.model, self.cache, ids, last_only=False)[0]
 
     def keep(self, end: int, state, fed: torch.Tensor, fed_pos: torch.Tensor, n_kept: int) -> None:
@@ -94,7 +101,7 @@ class _ModelDraft:
         self.cfg, self.cap, self.keep_n, self.generator = p.cfg, cap, p.keep_n, generator
         compiled = compiled_decode_one(draft, 1) if p.cfg.compile else None
         self.side = _Side(draft, cap, p.window, track, compiled)
-        self.side.prefill(prompt[:, :-1])
+        self.side.prefill(prompt)
         self.pending = prompt[:, :0]
 
     def make_room(self, g: int) -> None:
@@ -193,12 +200,16 @@ class _Round:
         track = cfg.trim == "refill" or "learned" in positions
         compiled = cfg.compile  # draft steps and full-size verifications compiled, static-shape caches
         self.t = _Side(target, self.cap, p.window, track, compiled_verify(target, self.gamma + 1) if compiled else None)
-        self.t.prefill(prompt[:, :-1])
+        # The first token comes from reading the whole prompt, as in plain decoding: the prompt's keys and
+        # values are then the same numbers on both paths (a prompt longer than the kernels' rows runs on
+        # BLAS, the rounds on the row-invariant kernels), so greedy output stays the target's to the bit.
+        self.last = _pick(process(self.t.prefill(prompt), cfg, None), self.sampling, generator)  # (1, 1)
+        self.first = int(self.last)
         if draft is None:
-            self.drafter = _PromptLookup(cfg, prompt[0].tolist(), target.config.vocab_size, pad=compiled)
+            self.drafter = _PromptLookup(cfg, prompt[0].tolist() + [self.first], target.config.vocab_size,
+                                         pad=compiled)
         else:
             self.drafter = _ModelDraft(draft, p, prompt, self.cap, track, generator)
-        self.last = prompt[:, -1:]  # (1, 1)
 
     def size(self, remaining: int) -> int:
         """Draft tokens this round; trims the target exactly where plain decoding would."""
@@ -238,9 +249,11 @@ def speculative_stream(target, draft, p, row: int, generator, stats: dict, token
     eos = set(cfg.eos_ids)
     t1 = time.perf_counter()
     produced = proposed = accepted = rounds = 0
+    tokens: list[int] = [state.first]  # read off the prompt
     while produced < cfg.max_new_tokens:
-        tokens, g = state.run(cfg.max_new_tokens - produced)
-        proposed, accepted, rounds = proposed + g, accepted + len(tokens) - 1, rounds + 1
+        if produced:
+            tokens, g = state.run(cfg.max_new_tokens - produced)
+            proposed, accepted, rounds = proposed + g, accepted + len(tokens) - 1, rounds + 1
         for tok in tokens:
             yield tok
             produced += 1

@@ -431,18 +431,18 @@ void attend_row(const Q* q, const T* K, int64_t k_row, const T* V, int64_t v_row
     best = std::max(best, scores[j]);
   }
   __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(best), masked = _mm512_set1_ps(kMasked);
-  int64_t j = 0;
-  for (; j + 16 <= keys; j += 16) {
-    __m512 sv = _mm512_loadu_ps(scores + j);
+  // Every key goes through the same vector exp and the same lane of the sum, the last block read under a
+  // mask: a row's result then does not depend on how many keys the cache holds past it (a decode step
+  // and a speculative verification see different counts), which keeps greedy speculative output exact.
+  for (int64_t j = 0; j < keys; j += 16) {
+    const int64_t n = std::min<int64_t>(16, keys - j);
+    const __mmask16 live = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    __m512 sv = _mm512_mask_loadu_ps(masked, live, scores + j);
     __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, masked, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(sv, shift)));
-    _mm512_storeu_ps(scores + j, e);
+    _mm512_mask_storeu_ps(scores + j, live, e);
     total = _mm512_add_ps(total, e);
   }
-  float sum = _mm512_reduce_add_ps(total);
-  for (; j < keys; ++j) {
-    scores[j] = scores[j] == kMasked ? 0.0f : std::exp(scores[j] - best);
-    sum += scores[j];
-  }
+  const float sum = _mm512_reduce_add_ps(total);
   __m512 acc[16];
   for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
   for (int64_t i = 0; i < keys; ++i) {
