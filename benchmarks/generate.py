@@ -378,7 +378,10 @@ def speculative_tables(args, title: str, model, prompts: dict, n: int, helpers: 
                     variants[f"+ {name}{tag}"] = lambda c=compiled, kw=kw: _ours(model, prompt_t, n, compile=c,
                                                                                    **kw, **opts)
             med, outs, extras = rounds(variants, args.rounds)
-            check = "" if sampling else f", identical tokens: {same(outs)}"
+            eager = {k: v for k, v in outs.items() if "compile" not in k}
+            compiled = {k: v for k, v in outs.items() if "compile" in k}
+            check = "" if sampling else (f", tokens identical to the target alone's: eager {same(eager)}, compiled "
+                                         f"{same(compiled) if compiled else '-'}, eager = compiled {same(outs)}")
             print(f"### {title}, {label} ({len(prompt)} prompt tokens), {mode}, {n} new tokens, "
                   f"{torch.get_num_threads()} thread(s){check}\n")
             rows = []
