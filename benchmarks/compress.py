@@ -170,15 +170,20 @@ STUDENTS_2X = {  # exactly 2.00x fewer parameters than the small teacher (the em
 }
 
 
-def part_two_x(bench: Bench) -> dict:
-    """The 2x goal with a real KD budget (--steps; --logit-cache makes the repeated runs cheaper)."""
+STUDENTS_4X = {  # depth and width together
+    "depth 3 + d 72 + ffn 256 pca": CompressPlan(layers="3", layer_score="skip-loss", d_model=72, ffn_dim=256),
+}
+
+
+def _distilled(bench: Bench, students: dict, key: str) -> dict:
+    """Students pruned, then distilled with a real KD budget (--steps / --time-budget)."""
     rows = []
-    for name, plan in STUDENTS_2X.items():
+    for name, plan in students.items():
         if name not in bench.kd_for:
             continue
         reduced = bench.prune(plan)
         before = bench.evaluate(reduced.model, reduced.tokenizer)
-        after, seconds = bench.distill(reduced)
+        after, seconds = bench.distill(reduced, alpha=bench.alpha)
         rows.append({"student": name, "ratio": round(bench.teacher_eval["params"] / before["params"], 3),
                      "before_kd": before, "after_kd": after, "kd_seconds": round(seconds, 1),
                      "vs_teacher": round(after["val_ppl"] / bench.teacher_eval["val_ppl"], 4),
@@ -187,8 +192,28 @@ def part_two_x(bench: Bench) -> dict:
         print(f"{name:<30} {rows[-1]['ratio']}x smaller: ppl before {before['val_ppl']:.2f} after "
               f"{after['steps']} KD steps {after['val_ppl']:.2f} = {rows[-1]['vs_teacher']:.3f}x teacher "
               f"({seconds:.0f} s, load {rows[-1]['load']})", flush=True)
-        _merge(bench, {"two_x": {**bench.previous.get("two_x", {}), name: rows[-1]}})
-    return {"two_x": {**bench.previous.get("two_x", {}), **{r["student"]: r for r in rows}}}
+        _merge(bench, {key: {**bench.previous.get(key, {}), name: rows[-1]}})
+    return {key: {**bench.previous.get(key, {}), **{r["student"]: r for r in rows}}}
+
+
+def part_two_x(bench: Bench) -> dict:
+    """The 2x goal with a real KD budget (--steps; --logit-cache makes the repeated runs cheaper)."""
+    return _distilled(bench, STUDENTS_2X, "two_x")
+
+
+def part_four_x(bench: Bench) -> dict:
+    """Depth + width (~4x) with a real KD budget."""
+    return _distilled(bench, STUDENTS_4X, "four_x")
+
+
+def part_scratch_4x(bench: Bench) -> dict:
+    """The 4x student's shape from a random init with the KD run's tokens and 3x them."""
+    plan = next(iter(STUDENTS_4X.values()))
+    config = bench.prune(plan).model.config
+    rows = [bench.scratch(config, bench.steps * k) for k in (1, 3)]
+    for r in rows:
+        print(f"scratch 4x shape {r['steps']} steps ({r['tokens']:,} tokens): ppl {r['val_ppl']:.2f}", flush=True)
+    return {"scratch_4x": rows}
 
 
 def part_scratch(bench: Bench) -> dict:
@@ -201,20 +226,26 @@ def part_scratch(bench: Bench) -> dict:
 
 
 def part_vocab(bench: Bench) -> dict:
-    """4x vocabulary reduction (4096 -> 1024) alone: loss per character before and after KD."""
+    """4x vocabulary reduction (4096 -> 1024) alone: loss per character before and after KD, against
+    the teacher's on the same characters (the student's validation batches cover less text)."""
     reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
-    before = bench.evaluate(reduced.model, reduced.tokenizer, bench.data(reduced.model.config, reduced.tokenizer))
-    after, seconds = bench.distill(reduced)
-    change = after["loss_per_char"] / bench.teacher_eval["loss_per_char"] - 1
-    print(f"vocab {bench.tokenizer.vocab_size} -> {reduced.tokenizer.vocab_size}: loss/char teacher "
-          f"{bench.teacher_eval['loss_per_char']:.4f}, before KD {before['loss_per_char']:.4f}, after KD "
-          f"{after['loss_per_char']:.4f} ({change:+.2%})", flush=True)
-    return {"vocab": {"size": reduced.tokenizer.vocab_size, "before_kd": before, "after_kd": after,
-                      "loss_per_char_change": round(change, 4), "kd_seconds": round(seconds, 1)}}
+    task = bench.data(reduced.model.config, reduced.tokenizer)
+    teacher = teacher_loss_on_student_text(bench, reduced, task)
+    before = bench.evaluate(reduced.model, reduced.tokenizer, task)
+    after, seconds = bench.distill(reduced, alpha=bench.alpha)
+    change = after["loss_per_char"] / teacher - 1
+    print(f"vocab {bench.tokenizer.vocab_size} -> {reduced.tokenizer.vocab_size}: loss/char on the same text: "
+          f"teacher {teacher:.4f}, before KD {before['loss_per_char']:.4f}, after {after['steps']} KD steps "
+          f"{after['loss_per_char']:.4f} ({change:+.2%}; {seconds:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+    return {"vocab": {"size": reduced.tokenizer.vocab_size, "teacher_same_text_loss_per_char": round(teacher, 4),
+                      "before_kd": before, "after_kd": after, "alpha": bench.alpha,
+                      "loss_per_char_change": round(change, 4), "kd_seconds": round(seconds, 1),
+                      "kd_share_of_teacher_tokens": round(after["tokens"] / TEACHER_TOKENS, 4),
+                      "load": round(os.getloadavg()[0], 2)}}
 
 
 @torch.no_grad()
-def teacher_loss_on_student_text(bench: Bench, reduced, task) -> float:
+def teacher_loss_on_student_text(bench: Bench, reduced, task, model=None) -> float:
     """The teacher's nats per character on exactly the text of the student's validation batches
     (each row re-encoded with the teacher's tokenizer), so the per-character comparison uses the same
     characters: a smaller vocabulary covers less text in the same number of batches."""
@@ -225,10 +256,24 @@ def teacher_loss_on_student_text(bench: Bench, reduced, task) -> float:
         for row_x, row_y in zip(x, y):
             text = reduced.tokenizer.decode([int(row_x[0])] + row_y.tolist())
             ids = torch.tensor([bench.tokenizer.encode(text)])
-            loss, _ = bench.teacher.loss(ids[:, :-1], ids[:, 1:])
+            loss, _ = (model or bench.teacher).loss(ids[:, :-1], ids[:, 1:])
             total += float(loss) * (ids.shape[1] - 1)
             chars += len(reduced.tokenizer.decode(row_y.tolist()))
     return total / max(chars, 1)
+
+
+def part_vocab_control(bench: Bench) -> dict:
+    """The control for part_vocab: the teacher itself (full vocabulary) trained with the same KD run
+    (--steps, --alpha), scored on the same characters, so the vocabulary's effect is apart from the
+    extra training."""
+    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
+    task = bench.data(reduced.model.config, reduced.tokenizer)
+    same = bench.prune(CompressPlan())  # nothing removed: a copy of the teacher
+    after, seconds = bench.distill(same, alpha=bench.alpha)
+    value = teacher_loss_on_student_text(bench, reduced, task, model=same.model.eval())
+    print(f"teacher + {after['steps']} steps (alpha {bench.alpha}): loss/char on the student's validation text "
+          f"{value:.4f} ({seconds:.0f} s)", flush=True)
+    return {"vocab_control": {"steps": after["steps"], "alpha": bench.alpha, "same_text_loss_per_char": round(value, 4)}}
 
 
 def part_vocab_text(bench: Bench) -> dict:
@@ -249,8 +294,9 @@ def _merge(bench: Bench, update: dict) -> None:
     bench.json.write_text(json.dumps(bench.previous, indent=2) + "\n")
 
 
-PARTS = {"2x": part_two_x, "heads": part_heads, "depth": part_depth, "width": part_width, "scratch": part_scratch, "vocab": part_vocab,
-         "vocab-text": part_vocab_text}
+PARTS = {"2x": part_two_x, "4x": part_four_x, "heads": part_heads, "depth": part_depth, "width": part_width,
+         "scratch": part_scratch, "scratch-4x": part_scratch_4x, "vocab": part_vocab, "vocab-text": part_vocab_text,
+         "vocab-control": part_vocab_control}
 
 
 def main() -> int:
@@ -258,10 +304,12 @@ def main() -> int:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--teacher", choices=("small", "base"), default="small")
     parser.add_argument("--steps", type=int, default=60, help="KD steps per student (16 x 128 tokens each)")
-    parser.add_argument("--kd-for", default="influence,every-2nd,width 0.5 pca,depth 3 + width 0.5 pca",
+    parser.add_argument("--kd-for", default="influence,every-2nd,width 0.5 pca,depth 3 + width 0.5 pca,"
+                        "depth 3 + d 72 + ffn 256 pca",
                         help="comma-separated students that are distilled (the others are measured before KD only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak KD learning rate")
+    parser.add_argument("--alpha", type=float, default=0.5, help="KD weight: (1-alpha) CE + alpha T^2 KL")
     parser.add_argument("--logit-cache", metavar="DIR", help="cache the teacher's top-k logits here and distill "
                         "from them (reused by later students and runs)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -274,6 +322,7 @@ def main() -> int:
     bench = Bench(args.teacher, args.steps, args.threads, args.logit_cache, args.top_k, args.lr)
     bench.kd_for = set(args.kd_for.split(","))
     bench.time_budget = args.time_budget
+    bench.alpha = args.alpha
     print(f"teacher ({args.teacher}): {bench.teacher_eval}", flush=True)
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {}
