@@ -127,9 +127,8 @@ def test_request_timeout_408_while_running_and_while_queued(tok):
         result = {}
         worker = threading.Thread(target=lambda: result.update(out=_asgi(app, "POST", "/v1/completions", long, stay=True)))
         worker.start()
-        for _ in range(5000):  # bounded: until the request holds its row
-            if server.scheduler.running:
-                break
+        give_up = time.monotonic() + 60  # bounded: until the request holds its row
+        while not server.scheduler.running and time.monotonic() < give_up:
             time.sleep(0.001)
         assert server.scheduler.running == 1
         server.scheduler.call(lambda: time.sleep(0.7)).result(10)  # past its deadline while running
@@ -138,16 +137,19 @@ def test_request_timeout_408_while_running_and_while_queued(tok):
         assert status == 408 and out["error"]["type"] == "timeout_error", out
 
         def hold_until_queued_and_past_its_deadline():
-            for _ in range(5000):  # bounded: until the request below waits in the queue
-                if server.scheduler.waiting:
-                    break
+            # bounded by time, not by a count of sleeps: on a loaded machine the request below can take
+            # seconds to arrive, and a blocker that gave up first let it run (200; seen in CI)
+            give_up = time.monotonic() + 60
+            while not server.scheduler.waiting and time.monotonic() < give_up:
                 time.sleep(0.001)
+            seen = bool(server.scheduler.waiting)
             time.sleep(0.7)  # counted from its arrival, however long the request took to get there
+            return seen
 
         blocker = server.scheduler.call(hold_until_queued_and_past_its_deadline)  # the model thread is busy
         status, _, out = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 2}).encode(),
                                stay=True)
-        blocker.result(10)
+        assert blocker.result(70), "the request never reached the queue"
         assert status == 408 and out["error"]["type"] == "timeout_error", out
         assert not server.scheduler.waiting and not server.scheduler.running
         status, _, out = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 2}).encode(),
