@@ -206,30 +206,35 @@ def part_four_x(bench: Bench) -> dict:
     return _distilled(bench, STUDENTS_4X, "four_x")
 
 
-def part_scratch_4x(bench: Bench) -> dict:
-    """The 4x student's shape from a random init with the KD run's tokens and 3x them."""
-    plan = next(iter(STUDENTS_4X.values()))
+def _scratch(bench: Bench, plan: CompressPlan, label: str) -> list[dict]:
+    """The plan's student shape from a random init with 1x and 3x the KD token budget (--steps)."""
     config = bench.prune(plan).model.config
     rows = [bench.scratch(config, bench.steps * k) for k in (1, 3)]
     for r in rows:
-        print(f"scratch 4x shape {r['steps']} steps ({r['tokens']:,} tokens): ppl {r['val_ppl']:.2f}", flush=True)
-    return {"scratch_4x": rows}
+        print(f"scratch {label} {r['steps']} steps ({r['tokens']:,} tokens): ppl {r['val_ppl']:.2f}", flush=True)
+    return rows
 
 
 def part_scratch(bench: Bench) -> dict:
     """The depth-2x student's shape trained from scratch with 1x and 3x the KD token budget."""
-    reduced = bench.prune(CompressPlan(layers="3"))
-    rows = [bench.scratch(reduced.model.config, bench.steps * k) for k in (1, 3)]
-    for r in rows:
-        print(f"scratch {r['steps']} steps ({r['tokens']:,} tokens): ppl {r['val_ppl']:.2f}", flush=True)
-    return {"scratch": rows}
+    return {"scratch": _scratch(bench, CompressPlan(layers="3"), "depth-2x shape")}
+
+
+def part_scratch_4x(bench: Bench) -> dict:
+    """The 4x student's shape from scratch with 1x and 3x the KD token budget."""
+    return {"scratch_4x": _scratch(bench, next(iter(STUDENTS_4X.values())), "4x shape")}
+
+
+def _vocab_student(bench: Bench):
+    """The 4x vocabulary-reduced student (4096 -> 1024) and its data."""
+    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
+    return reduced, bench.data(reduced.model.config, reduced.tokenizer)
 
 
 def part_vocab(bench: Bench) -> dict:
     """4x vocabulary reduction (4096 -> 1024) alone: loss per character before and after KD, against
     the teacher's on the same characters (the student's validation batches cover less text)."""
-    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
-    task = bench.data(reduced.model.config, reduced.tokenizer)
+    reduced, task = _vocab_student(bench)
     teacher = teacher_loss_on_student_text(bench, reduced, task)
     before = bench.evaluate(reduced.model, reduced.tokenizer, task)
     after, seconds = bench.distill(reduced, alpha=bench.alpha)
@@ -266,23 +271,13 @@ def part_vocab_control(bench: Bench) -> dict:
     """The control for part_vocab: the teacher itself (full vocabulary) trained with the same KD run
     (--steps, --alpha), scored on the same characters, so the vocabulary's effect is apart from the
     extra training."""
-    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
-    task = bench.data(reduced.model.config, reduced.tokenizer)
+    reduced, task = _vocab_student(bench)
     same = bench.prune(CompressPlan())  # nothing removed: a copy of the teacher
     after, seconds = bench.distill(same, alpha=bench.alpha)
     value = teacher_loss_on_student_text(bench, reduced, task, model=same.model.eval())
     print(f"teacher + {after['steps']} steps (alpha {bench.alpha}): loss/char on the student's validation text "
           f"{value:.4f} ({seconds:.0f} s)", flush=True)
     return {"vocab_control": {"steps": after["steps"], "alpha": bench.alpha, "same_text_loss_per_char": round(value, 4)}}
-
-
-def part_vocab_text(bench: Bench) -> dict:
-    """The teacher's loss per character on the vocabulary-reduced student's validation text."""
-    reduced = bench.prune(CompressPlan(vocab=bench.teacher.config.vocab_size // 4))
-    task = bench.data(reduced.model.config, reduced.tokenizer)
-    value = teacher_loss_on_student_text(bench, reduced, task)
-    print(f"teacher loss/char on the student's validation text: {value:.4f}", flush=True)
-    return {"vocab_teacher_same_text_loss_per_char": round(value, 4)}
 
 
 TEACHER_TOKENS = 1500 * 16 * 128  # the small teacher's training tokens (benchmarks/teacher.py)
@@ -295,7 +290,7 @@ def _merge(bench: Bench, update: dict) -> None:
 
 
 PARTS = {"2x": part_two_x, "4x": part_four_x, "heads": part_heads, "depth": part_depth, "width": part_width,
-         "scratch": part_scratch, "scratch-4x": part_scratch_4x, "vocab": part_vocab, "vocab-text": part_vocab_text,
+         "scratch": part_scratch, "scratch-4x": part_scratch_4x, "vocab": part_vocab,
          "vocab-control": part_vocab_control}
 
 
