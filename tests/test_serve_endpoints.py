@@ -115,8 +115,8 @@ def test_embeddings_for_an_encoder_checkpoint(tok):
 
 def test_request_timeout_408_while_running_and_while_queued(tok):
     """--timeout counts from arrival: a request past it gets 408, whether it holds a row or still waits.
-    The model thread is held up by a task of known length (longer than the timeout), so the
-    outcome does not depend on how fast this machine runs."""
+    Running: the model thread is held up by a task of known length (longer than the timeout); queued:
+    the model thread starts only after the wait, so the outcome does not depend on this machine's speed."""
     from neoformer.serve.app import ServeOptions, Server, create_app
 
     server = Server(tiny_decoder(tok, 512), tok, {}, "tiny", ServeOptions(timeout=0.5, max_batch=1))
@@ -136,27 +136,34 @@ def test_request_timeout_408_while_running_and_while_queued(tok):
         status, _, out = result["out"]
         assert status == 408 and out["error"]["type"] == "timeout_error", out
 
-        def hold_until_queued_and_past_its_deadline():
-            # bounded by time, not by a count of sleeps: on a loaded machine the request below can take
-            # seconds to arrive, and a blocker that gave up first let it run (200; seen in CI)
-            give_up = time.monotonic() + 60
-            while not server.scheduler.waiting and time.monotonic() < give_up:
-                time.sleep(0.001)
-            seen = bool(server.scheduler.waiting)
-            time.sleep(0.7)  # counted from its arrival, however long the request took to get there
-            return seen
-
-        blocker = server.scheduler.call(hold_until_queued_and_past_its_deadline)  # the model thread is busy
-        status, _, out = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 2}).encode(),
-                               stay=True)
-        assert blocker.result(70), "the request never reached the queue"
-        assert status == 408 and out["error"]["type"] == "timeout_error", out
-        assert not server.scheduler.waiting and not server.scheduler.running
         status, _, out = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 2}).encode(),
                                stay=True)
         assert status == 200 and out["usage"]["completion_tokens"] == 2  # and the server goes on
     finally:
         server.scheduler.stop()
+
+    # while queued: a second server whose model thread starts only once the request has waited past its
+    # deadline, so the outcome does not hang on how soon a busy machine delivers the request
+    queued = Server(tiny_decoder(tok, 512), tok, {}, "tiny", ServeOptions(timeout=0.5, max_batch=1))
+    app = create_app(queued)
+    result = {}
+    short = json.dumps({"prompt": "the", "max_tokens": 2}).encode()
+    worker = threading.Thread(target=lambda: result.update(out=_asgi(app, "POST", "/v1/completions", short, stay=True)),
+                              daemon=True)
+    worker.start()
+    give_up = time.monotonic() + 60
+    while not queued.scheduler.waiting and time.monotonic() < give_up:
+        time.sleep(0.001)
+    assert queued.scheduler.waiting, "the request never reached the queue"
+    time.sleep(0.7)  # counted from its arrival
+    queued.scheduler.start()
+    try:
+        worker.join(30)
+        status, _, out = result["out"]
+        assert status == 408 and out["error"]["type"] == "timeout_error", out
+        assert not queued.scheduler.waiting and not queued.scheduler.running
+    finally:
+        queued.scheduler.stop()
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
