@@ -6,7 +6,7 @@ import torch
 
 from neoformer import build_model
 from neoformer.train import TrainConfig, causal_lm, fit
-from neoformer.train.optim import MuonWithAdamW, build_optimizer, muon_param_groups
+from neoformer.train.optim import BatchedMuon, MuonWithAdamW, build_optimizer, muon_param_groups
 
 QUIET = dict(progress=False, plot=False, log_every=1, eval_every=0, save_every=0, optimizer="muon", lr=3e-3)
 
@@ -35,7 +35,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert on_muon.isdisjoint(on_adam) and len(on_muon | on_adam) == len(list(model.parameters()))
     assert any(n.endswith("attn.q_proj.weight") for n in on_muon) and any(n.endswith("ffn.down.weight") for n in on_muon)
     optimizer = build_optimizer(model, TrainConfig(optimizer="muon"))
-    assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.muon, torch.optim.Muon)
+    assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.muon, BatchedMuon)
 
 
 def test_muon_trains_and_resumes_bit_exactly(tmp_path):
@@ -59,3 +59,29 @@ def test_muon_trains_and_resumes_bit_exactly(tmp_path):
     resumed, _ = run(tmp_path / "b", resume=tmp_path / "b" / "checkpoints" / "step-000003")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_batched_muon_matches_torch_muon_and_loads_its_state():
+    """Batched Newton-Schulz (neoformer/train/optim.py) against torch.optim.Muon, matrix by matrix."""
+    from neoformer.train.optim import BatchedMuon
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 16), (16, 16), (40, 16), (16, 40), (24, 16)]
+    make = lambda: [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]  # noqa: E731
+    ours = make()
+    start = [p.detach().clone() for p in ours]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    a, b = BatchedMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, theirs, start):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3)  # bit-equal here; bf16 matmuls may round otherwise elsewhere
+        assert (p - p0).abs().max() > 0.01
+    c = BatchedMuon([torch.nn.Parameter(q.detach().clone()) for q in theirs], **kwargs)
+    c.load_state_dict(b.state_dict())  # torch's state dict format
+    assert torch.equal(c.state_dict()["state"][0]["momentum_buffer"], b.state_dict()["state"][0]["momentum_buffer"])

@@ -100,6 +100,63 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict]
     return [g for g in muon if g["params"]], [g for g in rest if g["params"]]
 
 
+class BatchedMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` with the Newton-Schulz iterations of same-shaped matrices run as one batched
+    matmul. torch 2.13 runs them one matrix at a time (no foreach path): at nanoGPT's Tiny Shakespeare
+    shape that took ~28 ms of a ~85 ms bf16 step (28 matrices x 5 iterations x 3 small matmuls, each
+    dominated by per-call overhead); batched: 2.5x less (benchmarks/results). Same update rule, state
+    and state-dict format as torch's (so its checkpoints resume here): momentum lerp, Nesterov, the
+    quintic iteration in bf16, ``adjust_lr_fn``, decoupled weight decay."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            if not params:
+                continue
+            momentum = group["momentum"]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            by_shape: dict[tuple, list[int]] = {}
+            for i, update in enumerate(updates):  # wide orientation: the Gram matrix is the smaller side
+                by_shape.setdefault(tuple(sorted(update.shape)), []).append(i)
+            for indices in by_shape.values():
+                stacked = torch.stack([updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T
+                                       for i in indices]).bfloat16()
+                ortho = _newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for row, i in zip(ortho, indices):
+                    param = params[i]
+                    row = row if param.shape[0] <= param.shape[1] else row.T
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    param.add_(row, alpha=-_adjusted_lr(group["lr"], group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def _newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """(n, rows, cols) with rows <= cols -> each matrix's approximate orthogonalisation (Jordan et al. 2024)."""
+    a, b, c = coefficients
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
+    """torch.optim.Muon's lr adjustment for a matrix of ``shape`` (its private helper, re-stated)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` (Newton-Schulz orthogonalised momentum, Jordan et al. 2024) for the
     blocks' 2-D weights and AdamW for the rest, as one optimizer for fit(): its ``param_groups``
@@ -110,8 +167,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         muon_groups, adam_groups = muon_param_groups(model, cfg.weight_decay)
         # match_rms_adamw scales Muon's orthogonal updates to AdamW's RMS (Moonshot 2025), so the
         # schedule's one lr (train.lr) serves both optimizers
-        self.muon = torch.optim.Muon(muon_groups, lr=cfg.lr, momentum=0.95, nesterov=True,
-                                     adjust_lr_fn="match_rms_adamw")
+        self.muon = BatchedMuon(muon_groups, lr=cfg.lr, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
         self.adamw = _adamw(adam_groups, cfg)
         self.defaults = {"lr": cfg.lr}
         self.state = {}  # per-parameter state lives in the two inner optimizers
@@ -201,4 +257,4 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-__all__ = ["Lion", "MuonWithAdamW", "WarmupCosine", "build_optimizer", "param_groups", "muon_param_groups", "set_lr"]
+__all__ = ["Lion", "BatchedMuon", "MuonWithAdamW", "WarmupCosine", "build_optimizer", "param_groups", "muon_param_groups", "set_lr"]
