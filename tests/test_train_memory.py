@@ -111,9 +111,9 @@ def test_prediction_parts_scale_as_they_should():
     one, two = (predict_training_memory(model, causal_lm, b, 64) for b in (2, 4))
     n = model.num_parameters()
     assert one.grads == 4 * n and one.optimizer == 8 * n  # fp32 grads, two fp32 AdamW moments
-    assert 1.5 < two.activations / one.activations < 2.0  # linear in batch plus a per-forward constant (head grad)
+    assert 1.7 < two.activations / one.activations < 2.0  # linear in batch plus a per-forward constant
     ckpt = predict_training_memory(model, causal_lm, 4, 64, gradient_checkpointing=True)
-    assert ckpt.activations < 0.7 * two.activations and ckpt.activations + ckpt.recompute < 0.9 * two.activations
+    assert ckpt.activations + ckpt.recompute < 0.8 * two.activations
     assert not model.config.gradient_checkpointing  # the probe leaves the model as it found it
     state = torch.random.get_rng_state()
     saved_activation_bytes(model, causal_lm, 1, 16)

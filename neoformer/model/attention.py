@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .autocast import cast_once
 from .chunked_attention import chunked_attention, use_chunked
 from .norms import unit_norm
 from .positions import apply_rope
@@ -156,21 +155,17 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
         out = SMALL_QUERY_KERNELS[0](q, k, v, *_sdpa_mask(q, k, ctx, window), scale)
         if out is not None:
             return out
-    mask, is_causal = _sdpa_mask(q, k, ctx, window)
-    if ctx.bias is not None:
-        bias = ctx.bias.to(torch.promote_types(q.dtype, torch.float32))
-        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-    if use_chunked(q, mask, dropout_p, training):  # CPU SDPA has no dropout kernel: its math path keeps B*H*T*T
-        if torch.is_autocast_enabled("cpu"):  # it computes in fp32 and saves its inputs: keep those bf16
-            half = torch.get_autocast_dtype("cpu")
-            q, k, v = q.to(half), k.to(half), v.to(half)  # (RoPE's fp32 tables made q, k fp32)
-        with torch.autocast("cpu", enabled=False):
-            return chunked_attention(q, k, v, mask, is_causal, scale, dropout_p)
     if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)):
         # measured: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32
         with torch.autocast("cpu", enabled=False):
             out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
         return out.to(v.dtype)
+    mask, is_causal = _sdpa_mask(q, k, ctx, window)
+    if ctx.bias is not None:
+        bias = ctx.bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    if use_chunked(q, mask, dropout_p, training):  # CPU SDPA has no dropout kernel: its math path keeps B*H*T*T
+        return chunked_attention(q, k, v, mask, is_causal, scale, dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -251,8 +246,6 @@ class Attention(nn.Module):
         """x (B, L, D) -> q (B, H, L, Dh), k, v (B, Hkv, Lk, Dh). ``memory``: encoder output
         (B, S, D), its precomputed (K, V), or None for self-attention."""
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        x = cast_once(x)
-        memory = cast_once(memory) if isinstance(memory, torch.Tensor) else memory
         if self.fused:
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
             return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), \

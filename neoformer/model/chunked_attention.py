@@ -46,12 +46,6 @@ def dropped(seed: int, index: int, shape, p: float, device) -> torch.Tensor:
     return (bits < round(p * DROP_LEVELS) - DROP_LEVELS // 2).view(shape)
 
 
-def computed(t: torch.Tensor) -> torch.Tensor:
-    """The dtype the chunks are computed in: fp32 for bf16/fp16 (PyTorch's CPU bf16 matmuls and softmax are
-    slower and coarser here), fp32/fp64 as they are."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 class _Plan:
     """Where each chunk starts and stops, which keys it reads, and its masking."""
 
@@ -82,11 +76,10 @@ class ChunkedAttention(torch.autograd.Function):
     not to the (c, Lk) probabilities: two fewer passes over the largest tensor."""
 
     @staticmethod
-    def forward(ctx, q_in, k_in, v_in, mask, causal, scale, dropout_p, seed, chunk):
-        plan = _Plan(q_in, k_in, mask, causal, chunk)
+    def forward(ctx, q, k, v, mask, causal, scale, dropout_p, seed, chunk):
+        plan = _Plan(q, k, mask, causal, chunk)
         p = effective_rate(dropout_p)
-        q, k, v = (computed(t) for t in (q_in, k_in, v_in))
-        out = torch.empty_like(q_in)
+        out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:-1])  # (B, H, Lq)
         for index, start, stop in plan.chunks:
             s = plan.scores(q, k, start, stop, scale)
@@ -97,17 +90,15 @@ class ChunkedAttention(torch.autograd.Function):
                 weights.masked_fill_(dropped(seed, index, weights.shape, p, q.device), 0.0)
             out[:, :, start:stop] = torch.matmul(weights, v[:, :, :plan.keys(stop)]).div_(total * (1.0 - p))
             lse[:, :, start:stop] = (row_max + total.log()).squeeze(-1)
-        # bf16 inputs are saved as they came (half the bytes of the fp32 copies) and upcast again in backward
-        ctx.save_for_backward(q_in, k_in, v_in, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_in, k_in, v_in, out, lse = ctx.saved_tensors
-        q, k, v, out = (computed(t) for t in (q_in, k_in, v_in, out))
+        q, k, v, out, lse = ctx.saved_tensors
         plan, scale, p = ctx.plan, ctx.scale, ctx.dropout_p
-        grad_out = computed(grad_out).contiguous()
+        grad_out = grad_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Lq, 1): rowsum(P * dP) of FlashAttention
         for index, start, stop in plan.chunks:
@@ -124,16 +115,14 @@ class ChunkedAttention(torch.autograd.Function):
             grad_scores = probs.mul_(grad_probs.sub_(row_dot[:, :, start:stop]))  # without the scale
             dq[:, :, start:stop] = torch.matmul(grad_scores, k[:, :, :end]).mul_(scale)
             dk[:, :, :end] += torch.matmul(grad_scores.transpose(-2, -1), q[:, :, start:stop]).mul_(scale)
-        return dq.to(q_in.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def backward_peak_bytes(batch_heads: int, queries: int, keys: int, head_dim: int, half_inputs: bool = False) -> int:
+def backward_peak_bytes(batch_heads: int, queries: int, keys: int, head_dim: int) -> int:
     """Transient bytes of one backward (the larger pass) for the planner: a chunk's fp32 probabilities, their
-    gradient and dropped copy (4 + 4 + 4 bytes per score) and its dropout mask (1), plus dq, dk, dv; with
-    bf16/fp16 inputs also the fp32 copies of q, k, v, the output and its gradient."""
+    gradient and dropped copy (4 + 4 + 4 bytes per score) and its dropout mask (1), plus dq, dk, dv."""
     rows = chunk_rows(batch_heads, keys, queries)
-    rows_of_head_dim = (3 + 5 * half_inputs) * batch_heads * max(queries, keys) * head_dim * 4
-    return 13 * batch_heads * rows * keys + rows_of_head_dim
+    return 13 * batch_heads * rows * keys + 3 * batch_heads * max(queries, keys) * head_dim * 4
 
 
 def use_chunked(q: torch.Tensor, mask, dropout_p: float, training: bool) -> bool:
@@ -146,8 +135,7 @@ def use_chunked(q: torch.Tensor, mask, dropout_p: float, training: bool) -> bool
 def chunked_attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, chunk=None, seed=None):
     """softmax(q k^T * scale + mask) with dropout, @ v. q (B, H, Lq, Dh); k, v (B, Hkv, Lk, Dh);
     mask: bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk); ``causal``: queries
-    are the last Lq of the Lk positions. Same result as the plain product with the same dropout mask.
-    bf16/fp16 inputs are computed in fp32 and give an output in their dtype."""
+    are the last Lq of the Lk positions. Same result as the plain product with the same dropout mask."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

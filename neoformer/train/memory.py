@@ -133,17 +133,16 @@ def predict_training_memory(model: nn.Module, objective, batch: int, seq: int, *
     return MemoryPrediction(weights=n_weights, grads=4 * n_params,
                             optimizer=OPTIMIZER_BYTES_PER_PARAM.get(optimizer, 8) * n_params,
                             activations=activations, loss_chunk=loss_chunk, recompute=recompute,
-                            attention=_attention_transient(model, batch, seq, amp_dtype is not None))
+                            attention=_attention_transient(model, batch, seq))
 
 
-def _attention_transient(model: nn.Module, batch: int, seq: int, half: bool) -> int:
+def _attention_transient(model: nn.Module, batch: int, seq: int) -> int:
     """Backward transient of the chunked attention (model/chunked_attention.py): CPU training with
     attention dropout only; the SDPA kernels of the other cases keep theirs small and blockwise."""
     cfg = model.config
     if next(model.parameters()).device.type != "cpu" or not cfg.attn_dropout:
         return 0
-    half = half or next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    return backward_peak_bytes(batch * cfg.n_heads, seq, seq, cfg.resolved_head_dim, half)
+    return backward_peak_bytes(batch * cfg.n_heads, seq, seq, cfg.resolved_head_dim)
 
 
 def available_memory(device: torch.device) -> int | None:
