@@ -14,6 +14,14 @@ from torch import nn
 from .run_config import TrainConfig
 
 
+def _closure_loss(closure):
+    """The loss of an optimizer step's closure (run with grad on), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
 
@@ -34,10 +42,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -102,18 +107,15 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict]
 
 class BatchedMuon(torch.optim.Muon):
     """``torch.optim.Muon`` with the Newton-Schulz iterations of same-shaped matrices run as one batched
-    matmul. torch 2.13 runs them one matrix at a time (no foreach path): at nanoGPT's Tiny Shakespeare
-    shape that took ~28 ms of a ~85 ms bf16 step (28 matrices x 5 iterations x 3 small matmuls, each
-    dominated by per-call overhead); batched: 2.5x less (benchmarks/results). Same update rule, state
+    matmul. torch 2.13 runs them one matrix at a time (no foreach path): for the 28 matrices of nanoGPT's
+    Tiny Shakespeare shape that measured 22.5 ms per step, batched 14.7 ms (BENCHMARKS.md, issue 15
+    update of 2026-12-07), against a ~78 ms fp32 step. Same update rule, state
     and state-dict format as torch's (so its checkpoints resume here): momentum lerp, Nesterov, the
     quintic iteration in bf16, ``adjust_lr_fn``, decoupled weight decay."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
