@@ -70,7 +70,7 @@ TWEAKS = {
     "zero_init": (dict(zero_init_residual=True), {}),
     "muon": ({}, dict(optimizer="muon")),
 }
-MODERN = "llama+muon+qk_norm"  # what measurably helped here (BENCHMARKS.md keeps every tried switch)
+MODERN = "llama+muon+qk_norm+lr=3e-3+precision=bf16"  # the best measured here (BENCHMARKS.md keeps every tried switch)
 
 
 def recipe(name: str) -> tuple[dict, dict]:

@@ -43,8 +43,31 @@ def test_train_header_shows_the_run_defaults(tmp_path, word_corpus, capsys, monk
     assert "log_every: 3" in (tmp_path / "run" / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("name", ["neoformer-x-demo"])
+@pytest.mark.parametrize("name", sorted(PRESET_RUN_DEFAULTS))
 def test_run_defaults_are_valid_config_fields(name):
     defaults = run_defaults(name)
     TrainConfig.from_dict(defaults.get("train", {}))
     TokenizerConfig.from_dict(defaults.get("tokenizer", {}))
+
+
+def test_modern_shakespeare_preset_is_the_benchmarks_modern_recipe():
+    """The preset must train what benchmarks/shakespeare.py measured as `modern` (BENCHMARKS.md)."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from neoformer import ModelConfig
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "shakespeare.py"
+    spec = importlib.util.spec_from_file_location("shakespeare_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_fields, train_fields = bench.recipe("modern")
+    measured = ModelConfig(name="modern-shakespeare", vocab_size=70, d_model=128, n_layers=4, n_heads=4,
+                           max_seq_len=bench.T, **model_fields)
+    assert PRESETS["modern-shakespeare"] == measured
+    preset_train = run_defaults("modern-shakespeare")["train"]
+    expected = {"batch_size": bench.B, "seq_len": bench.T, "warmup_steps": 100, "grad_clip": 1.0, **train_fields}
+    assert {k: preset_train[k] for k in expected} == expected
+    assert preset_train["optimizer"] == "muon" and preset_train["precision"] == "bf16"
+    assert {f.name for f in dataclasses.fields(TrainConfig)} >= set(preset_train)
