@@ -55,6 +55,24 @@ def test_int8_vnni_kernel_equals_the_int_mm_path_bit_for_bit(rows):
     y = ops.gemv_int8_vnni(tiles, scales, *K.quantize_rows_int8(x))[:, :48]
     assert torch.equal(y, K.int8_dynamic_linear(x, q))
     assert torch.equal(ops.dense_int8_vnni(tiles, 48), q.qweight)
+    assert torch.equal(ops.gemv_int8_vnni_f32(tiles, scales, x)[:, :48], y)  # quantized inside the kernel
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e6])
+def test_in_kernel_activation_quantizers_equal_the_python_ones_bit_for_bit(scale):
+    """Codes land exactly on .5 ties (round half to even), rows of zeros (the 1e-12 floor) and tiny or large
+    magnitudes: the kernel's quantizers must give the Python quantizers' outputs exactly."""
+    torch.manual_seed(5)
+    q = K.quantize_int8(torch.randn(32, 64))
+    x = torch.randn(5, 64) * scale
+    x[1] = 0.0
+    x[2, :] = torch.arange(64) - 31.5  # amax 32.5 -> scale 32.5/127: many x / scale near .5
+    x[3, ::2] = x[3, 0] * 0.5
+    tiles, scales = ops.pack_int8_vnni(q.qweight, q.scales)
+    assert torch.equal(ops.gemv_int8_vnni_f32(tiles, scales, x), ops.gemv_int8_vnni(tiles, scales, *K.quantize_rows_int8(x)))
+    q4 = K.quantize_int4(torch.randn(32, 64), 32)
+    t4 = ops.pack_int4_vnni(K.unpack_nibbles(q4.qweight), q4.scales, q4.zeros, 32)
+    assert torch.equal(ops.gemv_int4_vnni(*t4, x, 32), ops.gemv_int4_vnni_prequantized(*t4, x, 32))
 
 
 @pytest.mark.parametrize("group", [32, 64])

@@ -95,6 +95,12 @@ def gemv_int8_vnni(tiles: torch.Tensor, scales: torch.Tensor, xq: torch.Tensor, 
     return torch.ops.neoformer_cpu.gemv_int8x8(tiles, scales, xq, x_scale.reshape(-1))
 
 
+def gemv_int8_vnni_f32(tiles: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """fp32 x (rows, in), quantized per row inside the kernel exactly as quantize/kernels.py's
+    quantize_rows_int8 does -> fp32 (rows, out_p); equal to gemv_int8_vnni(tiles, scales, *quantize_rows_int8(x))."""
+    return torch.ops.neoformer_cpu.gemv_int8x8_f32(tiles, scales, x)
+
+
 # ---- nf4 (weight-only): w = NF4[q] * absmax per group, fp32 activations --------------------------------------
 NF4_TILE = 32
 
@@ -156,6 +162,12 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def gemv_int4_vnni(tiles, scales, zeros, x: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 x (rows, in), quantized per block of 32 inside the kernel exactly as :func:`quantize_blocks`."""
+    return torch.ops.neoformer_cpu.gemv_int4x8_f32(tiles, scales, zeros, x, group)
+
+
+def gemv_int4_vnni_prequantized(tiles, scales, zeros, x: torch.Tensor, group: int) -> torch.Tensor:
+    """The same product with the activations quantized in Python (the kernel's quantizer's test reference)."""
     xq, scale, total = quantize_blocks(x.float())
     return torch.ops.neoformer_cpu.gemv_int4x8(tiles, scales, zeros, xq, scale, total, group)
 
@@ -206,4 +218,8 @@ def register_fakes() -> None:
         lambda q, k, v, mask, causal, scale: q.new_empty(q.shape))
     torch.library.register_fake(lib + "gemv_int4x8")(
         lambda packed, scales, zeros, xq, xs, xsum, group: xs.new_empty((xq.shape[0], packed.shape[0] * VNNI_TILE)))
+    torch.library.register_fake(lib + "gemv_int8x8_f32")(
+        lambda packed, w_scale, x: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
+    torch.library.register_fake(lib + "gemv_int4x8_f32")(
+        lambda packed, scales, zeros, x, group: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
 

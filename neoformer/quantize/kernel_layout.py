@@ -70,15 +70,14 @@ class KernelLayout:
         return {"qweight": pack_nibbles(ops.codes_int4_vnni(t["tiles"], out)),
                 "scales": ops.untile_groups(t["scales"], out), "zeros": ops.untile_groups(t["zeros"], out)}
 
-    def __call__(self, x2: torch.Tensor, quantize_rows=None) -> torch.Tensor:
-        """x2 (rows, in) -> fp32 (rows, out). ``quantize_rows``: the int8-dynamic scheme's activation
-        quantizer (quantize/kernels.py), so both of its paths quantize alike."""
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (rows, in) -> fp32 (rows, out). int8-dynamic and int4 quantize the activations inside the
+        kernel, bit-identically to quantize/kernels.py's quantize_rows_int8 and ops.quantize_blocks."""
         t = self.tensors
         if self.scheme == "int8":
             y = ops.gemv_int8(t["tiles"], t["scales"], x2.float().contiguous())
         elif self.scheme == "int8-dynamic":
-            xq, x_scale = quantize_rows(x2)
-            y = ops.gemv_int8_vnni(t["tiles"], t["scales"], xq.contiguous(), x_scale)
+            y = ops.gemv_int8_vnni_f32(t["tiles"], t["scales"], x2.float().contiguous())
         elif self.scheme == "nf4":
             y = ops.gemv_nf4(t["tiles"], t["absmax"], x2, self.group_size)
         else:

@@ -175,7 +175,7 @@ class QuantizedLinear(nn.Module):
 
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= KERNEL_ROWS and self._kernel_layout() is not None:  # decode: neoformer's CPU kernels
-            return self._kernel(x2, K.quantize_rows_int8)
+            return self._kernel(x2)
         if self.scheme == "int8":
             xb = x2.to(torch.bfloat16)
             qweight = self.stored()["qweight"]
