@@ -75,8 +75,9 @@ def load(verbose: bool = False) -> bool:
 
             build = cache_dir()
             build.mkdir(parents=True, exist_ok=True)
-            load_extension(f"{LIBRARY}_{build.name}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
-                           build_directory=str(build), is_python_module=False, verbose=verbose)
+            load_extension(f"{LIBRARY}_{build.name}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                           verbose=verbose)
             from ..model import attention
             from .ops import register_fakes, small_query_attention
 
