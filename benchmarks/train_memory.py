@@ -63,7 +63,9 @@ def run_child(tree: Path, variant: str, args) -> dict:
     payload = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                "threads": args.threads, "precision": precision, "ckpt": extra == "ckpt"}
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], env=env, capture_output=True, text=True)
+    # cwd = the tree: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], env=env, capture_output=True, text=True,
+                         cwd=tree)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -140,3 +140,69 @@ def test_frozen_head_and_no_grad_evaluation():
     with torch.no_grad():
         model.loss_chunk_rows = 4
         torch.testing.assert_close(objective(model.eval(), batch)[0], plain_loss.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _cpu_kernels():
+    from neoformer.kernels import kernels_available, unavailable_reason
+
+    if not kernels_available():
+        pytest.skip(f"CPU kernels unavailable: {unavailable_reason()}")
+    from neoformer.kernels.ops import cross_entropy_rows
+
+    return cross_entropy_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_cross_entropy_equals_float64(dtype):
+    """loss_cpu.cpp: loss and in-place gradient (softmax - onehot) of every row, ignored rows zero, a vocabulary
+    that is not a multiple of the 16-lane vectors; against F.cross_entropy in float64 on the same inputs."""
+    fused = _cpu_kernels()
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 1003, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 1003, (9,), generator=g)
+    targets[2] = -100
+    targets[5] = 1002  # the last lane of the tail
+    exact = logits.double().requires_grad_()
+    want = F.cross_entropy(exact, targets, ignore_index=-100, reduction="sum")
+    want.backward()
+    grad = logits.clone()
+    got = fused(grad, targets, True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-5)
+    # bf16: within one rounding of the exact gradient (the kernel rounds once, as Tensor.to does)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(grad.double(), exact.grad.to(dtype).double(), **tol)
+    assert torch.count_nonzero(grad[2]) == 0
+    untouched = logits.clone()
+    torch.testing.assert_close(fused(untouched, targets, False), got)  # loss only: logits left as they were
+    assert torch.equal(untouched, logits)
+
+
+def test_fused_cpu_cross_entropy_rejects_and_flags_bad_rows():
+    fused = _cpu_kernels()
+    logits = torch.randn(3, 40)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        fused(logits.clone(), torch.tensor([1, 40, 2]), True)
+    logits[1, 7] = float("inf")
+    grad = logits.clone()
+    loss = fused(grad, torch.tensor([1, 2, 3]), True)
+    assert torch.isnan(loss) and torch.isnan(grad[1]).all() and torch.isfinite(grad[0]).all()
+    assert fused(torch.randn(2, 8, dtype=torch.float64), torch.tensor([0, 1]), True) is None  # fp64: PyTorch's path
+
+
+def test_chunked_loss_runs_the_fused_kernel_and_matches_plain_fp32(monkeypatch):
+    """An fp32 CPU model's chunked loss goes through the kernel (counted) and equals the full-logits loss."""
+    fused = _cpu_kernels()
+    from neoformer.model import head_loss
+
+    calls = []
+    monkeypatch.setattr(head_loss, "CROSS_ENTROPY_KERNELS", [lambda *a: calls.append(1) or fused(*a)])
+    model = _model().float()
+    objective, batch = _batch("decoder")
+    plain_loss, plain_grads = _loss_and_grads(model, objective, batch, rows=0)
+    assert not calls
+    chunk_loss, chunk_grads = _loss_and_grads(model, objective, batch, rows=4)
+    assert len(calls) == 9  # 33 rows in chunks of 4
+    torch.testing.assert_close(chunk_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(chunk_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)

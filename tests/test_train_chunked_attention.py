@@ -110,3 +110,23 @@ def test_model_training_uses_it_deterministically():
         model0 = build_model(cfg0)
         model0.load_state_dict(model.state_dict())
         torch.testing.assert_close(plain, model0.eval()(ids)[0])
+
+
+@pytest.mark.parametrize("causal,p", [(True, 0.3), (False, 0.0)])
+def test_bf16_inputs_keep_fp32_softmax_and_sums(causal, p):
+    """bf16 q, k, v (the AMX path): bf16 products, fp32 softmax and dq/dk/dv sums -- within bf16 rounding of
+    the fp64 result on the same (bf16-rounded) inputs; outputs and gradients come back in bf16."""
+    q, k, v = _inputs(lq=40, lk=40, dh=16)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    exact = [t.detach().bfloat16().double().requires_grad_() for t in (q, k, v)]
+    out = chunked_attention(*low, None, causal, 0.25, p, chunk=16, seed=3)
+    ref = reference(*exact, None, causal, 0.25, p, 3, 16)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).norm() < 0.01 * ref.norm()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out * weights.bfloat16()).sum(), low)
+    want = torch.autograd.grad((ref * weights.bfloat16().double()).sum(), exact)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        # measured: 0.40-0.49% here; bf16 softmax and sums (the code before) gave 0.73-1.25%
+        assert (g.double() - w).norm() < 0.0065 * w.norm()

@@ -1,6 +1,7 @@
-"""Build and load the CPU decode kernels (``gemv_cpu.cpp``) once per machine, on first use.
+"""Build and load the CPU kernels (``gemv_cpu.cpp``: decode; ``loss_cpu.cpp``: the training loss) once per
+machine, on first use.
 
-The C++ file is compiled by ``torch.utils.cpp_extension`` (g++ and ninja) into a cache folder keyed by
+The C++ files are compiled by ``torch.utils.cpp_extension`` (g++ and ninja) into a cache folder keyed by
 the source, the torch version and the compiler flags, so later processes only load the ``.so``
 (~20 s to compile once on 2 cores; ``make install`` builds it ahead). Anything missing -- a CPU without
 AVX-512 VNNI, no compiler, no ninja, ``NEOFORMER_CPU_KERNELS=0`` -- makes :func:`load` return False
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv_cpu.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "loss_cpu.cpp"))
 # the instruction sets the kernels use; checked against /proc/cpuinfo before building or loading
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 # the bf16 kernel also needs avx512_bf16 (has_bf16); the library is built with it and that kernel is not called without
@@ -44,7 +45,8 @@ def cpu_flags() -> set[str]:
 def cache_dir() -> Path:
     root = os.environ.get("NEOFORMER_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
                                                             "neoformer", "kernels")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return Path(root, key)
 
 
@@ -75,17 +77,20 @@ def load(verbose: bool = False) -> bool:
 
             build = cache_dir()
             build.mkdir(parents=True, exist_ok=True)
-            load_extension(f"{LIBRARY}_{build.name}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+            load_extension(f"{LIBRARY}_{build.name}", sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=verbose)
-            from ..model import attention
-            from .ops import register_fakes, small_query_attention
+            from ..model import attention, head_loss
+            from .ops import cross_entropy_rows, register_fakes, small_query_attention
 
             register_fakes()
             if small_query_attention not in attention.SMALL_QUERY_KERNELS:
                 attention.SMALL_QUERY_KERNELS.append(small_query_attention)
+            if cross_entropy_rows not in head_loss.CROSS_ENTROPY_KERNELS:
+                head_loss.CROSS_ENTROPY_KERNELS.append(cross_entropy_rows)
         except Exception as error:  # a failed build must not stop generation: PyTorch's ops still work
-            reason = f"building {SOURCE.name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            names = ", ".join(source.name for source in SOURCES)
+            reason = f"building {names} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
             warnings.warn(f"neoformer CPU kernels unavailable: {reason}", stacklevel=2)
     _state.update(loaded=reason is None, reason=reason)
     return reason is None

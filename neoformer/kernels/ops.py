@@ -223,3 +223,18 @@ def register_fakes() -> None:
     torch.library.register_fake(lib + "gemv_int4x8_f32")(
         lambda packed, scales, zeros, x, group: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
 
+
+
+# ---- training: token cross-entropy of one chunk of head logits (loss_cpu.cpp) ----------------------------------
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor | None:
+    """Summed cross-entropy of the rows of ``logits`` (rows, V) against ``targets`` (IGNORE_INDEX rows count 0);
+    ``logits`` becomes d loss / d logits in place when ``write_grad``. None where the kernel does not apply
+    (not CPU, not contiguous fp32/bf16, bf16 on a CPU without AVX512-BF16): the caller uses PyTorch's ops."""
+    from ..config import IGNORE_INDEX
+    from .build import has_bf16
+
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or not logits.is_contiguous():
+        return None
+    if logits.dtype == torch.bfloat16 and not has_bf16():
+        return None
+    return torch.ops.neoformer_cpu.cross_entropy_rows_(logits, targets.long(), IGNORE_INDEX, write_grad).sum()

@@ -23,6 +23,7 @@ from .positions import apply_rope
 from .weights import residual_projection
 
 _FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_CPU_HAS_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # bf16 matrix tiles (Xeon 4th gen+)
 
 
 def keep_mask(attention_mask) -> torch.Tensor:
@@ -155,8 +156,10 @@ def sdpa_attention(q, k, v, ctx: AttnContext, window, scale, dropout_p, training
         out = SMALL_QUERY_KERNELS[0](q, k, v, *_sdpa_mask(q, k, ctx, window), scale)
         if out is not None:
             return out
-    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)):
-        # measured: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32
+    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype in (torch.bfloat16, torch.float16)) \
+            and not (_CPU_HAS_AMX and q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        # measured: PyTorch's CPU attention kernels are ~4x slower (fwd + bwd) in bf16/fp16 than in fp32 on a CPU
+        # without AMX (Zen 4); with AMX, bf16 is 1.7x faster (SDPA, causal fwd + bwd, 16 x 4 x 1024 x 64)
         with torch.autocast("cpu", enabled=False):
             out = sdpa_attention(q.float(), k.float(), v.float(), ctx, window, scale, dropout_p, training)
         return out.to(v.dtype)
@@ -264,7 +267,8 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if ctx.rope is not None and not self.cross:
             cos, sin = ctx.rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # rotated in the angles' precision, kept in the projection's dtype (bf16 under autocast, as on GPU)
+            q, k = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
         if self.ngpt:
             q, k = unit_norm(q) * self.qk_scale, unit_norm(k) * self.qk_scale
         if cache is not None:

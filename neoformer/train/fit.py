@@ -46,6 +46,7 @@ from ..checkpoint import capture_rng_state, load_training, resolve_checkpoint, r
 from ..parallel import (  # parallel: DDP / FSDP2 under torchrun (no-ops in one process)
     ParallelContext, ShardedBatches, clip_grad_norm_, set_grad_sync,
 )
+from ..kernels import kernels_available
 from ..parallel import apply as apply_parallel
 from .monitor import MetricsLog, ProgressBar, StopSignals, apply_threads
 from .objectives import Objective
@@ -211,6 +212,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.device = self.ctx.device if self.ctx.distributed else resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            kernels_available()  # the fused cross-entropy of the chunked loss (PyTorch's ops where it cannot load)
         self.raw = unwrap(model).to(self.device)
         self.model = model
         if cfg.gradient_checkpointing and hasattr(self.raw, "set_gradient_checkpointing"):

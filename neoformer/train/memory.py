@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import kernels_available
+from ..model import head_loss
 from ..model.chunked_attention import backward_peak_bytes
 from ..model.head_loss import chunk_rows_for
 
@@ -129,9 +131,25 @@ def _activations(model, objective, batch: int, seq: int, amp_dtype) -> int:
     return max(0, two - 2 * per_row) + batch * per_row
 
 
+def _loss_chunk(model, tokens: int, amp_dtype) -> int:
+    """The chunked loss's transient (model/head_loss.py): the head cast once to the matmul's dtype and transposed,
+    bf16's (V, D) product and widening buffers, and one chunk: on CPU with the fused cross-entropy kernel the
+    logits only (their gradient overwrites them), else the logits, their fp32 copy/softmax and their gradient."""
+    vocab, width = model.config.vocab_size, model.config.d_model
+    rows = min(tokens, model.loss_chunk_rows or chunk_rows_for(vocab))
+    matmul_bytes = 2 if amp_dtype in (torch.bfloat16, torch.float16) else 4
+    head = vocab * width * (matmul_bytes + (matmul_bytes + 2 + 4 if matmul_bytes == 2 else 0))
+    device = next(model.parameters()).device
+    if head_loss.CROSS_ENTROPY_KERNELS and device.type == "cpu" and amp_dtype in (None, torch.bfloat16):
+        return head + rows * vocab * matmul_bytes
+    return head + 3 * rows * vocab * 4
+
+
 def predict_training_memory(model: nn.Module, objective, batch: int, seq: int, *, amp_dtype=None,
                             gradient_checkpointing: bool = False, optimizer: str = "adamw") -> MemoryPrediction:
     """Predicted peak bytes of a ``fit()`` step with micro-batches of ``batch`` x ``seq`` tokens."""
+    if next(model.parameters()).device.type == "cpu":
+        kernels_available()  # as fit() does: the probe and the loss chunk then see the fused cross-entropy
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
@@ -149,13 +167,10 @@ def predict_training_memory(model: nn.Module, objective, batch: int, seq: int, *
     finally:
         if set_checkpointing is not None:
             set_checkpointing(checkpointing)
-    vocab = model.config.vocab_size
-    rows = min(batch * seq, model.loss_chunk_rows or chunk_rows_for(vocab))
-    # one chunk: the logits, their fp32 copy/softmax and their gradient live at once
-    loss_chunk = 3 * rows * vocab * 4
     return MemoryPrediction(weights=n_weights, grads=4 * n_params,
                             optimizer=OPTIMIZER_BYTES_PER_PARAM.get(optimizer, 8) * n_params,
-                            activations=activations, loss_chunk=loss_chunk, recompute=recompute,
+                            activations=activations, loss_chunk=_loss_chunk(model, batch * seq, amp_dtype),
+                            recompute=recompute,
                             attention=_attention_transient(model, batch, seq))
 
 
