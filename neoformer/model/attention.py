@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .autocast import cast_once
 from .chunked_attention import chunked_attention, use_chunked
 from .norms import unit_norm
 from .positions import apply_rope
@@ -249,6 +250,8 @@ class Attention(nn.Module):
         """x (B, L, D) -> q (B, H, L, Dh), k, v (B, Hkv, Lk, Dh). ``memory``: encoder output
         (B, S, D), its precomputed (K, V), or None for self-attention."""
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        x = cast_once(x)
+        memory = cast_once(memory) if isinstance(memory, torch.Tensor) else memory
         if self.fused:
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
             return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), \
