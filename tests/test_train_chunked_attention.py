@@ -130,3 +130,39 @@ def test_bf16_inputs_keep_fp32_softmax_and_sums(causal, p):
         assert g.dtype == torch.bfloat16
         # measured: 0.40-0.49% here; bf16 softmax and sums (the code before) gave 0.73-1.25%
         assert (g.double() - w).norm() < 0.0065 * w.norm()
+
+
+def _splitmix64_lanes(key: int, count: int) -> list[int]:
+    """The dropout hash in plain Python integers (mod 2**64): 16-bit lane i % 4 of word i // 4."""
+    mask = 2 ** 64 - 1
+    lanes = []
+    for word in range((count + 3) // 4):
+        z = (key + (word + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        lanes += [(z >> (16 * lane)) & 0xFFFF for lane in range(4)]
+    return lanes[:count]
+
+
+def test_dropout_mask_is_splitmix64_of_the_position():
+    """dropped() (PyTorch int64 arithmetic, logical shifts emulated) equals the hash in exact integers."""
+    seed, index, p = 2 ** 61 + 12345, 3, 0.3
+    mask = dropped(seed, index, (7, 9), p, torch.device("cpu"))
+    want = [lane < round(effective_rate(p) * 65536) for lane in _splitmix64_lanes(seed + index, 63)]
+    assert mask.flatten().tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_kernel_zeroes_exactly_the_dropped_elements(dtype):
+    from neoformer.kernels import kernels_available, unavailable_reason
+    from neoformer.kernels.ops import zero_dropped
+
+    if not kernels_available():
+        pytest.skip(f"CPU kernels unavailable: {unavailable_reason()}")
+    for shape in ((3, 5, 77), (1000,), (2, 4, 32, 64)):  # tails of 1..31 elements, whole blocks, a chunk's shape
+        x = torch.rand(shape).add_(0.5).to(dtype)
+        want = x.masked_fill(dropped(99, 2, shape, 0.1, x.device), 0.0)
+        assert zero_dropped(x, 101, round(effective_rate(0.1) * 65536))
+        assert torch.equal(x, want), shape
+    assert not zero_dropped(torch.ones(4, 4).t(), 1, 100)  # not contiguous: left to PyTorch

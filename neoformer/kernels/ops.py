@@ -238,3 +238,12 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: 
     if logits.dtype == torch.bfloat16 and not has_bf16():
         return None
     return torch.ops.neoformer_cpu.cross_entropy_rows_(logits, targets.long(), IGNORE_INDEX, write_grad).sum()
+
+
+def zero_dropped(x: torch.Tensor, key: int, threshold: int) -> bool:
+    """Zero in place the elements of ``x`` that model/chunked_attention.py's ``dropped`` names; False (nothing
+    done) where the kernel does not apply: not a contiguous fp32/bf16 CPU tensor."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return False
+    torch.ops.neoformer_cpu.zero_dropped_(x, key, threshold)
+    return True
