@@ -153,16 +153,50 @@ def test_dropout_mask_is_splitmix64_of_the_position():
     assert mask.flatten().tolist() == want
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_dropout_kernel_zeroes_exactly_the_dropped_elements(dtype):
+def _kernels():
     from neoformer.kernels import kernels_available, unavailable_reason
-    from neoformer.kernels.ops import zero_dropped
 
     if not kernels_available():
         pytest.skip(f"CPU kernels unavailable: {unavailable_reason()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_kernel_zeroes_exactly_the_dropped_elements(dtype):
+    _kernels()
+    from neoformer.kernels.ops import zero_dropped
+
+    threshold = round(effective_rate(0.1) * 65536)
     for shape in ((3, 5, 77), (1000,), (2, 4, 32, 64)):  # tails of 1..31 elements, whole blocks, a chunk's shape
         x = torch.rand(shape).add_(0.5).to(dtype)
-        want = x.masked_fill(dropped(99, 2, shape, 0.1, x.device), 0.0)
-        assert zero_dropped(x, 101, round(effective_rate(0.1) * 65536))
-        assert torch.equal(x, want), shape
-    assert not zero_dropped(torch.ones(4, 4).t(), 1, 100)  # not contiguous: left to PyTorch
+        drop = dropped(99, 2, shape, 0.1, x.device)
+        for scale in (1.0, 1.25):
+            got = x.clone()
+            assert zero_dropped(got, 101, threshold, scale)
+            assert torch.equal(got, x.masked_fill(drop, 0.0) * scale), (shape, scale)  # one rounding, as mul_'s
+    assert not zero_dropped(torch.ones(4, 4).t(), 1, 100, 1.0)  # not contiguous: left to PyTorch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_dropout_module_uses_the_hashed_mask_forward_and_backward(dtype, monkeypatch):
+    """model/dropout.py's Dropout with the kernel: out = x * keep / (1 - p), keep from a key drawn from the global
+    RNG, the same mask in backward; without the kernel it is F.dropout; eval is the identity."""
+    from neoformer.model import dropout as dropout_module
+
+    _kernels()
+    layer = dropout_module.Dropout(0.25)
+    x = torch.randn(3, 50, 20).to(dtype).requires_grad_()
+    torch.manual_seed(4)
+    out = layer(x)
+    grad, = torch.autograd.grad(out, x, torch.ones_like(out))
+    torch.manual_seed(4)
+    keep = ~dropped(dropout_module.new_key(), 0, x.shape, 0.25, x.device)
+    scale = 1 / (1 - effective_rate(0.25))
+    assert torch.equal(out, (x.detach() * keep) * scale)
+    assert torch.equal(grad, (torch.ones_like(x) * keep) * scale)
+    assert abs(keep.float().mean().item() - 0.75) < 0.02
+    monkeypatch.setattr(dropout_module, "DROPOUT_KERNELS", [])
+    torch.manual_seed(4)
+    plain = layer(x)
+    torch.manual_seed(4)
+    assert torch.equal(plain, F.dropout(x, 0.25, True))
+    assert torch.equal(layer.eval()(x), x)

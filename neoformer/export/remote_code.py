@@ -18,7 +18,7 @@ from .. import kinds
 _PACKAGE = Path(__file__).resolve().parent.parent
 # dependency order: each file uses only names defined in files before it (or at call time)
 VENDORED = ("config.py", "model/weights.py", "model/autocast.py", "model/norms.py", "model/positions.py",
-            "model/chunked_attention.py", "model/attention.py",
+            "model/dropout.py", "model/chunked_attention.py", "model/attention.py",
             "model/ffn.py", "model/memory.py", "model/state.py", "model/block.py", "model/head_loss.py",
             "model/transformer.py")
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from \.+[\w.]* import (.+)$")

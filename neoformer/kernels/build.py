@@ -80,14 +80,14 @@ def load(verbose: bool = False) -> bool:
             load_extension(f"{LIBRARY}_{build.name}", sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=verbose)
-            from ..model import attention, chunked_attention, head_loss
+            from ..model import attention, dropout, head_loss
             from .ops import cross_entropy_rows, register_fakes, small_query_attention, zero_dropped
 
             register_fakes()
             if small_query_attention not in attention.SMALL_QUERY_KERNELS:
                 attention.SMALL_QUERY_KERNELS.append(small_query_attention)
             for hook, kernel in ((head_loss.CROSS_ENTROPY_KERNELS, cross_entropy_rows),
-                                 (chunked_attention.DROPOUT_KERNELS, zero_dropped)):
+                                 (dropout.DROPOUT_KERNELS, zero_dropped)):
                 if kernel not in hook:
                     hook.append(kernel)
         except Exception as error:  # a failed build must not stop generation: PyTorch's ops still work

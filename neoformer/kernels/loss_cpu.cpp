@@ -1,5 +1,5 @@
 // CPU training kernels: the token cross-entropy of one chunk of LM-head logits (loss and gradient in one pass per
-// row), and the chunked attention's dropout applied in place from a counter-based hash.
+// row), and dropout applied in place from a counter-based hash (model/dropout.py).
 //
 // Why hand-written (measured on lumi-tiny, 16 x 1024 tokens, vocab 32,768, bf16 autocast, 2 threads, the 2-core
 // Xeon with AMX of BENCHMARKS.md): the PyTorch chunk -- upcast to fp32, log_softmax, nll, their backward, the
@@ -141,7 +141,7 @@ at::Tensor cross_entropy_rows_(at::Tensor logits, const at::Tensor& targets, int
   return losses;
 }
 
-// ---- dropout of the chunked attention (model/chunked_attention.py: dropped() is the same hash in PyTorch) -------
+// ---- dropout from a hash of the position (model/dropout.py: dropped() is the same hash in PyTorch) -------------
 // Element i of a chunk is dropped when 16-bit lane i % 4 of splitmix64(key + (i / 4 + 1) * golden) is below the
 // threshold (p * 65536). Why hand-written: PyTorch's version draws int64 randoms, compares them into a bool mask
 // and masked_fills (measured 15 % of lumi-tiny's bf16 step); here the mask is never stored: eight hashes give 32
@@ -152,48 +152,70 @@ inline __m512i splitmix64(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi64(x, 31));
 }
 
+inline __m512 scale_kept(const float* p, __mmask16 kept, __mmask16 valid, __m512 scale) {
+  return _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(valid, p), scale);
+}
+
+// element j of x: 0 where dropped; times `scale` elsewhere (scale 1: only the zeros are written)
 template <typename T>
-void zero_dropped(T* x, int64_t count, uint64_t key, uint16_t threshold) {
+void zero_dropped(T* x, int64_t count, uint64_t key, uint16_t threshold, float scale) {
   constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
   const __m512i lane_words = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);  // (word + 1) for the 8 words of a block
   const __m512i limit = _mm512_set1_epi16(static_cast<short>(threshold));
+  const __m512 vscale = _mm512_set1_ps(scale);
   const int64_t blocks = (count + 31) / 32;  // 32 elements = 8 words per block
   at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const __m512i words = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(b * 8)), lane_words);
       const __m512i state = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(key)),
                                              _mm512_mullo_epi64(words, _mm512_set1_epi64(static_cast<int64_t>(kGolden))));
-      __mmask32 drop = _mm512_cmplt_epu16_mask(splitmix64(state), limit);  // bit j: element 32 b + j
+      const __mmask32 drop_all = _mm512_cmplt_epu16_mask(splitmix64(state), limit);  // bit j: element 32 b + j
       const int64_t start = b * 32, left = count - start;
-      if (left < 32) drop &= static_cast<__mmask32>((1ULL << left) - 1);
+      const __mmask32 valid = left < 32 ? static_cast<__mmask32>((1ULL << left) - 1) : ~__mmask32(0);
+      const __mmask32 drop = drop_all & valid, kept = ~drop_all & valid;
       T* p = x + start;
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_storeu_ps(p, static_cast<__mmask16>(drop), _mm512_setzero_ps());
-        _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(drop >> 16), _mm512_setzero_ps());
-      } else {
-        _mm512_mask_storeu_epi16(p, drop, _mm512_setzero_si512());
+      if (scale == 1.0f) {
+        if constexpr (std::is_same_v<T, float>) {
+          _mm512_mask_storeu_ps(p, static_cast<__mmask16>(drop), _mm512_setzero_ps());
+          _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(drop >> 16), _mm512_setzero_ps());
+        } else {
+          _mm512_mask_storeu_epi16(p, drop, _mm512_setzero_si512());
+        }
+      } else if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(p, static_cast<__mmask16>(valid),
+                              scale_kept(p, static_cast<__mmask16>(kept), static_cast<__mmask16>(valid), vscale));
+        _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(valid >> 16),
+                              scale_kept(p + 16, static_cast<__mmask16>(kept >> 16), static_cast<__mmask16>(valid >> 16),
+                                         vscale));
+      } else {  // bf16: widen, scale in fp32, round to nearest even (as Tensor.mul_ does)
+        const __m512i raw = _mm512_maskz_loadu_epi16(valid, p);
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vscale), _mm512_mul_ps(lo, vscale));
+        _mm512_mask_storeu_epi16(p, valid, _mm512_maskz_mov_epi16(kept, (__m512i)packed));
       }
     }
   });
 }
 
-void zero_dropped_(at::Tensor x, int64_t key, int64_t threshold) {
+void zero_dropped_(at::Tensor x, int64_t key, int64_t threshold, double scale) {
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be a contiguous float32 or bfloat16 tensor");
   TORCH_CHECK(threshold >= 0 && threshold < 65536, "threshold must be in [0, 65536)");
   const auto k = static_cast<uint64_t>(key);
   const auto t = static_cast<uint16_t>(threshold);
+  const auto f = static_cast<float>(scale);
   if (x.scalar_type() == at::kFloat)
-    zero_dropped(x.data_ptr<float>(), x.numel(), k, t);
+    zero_dropped(x.data_ptr<float>(), x.numel(), k, t, f);
   else
-    zero_dropped(x.data_ptr<at::BFloat16>(), x.numel(), k, t);
+    zero_dropped(x.data_ptr<at::BFloat16>(), x.numel(), k, t, f);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(neoformer_cpu, m) {
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor targets, int ignore_index, bool write_grad) -> Tensor");
-  m.def("zero_dropped_(Tensor(a!) x, int key, int threshold) -> ()");
+  m.def("zero_dropped_(Tensor(a!) x, int key, int threshold, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(neoformer_cpu, CPU, m) {

@@ -240,10 +240,10 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: 
     return torch.ops.neoformer_cpu.cross_entropy_rows_(logits, targets.long(), IGNORE_INDEX, write_grad).sum()
 
 
-def zero_dropped(x: torch.Tensor, key: int, threshold: int) -> bool:
-    """Zero in place the elements of ``x`` that model/chunked_attention.py's ``dropped`` names; False (nothing
-    done) where the kernel does not apply: not a contiguous fp32/bf16 CPU tensor."""
+def zero_dropped(x: torch.Tensor, key: int, threshold: int, scale: float) -> bool:
+    """Zero in place the elements of ``x`` that model/dropout.py's ``dropped`` names and multiply the others by
+    ``scale``; False (nothing done) where the kernel does not apply: not a contiguous fp32/bf16 CPU tensor."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
         return False
-    torch.ops.neoformer_cpu.zero_dropped_(x, key, threshold)
+    torch.ops.neoformer_cpu.zero_dropped_(x, key, threshold, scale)
     return True

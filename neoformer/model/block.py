@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttnContext
+from .dropout import Dropout
 from .ffn import make_ffn
 from .norms import make_norm, unit_norm
 
@@ -25,7 +26,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, layer_idx, cross=True) if cross_attention else None
         self.ffn_norm = make_norm(cfg)
         self.ffn = make_ffn(cfg)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         if cfg.ngpt:  # nGPT "eigen learning rates": how far each update moves along the sphere
             self.attn_alpha = nn.Parameter(torch.full((cfg.d_model,), 0.05))
             self.ffn_alpha = nn.Parameter(torch.full((cfg.d_model,), 0.05))

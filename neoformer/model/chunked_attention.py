@@ -18,56 +18,14 @@ import math
 
 import torch
 
+from .dropout import DROP_LEVELS, dropped, effective_rate, zero_dropped
+
 # rows per chunk: the (B, H, chunk, Lk) fp32 scores of one chunk stay around this size
 CHUNK_BYTES = 32 * 2 ** 20
 
 
 def chunk_rows(batch_heads: int, keys: int, queries: int) -> int:
     return max(16, min(queries, CHUNK_BYTES // max(1, batch_heads * keys * 4)))
-
-
-DROP_LEVELS = 2 ** 16  # the dropout rate is drawn at 16-bit resolution: 4 decisions per 64-bit random draw
-
-
-def effective_rate(p: float) -> float:
-    """The dropout rate actually applied: p rounded to a multiple of 1/65536 (0.1 -> 0.100006)."""
-    return round(p * DROP_LEVELS) / DROP_LEVELS
-
-
-# splitmix64 (Steele et al. 2014) of a counter: the dropout decisions of a chunk are a function of (seed + chunk
-# index, element position) alone, so backward regenerates them and a C++ kernel computes the same bits
-_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15 - 2 ** 64, 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
-# A kernel that zeroes the dropped elements of a contiguous CPU tensor in place registers itself here --
-# neoformer.kernels does -- as fn(x, key, threshold) -> True, or False where it does not apply.
-DROPOUT_KERNELS: list = []
-
-
-def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (PyTorch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _threshold(p: float) -> int:
-    return min(DROP_LEVELS - 1, round(p * DROP_LEVELS))
-
-
-def dropped(seed: int, index: int, shape, p: float, device) -> torch.Tensor:
-    """bool mask, True = dropped, of chunk ``index``: element i is dropped when 16-bit lane i % 4 of
-    splitmix64(seed + index + (i // 4 + 1) * golden) is below p * 65536 -- the same tensor every time, and the
-    same decisions the C++ kernel applies in place (``kernels/loss_cpu.cpp``)."""
-    count = math.prod(shape)
-    z = torch.arange(1, (count + 3) // 4 + 1, dtype=torch.int64, device=device) * _GOLDEN + (seed + index)
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    lanes = (z ^ _shift_right(z, 31)).view(torch.int16)[:count]  # little-endian: lane 0 is the low 16 bits
-    return ((lanes.to(torch.int32) & 0xFFFF) < _threshold(p)).view(shape)
-
-
-def _zero_dropped(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
-    """x with the elements ``dropped`` names zeroed, in place."""
-    if not (DROPOUT_KERNELS and DROPOUT_KERNELS[0](x, key, _threshold(p))):
-        x.masked_fill_(dropped(key, 0, x.shape, p, x.device), 0.0)
-    return x
 
 
 class _Plan:
@@ -120,7 +78,7 @@ class ChunkedAttention(torch.autograd.Function):
             weights = s.sub_(row_max).exp_()  # unnormalised probabilities
             total = weights.sum(dim=-1, keepdim=True)
             if p:
-                _zero_dropped(weights, seed + index, p)
+                zero_dropped(weights, seed + index, p)
             out[:, :, start:stop] = torch.matmul(weights.to(v.dtype), v[:, :, :plan.keys(stop)]).to(
                 total.dtype).div_(total * (1.0 - p))
             lse[:, :, start:stop] = (row_max + total.log()).squeeze(-1)
@@ -142,9 +100,9 @@ class ChunkedAttention(torch.autograd.Function):
             g = grad_out[:, :, start:stop] / (1.0 - p)
             grad_probs = torch.matmul(g, v[:, :, :end].transpose(-2, -1)).to(sums)  # (B, H, c, end)
             if p:
-                kept = _zero_dropped(probs.to(v.dtype, copy=True), ctx.seed + index, p)
+                kept = zero_dropped(probs.to(v.dtype, copy=True), ctx.seed + index, p)
                 dv[:, :, :end] += torch.matmul(kept.transpose(-2, -1), g)
-                _zero_dropped(grad_probs, ctx.seed + index, p)
+                zero_dropped(grad_probs, ctx.seed + index, p)
             else:
                 dv[:, :, :end] += torch.matmul(probs.to(v.dtype).transpose(-2, -1), g)
             grad_scores = probs.mul_(grad_probs.sub_(row_dot[:, :, start:stop])).to(q.dtype)  # without the scale

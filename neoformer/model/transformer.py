@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import IGNORE_INDEX, ModelConfig
 from .attention import AttnContext, PackedInfo, keep_mask
 from .block import Block
+from .dropout import Dropout
 from .ffn import ACTIVATION_FNS
 from .head_loss import at_least_fp32, capped_loss, chunked_head_loss, soft_cap, token_cross_entropy_sum
 from .memory import NeuralSymbolicBridge, RecursiveMemoryCore
@@ -64,7 +65,7 @@ class Embeddings(nn.Module):
             self.positions = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.d_model)
         self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
         self.norm = make_norm(cfg) if cfg.embed_norm else None
-        self.drop = nn.Dropout(cfg.embed_dropout)
+        self.drop = Dropout(cfg.embed_dropout)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """ids (B, L), positions (B|1, L), keep (B, L) or None -> (B, L, D)."""
