@@ -7,18 +7,16 @@ dropout mask and the dropped probabilities of every layer for backward (lumi-tin
 
 Here the queries are processed ``chunk`` rows at a time; only q, k, v, the output and the
 log-sum-exp of each row are saved (the FlashAttention recipe, Dao et al. 2022, Alg. 2 and 4). The
-dropout mask of a chunk is drawn from a generator seeded with (seed, chunk index), so backward
+dropout mask of a chunk is a hash of (seed + chunk index, position) (model/dropout.py), so backward
 regenerates exactly the mask the forward used; the seed itself comes from the global RNG, which keeps
 training deterministic under ``torch.manual_seed`` and bit-exact across a resume. A causal chunk
 reads only the keys up to its last query.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .dropout import DROP_LEVELS, dropped, effective_rate, zero_dropped
+from .dropout import dropped, effective_rate, zero_dropped
 
 # rows per chunk: the (B, H, chunk, Lk) fp32 scores of one chunk stay around this size
 CHUNK_BYTES = 32 * 2 ** 20
