@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "loss_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the cache key: a changed header rebuilds
 # the instruction sets the kernels use; checked against /proc/cpuinfo before building or loading
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 # the bf16 kernel also needs avx512_bf16 (has_bf16); the library is built with it and that kernel is not called without
@@ -45,7 +46,7 @@ def cpu_flags() -> set[str]:
 def cache_dir() -> Path:
     root = os.environ.get("NEOFORMER_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
                                                             "neoformer", "kernels")
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return Path(root, key)
 

@@ -13,6 +13,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,30 +22,13 @@
 
 namespace {
 
-// e^x, 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial, ~1 ulp); inputs below
-// -103 give 0 (scalef underflows), which is all the softmax of a shifted row needs
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using neoformer_simd::bf16_to_f32;
+using neoformer_simd::exp512;
 
 // 16 values (fewer under `mask`) as fp32; lanes outside the mask read as `fill`
 inline __m512 load16(const float* p, __mmask16 mask, __m512 fill) { return _mm512_mask_loadu_ps(fill, mask, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 mask, __m512 fill) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
-  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  return _mm512_mask_mov_ps(fill, mask, v);
+  return _mm512_mask_mov_ps(fill, mask, bf16_to_f32(_mm256_maskz_loadu_epi16(mask, p)));
 }
 inline void store16(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
 inline void store16(at::BFloat16* p, __mmask16 mask, __m512 v) {  // round to nearest even, as Tensor.to does
@@ -75,7 +60,7 @@ float row_cross_entropy(T* row, int64_t vocab, int64_t target, bool write_grad) 
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < vocab; j += 16) {
     const __mmask16 m = lanes(j, vocab);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(load16(row + j, m, vmx), vmx))));
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(load16(row + j, m, vmx), vmx))));
   }
   const float lse = mx + std::log(_mm512_reduce_add_ps(sum));
   const float loss = lse - static_cast<float>(row[target]);
@@ -83,7 +68,7 @@ float row_cross_entropy(T* row, int64_t vocab, int64_t target, bool write_grad) 
     const __m512 vlse = _mm512_set1_ps(lse);
     for (int64_t j = 0; j < vocab; j += 16) {
       const __mmask16 m = lanes(j, vocab);
-      __m512 g = exp_ps(_mm512_sub_ps(load16(row + j, m, vlse), vlse));
+      __m512 g = exp512(_mm512_sub_ps(load16(row + j, m, vlse), vlse));
       if (target >= j && target < j + 16)  // the onehot's -1 in its lane
         g = _mm512_mask_sub_ps(g, __mmask16(1u << (target - j)), g, _mm512_set1_ps(1.0f));
       store16(row + j, m, g);
@@ -189,8 +174,7 @@ void zero_dropped(T* x, int64_t count, uint64_t key, uint16_t threshold, float s
                                          vscale));
       } else {  // bf16: widen, scale in fp32, round to nearest even (as Tensor.mul_ does)
         const __m512i raw = _mm512_maskz_loadu_epi16(valid, p);
-        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-        const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        const __m512 lo = bf16_to_f32(_mm512_castsi512_si256(raw)), hi = bf16_to_f32(_mm512_extracti64x4_epi64(raw, 1));
         const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vscale), _mm512_mul_ps(lo, vscale));
         _mm512_mask_storeu_epi16(p, valid, _mm512_maskz_mov_epi16(kept, (__m512i)packed));
       }
