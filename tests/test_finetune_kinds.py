@@ -99,7 +99,9 @@ def test_lora_run_lowers_the_loss_trains_only_the_adapter_and_merges_to_equal_lo
         args = (x, x) if kind == "encoder_decoder" else (x,)
         unmerged, folded = adapter.eval()(*args), merged.eval()(*args)
         unmerged, folded = [out[0] if isinstance(out, tuple) else out for out in (unmerged, folded)]
-    torch.testing.assert_close(folded, unmerged, rtol=1e-5, atol=1e-5)
+    # lr 3e-2 on a random tiny base drives the FFN outputs to ~4e3 (measured), so the fp32 rounding of W x + B A x
+    # against (W + B A) x (~1e-7 relative) reaches ~2e-5 at the logits; a wrong merge is off by O(0.1)
+    torch.testing.assert_close(folded, unmerged, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
