@@ -200,3 +200,30 @@ def test_hidden_dropout_module_uses_the_hashed_mask_forward_and_backward(dtype, 
     torch.manual_seed(4)
     assert torch.equal(plain, F.dropout(x, 0.25, True))
     assert torch.equal(layer.eval()(x), x)
+
+
+@pytest.mark.parametrize("causal,p", [(True, 0.3), (False, 0.2), (True, 0.0)])
+def test_fused_bf16_softmax_kernels_match_the_pytorch_passes(causal, p, monkeypatch):
+    """kernels/attention_cpu.cpp (bf16 chunks, no mask) against the PyTorch passes it replaces and against fp64."""
+    _kernels()
+    from neoformer.model import chunked_attention as module
+
+    assert module.FUSED_SOFTMAX  # registered when the kernels load
+    q, k, v = _inputs(lq=40, lk=40, dh=16)
+    weights = torch.randn(2, 4, 40, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for fused in (dict(module.FUSED_SOFTMAX), {}):
+        monkeypatch.setattr(module, "FUSED_SOFTMAX", fused)
+        low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        out = chunked_attention(*low, None, causal, 0.25, p, chunk=16, seed=3)
+        results.append((out, torch.autograd.grad((out * weights.bfloat16()).sum(), low)))
+    exact = [t.detach().bfloat16().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*exact, None, causal, 0.25, p, 3, 16)
+    want = torch.autograd.grad((ref * weights.bfloat16().double()).sum(), exact)
+    (out, grads), (plain_out, plain_grads) = results
+    assert (out.double() - plain_out.double()).norm() < 0.01 * plain_out.double().norm()
+    assert (out.double() - ref).norm() < 0.01 * ref.norm()
+    for g, plain, w in zip(grads, plain_grads, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.double() - w).norm() < 0.0065 * w.norm()  # as the PyTorch passes (test above)
+        assert (g.double() - plain.double()).norm() < 0.0065 * w.norm()

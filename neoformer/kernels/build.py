@@ -1,5 +1,5 @@
-"""Build and load the CPU kernels (``gemv_cpu.cpp``: decode; ``loss_cpu.cpp``: the training loss) once per
-machine, on first use.
+"""Build and load the CPU kernels (``gemv_cpu.cpp``: decode; ``loss_cpu.cpp``: the training loss and dropout;
+``attention_cpu.cpp``: the chunked attention's softmax passes) once per machine, on first use.
 
 The C++ files are compiled by ``torch.utils.cpp_extension`` (g++ and ninja) into a cache folder keyed by
 the source, the torch version and the compiler flags, so later processes only load the ``.so``
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "loss_cpu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "loss_cpu.cpp",
+                                                                      "attention_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the cache key: a changed header rebuilds
 # the instruction sets the kernels use; checked against /proc/cpuinfo before building or loading
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
@@ -81,7 +82,7 @@ def load(verbose: bool = False) -> bool:
             load_extension(f"{LIBRARY}_{build.name}", sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=verbose)
-            from ..model import attention, dropout, head_loss
+            from ..model import attention, chunked_attention, dropout, head_loss
             from .ops import cross_entropy_rows, register_fakes, small_query_attention, zero_dropped
 
             register_fakes()
@@ -91,6 +92,8 @@ def load(verbose: bool = False) -> bool:
                                  (dropout.DROPOUT_KERNELS, zero_dropped)):
                 if kernel not in hook:
                     hook.append(kernel)
+            chunked_attention.FUSED_SOFTMAX.update(forward=torch.ops.neoformer_cpu.softmax_forward_,
+                                                   backward=torch.ops.neoformer_cpu.softmax_backward_)
         except Exception as error:  # a failed build must not stop generation: PyTorch's ops still work
             names = ", ".join(source.name for source in SOURCES)
             reason = f"building {names} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"

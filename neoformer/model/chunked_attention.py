@@ -52,6 +52,18 @@ class _Plan:
         return s
 
 
+# The softmax passes for bf16 chunks without a mask, in C++ (neoformer.kernels registers them, kernels/attention_cpu.cpp):
+# "forward": fn(scores (rows, keys) bf16, scale, chunk rows, causal) -> (rows, 2) max and sum, scores -> exp weights;
+# "backward": fn(scores, grad_probs, lse (rows,), row_dot (rows,), scale, chunk rows, causal) -> None, scores -> probs,
+# grad_probs -> probs * (grad_probs - row_dot). (model/ imports no feature package.)
+FUSED_SOFTMAX: dict = {}
+
+
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
+    return bool(FUSED_SOFTMAX) and mask is None and q.device.type == "cpu" and \
+        q.dtype == k.dtype == v.dtype == torch.bfloat16
+
+
 def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
@@ -70,7 +82,11 @@ class ChunkedAttention(torch.autograd.Function):
         p = effective_rate(dropout_p)
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:-1], dtype=_softmax_dtype(q))  # (B, H, Lq)
+        fused = _fused(q, k, v, mask)
         for index, start, stop in plan.chunks:
+            if fused:
+                _fused_forward_chunk(q, k, v, out, lse, plan, index, start, stop, scale, p, seed)
+                continue
             s = plan.scores(q, k, start, stop, scale)
             row_max = s.amax(dim=-1, keepdim=True)
             weights = s.sub_(row_max).exp_()  # unnormalised probabilities
@@ -92,8 +108,13 @@ class ChunkedAttention(torch.autograd.Function):
         sums = _softmax_dtype(q)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k, dtype=sums), torch.zeros_like(v, dtype=sums)
         row_dot = (grad_out.to(sums) * out.to(sums)).sum(-1, keepdim=True)  # (B, H, Lq, 1): rowsum(P * dP)
+        fused = _fused(q, k, v, plan.mask)
         for index, start, stop in plan.chunks:
             end = plan.keys(stop)
+            if fused:
+                _fused_backward_chunk(q, k, v, grad_out, lse, row_dot, dq, dk, dv, plan, ctx.seed + index, start, stop,
+                                      scale, p)
+                continue
             probs = plan.scores(q, k, start, stop, scale).sub_(lse[:, :, start:stop, None]).exp_()
             g = grad_out[:, :, start:stop] / (1.0 - p)
             grad_probs = torch.matmul(g, v[:, :, :end].transpose(-2, -1)).to(sums)  # (B, H, c, end)
@@ -107,6 +128,34 @@ class ChunkedAttention(torch.autograd.Function):
             dq[:, :, start:stop] = torch.matmul(grad_scores, k[:, :, :end]).to(sums).mul_(scale)
             dk[:, :, :end] += torch.matmul(grad_scores.transpose(-2, -1), q[:, :, start:stop]).to(sums).mul_(scale)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _fused_forward_chunk(q, k, v, out, lse, plan, index, start, stop, scale, p, seed) -> None:
+    end = plan.keys(stop)
+    weights = torch.matmul(q[:, :, start:stop], k[:, :, :end].transpose(-2, -1))  # (B, H, c, end) bf16
+    stats = FUSED_SOFTMAX["forward"](weights.view(-1, end), scale, stop - start, plan.causal)
+    row_max, total = (stats[:, i].view(*weights.shape[:-1], 1) for i in (0, 1))
+    if p:
+        zero_dropped(weights, seed + index, p)
+    out[:, :, start:stop] = torch.matmul(weights, v[:, :, :end]).to(total.dtype).div_(total * (1.0 - p))
+    lse[:, :, start:stop] = (row_max + total.log()).squeeze(-1)
+
+
+def _fused_backward_chunk(q, k, v, grad_out, lse, row_dot, dq, dk, dv, plan, key, start, stop, scale, p) -> None:
+    end = plan.keys(stop)
+    probs = torch.matmul(q[:, :, start:stop], k[:, :, :end].transpose(-2, -1))  # the scores, bf16
+    g = grad_out[:, :, start:stop] / (1.0 - p)
+    grads = torch.matmul(g, v[:, :, :end].transpose(-2, -1))  # d loss / d dropped probabilities
+    if p:
+        zero_dropped(grads, key, p)
+    FUSED_SOFTMAX["backward"](probs.view(-1, end), grads.view(-1, end), lse[:, :, start:stop].reshape(-1),
+                              row_dot[:, :, start:stop].reshape(-1), scale, stop - start, plan.causal)
+    # probs: the probabilities; grads: d loss / d scores without the scale
+    if p:
+        zero_dropped(probs, key, p)
+    dv[:, :, :end] += torch.matmul(probs.transpose(-2, -1), g)
+    dq[:, :, start:stop] = torch.matmul(grads, k[:, :, :end]).float().mul_(scale)
+    dk[:, :, :end] += torch.matmul(grads.transpose(-2, -1), q[:, :, start:stop]).to(dk.dtype).mul_(scale)
 
 
 def backward_peak_bytes(batch_heads: int, queries: int, keys: int, head_dim: int) -> int:
