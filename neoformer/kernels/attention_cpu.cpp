@@ -17,12 +17,10 @@
 
 namespace {
 
-using neoformer_simd::bf16_to_f32;
 using neoformer_simd::exp512;
-
-inline __mmask16 lanes(int64_t j, int64_t n) { return n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1); }
-inline __m512 load_bf16(const at::BFloat16* p, __mmask16 m) { return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
-inline void store_bf16(at::BFloat16* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
+using neoformer_simd::lanes;
+using neoformer_simd::load_bf16;
+using neoformer_simd::store_bf16;
 
 int64_t visible(int64_t row, int64_t chunk_rows, int64_t keys, bool causal) {
   return causal ? keys - chunk_rows + row % chunk_rows + 1 : keys;

@@ -92,8 +92,9 @@ def load(verbose: bool = False) -> bool:
                                  (dropout.DROPOUT_KERNELS, zero_dropped)):
                 if kernel not in hook:
                     hook.append(kernel)
-            chunked_attention.FUSED_SOFTMAX.update(forward=torch.ops.neoformer_cpu.softmax_forward_,
-                                                   backward=torch.ops.neoformer_cpu.softmax_backward_)
+            if has_bf16():  # bf16 chunks only
+                chunked_attention.FUSED_SOFTMAX.update(forward=torch.ops.neoformer_cpu.softmax_forward_,
+                                                       backward=torch.ops.neoformer_cpu.softmax_backward_)
         except Exception as error:  # a failed build must not stop generation: PyTorch's ops still work
             names = ", ".join(source.name for source in SOURCES)
             reason = f"building {names} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"

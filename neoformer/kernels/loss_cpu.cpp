@@ -15,6 +15,7 @@
 
 #include "simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -24,18 +25,17 @@ namespace {
 
 using neoformer_simd::bf16_to_f32;
 using neoformer_simd::exp512;
+using neoformer_simd::lanes;
+using neoformer_simd::load_bf16;
+using neoformer_simd::store_bf16;
 
 // 16 values (fewer under `mask`) as fp32; lanes outside the mask read as `fill`
 inline __m512 load16(const float* p, __mmask16 mask, __m512 fill) { return _mm512_mask_loadu_ps(fill, mask, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 mask, __m512 fill) {
-  return _mm512_mask_mov_ps(fill, mask, bf16_to_f32(_mm256_maskz_loadu_epi16(mask, p)));
+  return _mm512_mask_mov_ps(fill, mask, load_bf16(p, mask));
 }
 inline void store16(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
-inline void store16(at::BFloat16* p, __mmask16 mask, __m512 v) {  // round to nearest even, as Tensor.to does
-  _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-inline __mmask16 lanes(int64_t j, int64_t n) { return n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1); }
+inline void store16(at::BFloat16* p, __mmask16 mask, __m512 v) { store_bf16(p, mask, v); }
 
 // loss of one row; the row becomes its gradient (softmax - onehot) when `write_grad`
 template <typename T>
@@ -77,6 +77,22 @@ float row_cross_entropy(T* row, int64_t vocab, int64_t target, bool write_grad) 
   return loss;
 }
 
+template <typename T>
+void cross_entropy_loop(T* X, int64_t rows, int64_t vocab, const int64_t* targets, int64_t ignore_index,
+                        bool write_grad, float* losses) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = X + r * vocab;
+      if (targets[r] == ignore_index) {
+        losses[r] = 0.0f;
+        if (write_grad) std::fill(row, row + vocab, T(0.0f));
+      } else {
+        losses[r] = row_cross_entropy(row, vocab, targets[r], write_grad);
+      }
+    }
+  });
+}
+
 // logits (rows, V) fp32 or bf16, contiguous, overwritten with d(sum of losses)/d(logits) when write_grad;
 // targets (rows,) int64, rows whose target is ignore_index count 0 and get a zero gradient.
 // Returns the (rows,) fp32 losses.
@@ -94,35 +110,10 @@ at::Tensor cross_entropy_rows_(at::Tensor logits, const at::Tensor& targets, int
                 vocab);
   auto losses = at::empty({rows}, logits.options().dtype(at::kFloat));
   float* L = losses.data_ptr<float>();
-  AT_DISPATCH_SWITCH(logits.scalar_type(), "cross_entropy_rows_",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      float* X = logits.data_ptr<float>();
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          float* row = X + r * vocab;
-          if (T[r] == ignore_index) {
-            L[r] = 0.0f;
-            if (write_grad) std::fill(row, row + vocab, 0.0f);
-          } else {
-            L[r] = row_cross_entropy(row, vocab, T[r], write_grad);
-          }
-        }
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      at::BFloat16* X = logits.data_ptr<at::BFloat16>();
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          at::BFloat16* row = X + r * vocab;
-          if (T[r] == ignore_index) {
-            L[r] = 0.0f;
-            if (write_grad) std::fill(row, row + vocab, at::BFloat16(0.0f));
-          } else {
-            L[r] = row_cross_entropy(row, vocab, T[r], write_grad);
-          }
-        }
-      });
-    }));
+  if (logits.scalar_type() == at::kFloat)
+    cross_entropy_loop(logits.data_ptr<float>(), rows, vocab, T, ignore_index, write_grad, L);
+  else
+    cross_entropy_loop(logits.data_ptr<at::BFloat16>(), rows, vocab, T, ignore_index, write_grad, L);
   return losses;
 }
 

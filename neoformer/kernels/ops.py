@@ -225,25 +225,30 @@ def register_fakes() -> None:
 
 
 
-# ---- training: token cross-entropy of one chunk of head logits (loss_cpu.cpp) ----------------------------------
-def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor | None:
-    """Summed cross-entropy of the rows of ``logits`` (rows, V) against ``targets`` (IGNORE_INDEX rows count 0);
-    ``logits`` becomes d loss / d logits in place when ``write_grad``. None where the kernel does not apply
-    (not CPU, not contiguous fp32/bf16, bf16 on a CPU without AVX512-BF16): the caller uses PyTorch's ops."""
-    from ..config import IGNORE_INDEX
+# ---- training: token cross-entropy of one chunk of head logits, dropout (loss_cpu.cpp) -------------------------
+def _trainable_here(x: torch.Tensor) -> bool:
+    """The training kernels take contiguous CPU fp32 / bf16 tensors (bf16 only with AVX512-BF16)."""
     from .build import has_bf16
 
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or not logits.is_contiguous():
-        return None
-    if logits.dtype == torch.bfloat16 and not has_bf16():
+    return (x.device.type == "cpu" and x.is_contiguous()
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and has_bf16())))
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor | None:
+    """Summed cross-entropy of the rows of ``logits`` (rows, V) against ``targets`` (IGNORE_INDEX rows count 0);
+    ``logits`` becomes d loss / d logits in place when ``write_grad``. None where the kernel does not apply:
+    the caller uses PyTorch's ops."""
+    from ..config import IGNORE_INDEX
+
+    if not _trainable_here(logits):
         return None
     return torch.ops.neoformer_cpu.cross_entropy_rows_(logits, targets.long(), IGNORE_INDEX, write_grad).sum()
 
 
 def zero_dropped(x: torch.Tensor, key: int, threshold: int, scale: float) -> bool:
     """Zero in place the elements of ``x`` that model/dropout.py's ``dropped`` names and multiply the others by
-    ``scale``; False (nothing done) where the kernel does not apply: not a contiguous fp32/bf16 CPU tensor."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+    ``scale``; False (nothing done) where the kernel does not apply."""
+    if not _trainable_here(x):
         return False
     torch.ops.neoformer_cpu.zero_dropped_(x, key, threshold, scale)
     return True

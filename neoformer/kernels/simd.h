@@ -1,12 +1,22 @@
-// AVX-512 helpers shared by the CPU kernels (gemv_cpu.cpp, loss_cpu.cpp).
+// AVX-512 helpers shared by the CPU kernels (gemv_cpu.cpp, loss_cpu.cpp, attention_cpu.cpp).
 #pragma once
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace neoformer_simd {
 
 inline __m512 bf16_to_f32(__m256i v) {  // 16 bf16 -> 16 fp32, exact (bf16 is the top half of fp32)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
+
+// the first min(16, n - j) lanes of a row of n values starting at j
+inline __mmask16 lanes(int64_t j, int64_t n) { return n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1); }
+
+// masked bf16 <-> fp32 (lanes outside the mask read 0 and are not written); stores round to nearest even,
+// as Tensor.to does (needs AVX512-BF16)
+inline __m512 load_bf16(const void* p, __mmask16 m) { return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
+inline void store_bf16(void* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 inline __m512 exp512(__m512 x) {  // Cephes expf: |relative error| < 2e-7 on [-87, 88]
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));

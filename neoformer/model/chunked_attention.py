@@ -38,10 +38,14 @@ class _Plan:
         # causal queries are the last lq of the lk positions
         return stop + self.lk - self.lq if self.causal else self.lk
 
+    def products(self, q, k, start, stop) -> torch.Tensor:
+        """q k^T of the chunk's queries and the keys they read, (B, H, c, end), in q's dtype."""
+        return torch.matmul(q[:, :, start:stop], k[:, :, :self.keys(stop)].transpose(-2, -1))
+
     def scores(self, q, k, start, stop, scale) -> torch.Tensor:
         """(B, H, c, end) scores in fp32 (fp64 for fp64 q): the product runs in q's dtype (bf16 on AMX)."""
         end = self.keys(stop)
-        s = torch.matmul(q[:, :, start:stop], k[:, :, :end].transpose(-2, -1)).to(_softmax_dtype(q)).mul_(scale)
+        s = self.products(q, k, start, stop).to(_softmax_dtype(q)).mul_(scale)
         if self.causal:  # only the last c keys can lie in a chunk row's future
             rows = stop - start
             s[..., end - rows:].masked_fill_(torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1),
@@ -132,7 +136,7 @@ class ChunkedAttention(torch.autograd.Function):
 
 def _fused_forward_chunk(q, k, v, out, lse, plan, index, start, stop, scale, p, seed) -> None:
     end = plan.keys(stop)
-    weights = torch.matmul(q[:, :, start:stop], k[:, :, :end].transpose(-2, -1))  # (B, H, c, end) bf16
+    weights = plan.products(q, k, start, stop)  # (B, H, c, end) bf16
     stats = FUSED_SOFTMAX["forward"](weights.view(-1, end), scale, stop - start, plan.causal)
     row_max, total = (stats[:, i].view(*weights.shape[:-1], 1) for i in (0, 1))
     if p:
@@ -143,7 +147,7 @@ def _fused_forward_chunk(q, k, v, out, lse, plan, index, start, stop, scale, p, 
 
 def _fused_backward_chunk(q, k, v, grad_out, lse, row_dot, dq, dk, dv, plan, key, start, stop, scale, p) -> None:
     end = plan.keys(stop)
-    probs = torch.matmul(q[:, :, start:stop], k[:, :, :end].transpose(-2, -1))  # the scores, bf16
+    probs = plan.products(q, k, start, stop)  # the scores, bf16
     g = grad_out[:, :, start:stop] / (1.0 - p)
     grads = torch.matmul(g, v[:, :, :end].transpose(-2, -1))  # d loss / d dropped probabilities
     if p:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocast import exporting
+
 DROP_LEVELS = 2 ** 16  # 16-bit decisions: four per 64-bit hash
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15 - 2 ** 64, 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
 # A kernel that applies the mask to a contiguous CPU tensor in place registers itself here -- neoformer.kernels
@@ -85,7 +87,7 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         if (DROPOUT_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+                and torch.is_grad_enabled() and not exporting()):
             return _HashDropout.apply(x, new_key(), self.p)
         return F.dropout(x, self.p, self.training, self.inplace)
 
