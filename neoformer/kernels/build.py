@@ -1,4 +1,4 @@
-"""Build and load the CPU kernels (``gemv_cpu.cpp``: decode; ``loss_cpu.cpp``: the training loss and dropout;
+"""Build and load the CPU kernels (``gemv_cpu.cpp`` and ``decode_attention_cpu.cpp``: decode; ``loss_cpu.cpp``: the training loss and dropout;
 ``attention_cpu.cpp``: the chunked attention's softmax passes) once per machine, on first use.
 
 The C++ files are compiled by ``torch.utils.cpp_extension`` (g++ and ninja) into a cache folder keyed by
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "loss_cpu.cpp",
-                                                                      "attention_cpu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv_cpu.cpp", "decode_attention_cpu.cpp",
+                                                                      "loss_cpu.cpp", "attention_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the cache key: a changed header rebuilds
 # the instruction sets the kernels use; checked against /proc/cpuinfo before building or loading
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")

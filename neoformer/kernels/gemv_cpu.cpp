@@ -13,11 +13,11 @@
 //   int8    R = 32  int8   [out/32][in][32]          w = q * scale[row]; fp32 activations (weight-only)
 //   int8x8  R = 16  uint8  [out/16][in/4][16][4]     q + 128, four inputs of a row per 32-bit lane (VNNI);
 //                                                    int8 activations with one scale per row of x
-//   nf4     R = 32  uint8  [out/32][in][16]          byte j: row j (low nibble), row j + 16 (high);
-//                                                    w = NF4[q] * absmax per group (fp32, tiled [out/32][in/group][32])
 //   int4x8  R = 16  uint8  [out/16][in/8][16][4]     a lane's low nibbles: inputs k..k+3, high: k+4..k+7;
 //                                                    w = (q - 8) * scale + zero per group (bf16, tiled
 //                                                    [out/16][in/group][16]); int8 activations per block of 32
+//   nf4x8   R = 16  as int4x8                        w = NF4[q] * absmax per group (fp32, tiled as int4's scales),
+//                                                    NF4 levels rounded to 1/127 of absmax; int8 activations
 // x is (M, in), y is (M, out_padded) fp32. Rows of x are processed kMaxRows at a time so each weight byte is
 // read once for all of them (batched decode, speculative verification), and each row's sums run in the same
 // order whatever M is: a row's result does not depend on the other rows (batch invariance).
@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -39,7 +38,6 @@ namespace {
 constexpr int kMaxRows = 8;  // rows of x per weight pass (register budget: kMaxRows x 2 accumulators)
 
 using neoformer_simd::bf16_to_f32;
-using neoformer_simd::exp512;
 
 inline __m512 i8_to_f32(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
@@ -139,14 +137,35 @@ void int8x8_tile(const uint8_t* tile, const int8_t* xq, int64_t in, const int32_
   }
 }
 
-// ---- int4 x int8 (VNNI), R = 16 rows x 8 columns per 64-byte vector -------------------------------------
+// ---- 4-bit codes x int8 (VNNI), R = 16 rows x 8 columns per 64-byte vector: int4 and nf4 ----------------
 // Lane r (row r) of a vector holds columns k..k+3 in its low nibbles and k+4..k+7 in its high nibbles.
-// Activations are int8 per block of 32 columns (scale xs, sum of codes xsum); w = q * a + b per group:
-//   sum_k w_k x_k = sum_blocks xs * (a * sum_k q_k xq_k + b * xsum)
-// (uint16_t: the bits of bf16 values)
-template <int M>
-void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zero, const int8_t* xq, const float* xs,
-                 const float* xsum, int64_t in, int64_t group, float* y, int64_t ldy) {
+// Activations are int8 per block of 32 columns (scale xs, sum of codes xsum); w = c * a + b per group, where c
+// is the nibble itself (int4) or its entry in a 16-byte table, looked up 64 at a time by vpshufb (nf4):
+//   sum_k w_k x_k = sum_blocks xs * (a * sum_k c_k xq_k + b * xsum)
+// Measured (162M nf4 decode, 1 thread, the Xeon of BENCHMARKS.md): the fp32 lookup kernel this replaced ran
+// 2 vpermps + 2 conversions per 32 weights on one shuffle port, ~100 tok/s against int4's ~190.
+struct Int4Groups {  // bf16 scale s and zero z per group (their bits): w = (q - 8) s + z, so a = s, b = z - 8 s
+  const uint16_t *scale, *zero;
+  static constexpr bool kLookup = false;
+  void load(int64_t g, __m512& a, __m512& b) const {
+    a = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + 16 * g)));
+    b = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), a,
+                         bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + 16 * g))));
+  }
+};
+
+struct Nf4Groups {  // fp32 absmax per group; table[q] = round(127 NF4[q]) + 128, so a = absmax / 127, b = -128 a
+  const float* absmax;
+  static constexpr bool kLookup = true;
+  void load(int64_t g, __m512& a, __m512& b) const {
+    a = _mm512_div_ps(_mm512_loadu_ps(absmax + 16 * g), _mm512_set1_ps(127.0f));
+    b = _mm512_mul_ps(_mm512_set1_ps(-128.0f), a);
+  }
+};
+
+template <int M, class Groups>
+void nibble_x8_tile(const uint8_t* tile, const Groups& groups, __m512i table, const int8_t* xq, const float* xs,
+                    const float* xsum, int64_t in, int64_t group, float* y, int64_t ldy) {
   constexpr int64_t kBlock = 32;
   const int64_t blocks = in / kBlock, per_group = group / kBlock;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -163,6 +182,10 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
         const int64_t c = k + 8 * u;
         __m512i v = _mm512_loadu_si512(tile + 8 * c);  // 16 rows x 8 columns
         __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        if constexpr (Groups::kLookup) {
+          lo = _mm512_shuffle_epi8(table, lo);
+          hi = _mm512_shuffle_epi8(table, hi);
+        }
         for (int m = 0; m < M; ++m) {
           int32_t x0, x1;
           std::memcpy(&x0, xq + m * in + c, 4);
@@ -172,11 +195,8 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
         }
       }
     }
-    const int64_t g = blk / per_group;
-    // w = (q - 8) * s + z = q * a + b with a = s, b = z - 8 s (the stored bf16 scale and zero, tiled)
-    __m512 ag = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + 16 * g)));
-    __m512 bg = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), ag,
-                                 bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + 16 * g))));
+    __m512 ag, bg;
+    groups.load(blk / per_group, ag, bg);
     for (int m = 0; m < M; ++m) {
       __m512 scale = _mm512_set1_ps(xs[m * blocks + blk]);
       __m512i sum = _mm512_add_epi32(acc_lo[m][0], acc_hi[m][0]);
@@ -187,46 +207,6 @@ void int4x8_tile(const uint8_t* tile, const uint16_t* scale, const uint16_t* zer
     }
   }
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, out[m]);
-}
-
-// ---- nf4 (weight-only), R = 32 rows, 16 bytes per column --------------------------------------------
-// byte j of a column: row j (low nibble), row j + 16 (high nibble). The 16 NF4 levels sit in one register
-// and vpermps looks 16 codes up at once; fp32 activations, sums per group, then times the group's absmax.
-const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-                        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-                        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-                        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-template <int M>
-void nf4_tile(const uint8_t* tile, const float* absmax, const float* x, int64_t in, int64_t group, float* y,
-              int64_t ldy) {
-  const __m512 levels = _mm512_loadu_ps(kNF4);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  __m512 out_lo[M], out_hi[M];
-  for (int m = 0; m < M; ++m) out_lo[m] = out_hi[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < in / group; ++g) {
-    __m512 lo[M], hi[M];
-    for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16 * k));
-      __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, nibble)), levels);
-      __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), nibble)), levels);
-      for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_set1_ps(x[m * in + k]);
-        lo[m] = _mm512_fmadd_ps(w0, xv, lo[m]);
-        hi[m] = _mm512_fmadd_ps(w1, xv, hi[m]);
-      }
-    }
-    __m512 a0 = _mm512_loadu_ps(absmax + 32 * g), a1 = _mm512_loadu_ps(absmax + 32 * g + 16);
-    for (int m = 0; m < M; ++m) {
-      out_lo[m] = _mm512_fmadd_ps(a0, lo[m], out_lo[m]);
-      out_hi[m] = _mm512_fmadd_ps(a1, hi[m], out_hi[m]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    _mm512_storeu_ps(y + m * ldy, out_lo[m]);
-    _mm512_storeu_ps(y + m * ldy + 16, out_hi[m]);
-  }
 }
 
 // ---- activation quantization inside the int8-activation ops --------------------------------------------
@@ -386,211 +366,118 @@ at::Tensor gemv_int8x8_f32(const at::Tensor& packed, const at::Tensor& w_scale, 
   return int8x8_run(packed, w_scale, xq.data(), sums.data(), scales.data(), rows);
 }
 
-void check_int4x8(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t group) {
+void check_nibbles(const at::Tensor& packed, int64_t group) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous());
-  const int64_t in = packed.size(1) * 8, out = packed.size(0) * 16;
+  const int64_t in = packed.size(1) * 8;
   TORCH_CHECK(group % 32 == 0 && in % group == 0, "group must be a multiple of 32 that divides the input width");
-  TORCH_CHECK(scales.numel() == out * (in / group) && zeros.numel() == out * (in / group) && scales.is_contiguous() &&
-              zeros.is_contiguous() && scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16);
 }
 
-at::Tensor int4x8_run(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, const int8_t* X,
-                      const float* XSC, const float* XS, int64_t rows, int64_t group) {
-  const int64_t tiles = packed.size(0), in = packed.size(1) * 8, out = tiles * 16;
-  const int64_t groups = in / group, blocks = in / 32;
+void check_groups(const at::Tensor& t, const at::Tensor& packed, int64_t group, at::ScalarType type) {
+  const int64_t in = packed.size(1) * 8, out = packed.size(0) * 16;
+  TORCH_CHECK(t.numel() == out * (in / group) && t.is_contiguous() && t.scalar_type() == type,
+              "per-group tensors must be contiguous (out/16, in/group, 16) of the kernel's dtype");
+}
+
+// X: int8 codes (rows, in); XSC / XS: per block of 32, the scale and the sum of codes
+template <class GroupsAt>
+at::Tensor nibble_x8_run(const at::Tensor& packed, GroupsAt groups_at, __m512i table, const int8_t* X,
+                         const float* XSC, const float* XS, int64_t rows, int64_t group) {
+  const int64_t tiles = packed.size(0), in = packed.size(1) * 8, out = tiles * 16, blocks = in / 32;
   auto y = at::empty({rows, out}, at::TensorOptions().dtype(at::kFloat));
   const uint8_t* P = packed.data_ptr<uint8_t>();
-  const uint16_t* S = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  const uint16_t* Z = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
   float* Y = y.data_ptr<float>();
   for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
-#define CALL(M) int4x8_tile<M>(P + t * in * 8, S + t * groups * 16, Z + t * groups * 16, X + r0 * in, \
-                               XSC + r0 * blocks, XS + r0 * blocks, in, group, Y + r0 * out + t * 16, out)
+    const auto groups = groups_at(t);
+#define CALL(M) nibble_x8_tile<M>(P + t * in * 8, groups, table, X + r0 * in, XSC + r0 * blocks, XS + r0 * blocks, \
+                                  in, group, Y + r0 * out + t * 16, out)
     NEOFORMER_DISPATCH_ROWS(m, CALL)
 #undef CALL
   });
   return y;
 }
 
+// fp32 x quantized per block of 32 inputs (see activation quantization above)
+struct BlockCodes {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+};
+
+BlockCodes quantize_x_blocks(const at::Tensor& x, int64_t in) {
+  check_x(x, in);
+  const int64_t n = x.size(0) * (in / 32);
+  BlockCodes c{std::vector<int8_t>(x.size(0) * in), std::vector<float>(n), std::vector<float>(n)};
+  const float* X = x.data_ptr<float>();
+  for (int64_t b = 0; b < n; ++b) {
+    c.scale[b] = code_scale(abs_max(X + 32 * b, 32));
+    c.sum[b] = static_cast<float>(quantize_span(X + 32 * b, 32, c.scale[b], c.q.data() + 32 * b));
+  }
+  return c;
+}
+
+auto int4_groups(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t group) {
+  check_nibbles(packed, group);
+  check_groups(scales, packed, group, at::kBFloat16);
+  check_groups(zeros, packed, group, at::kBFloat16);
+  const int64_t stride = (packed.size(1) * 8 / group) * 16;
+  const uint16_t* S = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const uint16_t* Z = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
+  return [=](int64_t t) { return Int4Groups{S + t * stride, Z + t * stride}; };
+}
+
 at::Tensor gemv_int4x8(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& xq,
                        const at::Tensor& xs, const at::Tensor& xsum, int64_t group) {
-  check_int4x8(packed, scales, zeros, group);
+  auto groups_at = int4_groups(packed, scales, zeros, group);
   const int64_t in = packed.size(1) * 8, rows = xq.size(0), blocks = in / 32;
   TORCH_CHECK(xq.dim() == 2 && xq.size(1) == in && xq.scalar_type() == at::kChar && xq.is_contiguous(),
               "xq must be a contiguous int8 (rows, ", in, ") tensor");
   TORCH_CHECK(xs.numel() == rows * blocks && xsum.numel() == rows * blocks && xs.is_contiguous() && xsum.is_contiguous() &&
               xs.scalar_type() == at::kFloat && xsum.scalar_type() == at::kFloat);
-  return int4x8_run(packed, scales, zeros, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>(), rows, group);
+  return nibble_x8_run(packed, groups_at, _mm512_setzero_si512(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                       xsum.data_ptr<float>(), rows, group);
 }
 
-// fp32 x: quantized per block of 32 inputs here (see activation quantization above)
 at::Tensor gemv_int4x8_f32(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
                            const at::Tensor& x, int64_t group) {
-  check_int4x8(packed, scales, zeros, group);
-  const int64_t in = packed.size(1) * 8, rows = x.size(0), blocks = in / 32;
-  check_x(x, in);
-  std::vector<int8_t> xq(rows * in);
-  std::vector<float> xs(rows * blocks), xsum(rows * blocks);
-  const float* X = x.data_ptr<float>();
-  for (int64_t b = 0; b < rows * blocks; ++b) {
-    xs[b] = code_scale(abs_max(X + 32 * b, 32));
-    xsum[b] = static_cast<float>(quantize_span(X + 32 * b, 32, xs[b], xq.data() + 32 * b));
-  }
-  return int4x8_run(packed, scales, zeros, xq.data(), xs.data(), xsum.data(), rows, group);
+  auto groups_at = int4_groups(packed, scales, zeros, group);
+  BlockCodes c = quantize_x_blocks(x, packed.size(1) * 8);
+  return nibble_x8_run(packed, groups_at, _mm512_setzero_si512(), c.q.data(), c.scale.data(), c.sum.data(), x.size(0),
+                       group);
 }
 
-at::Tensor gemv_nf4(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& x, int64_t group) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 16 && packed.scalar_type() == at::kByte && packed.is_contiguous());
-  const int64_t tiles = packed.size(0), in = packed.size(1), rows = x.size(0), out = tiles * 32;
-  TORCH_CHECK(group > 0 && in % group == 0, "group must divide the input width");
-  TORCH_CHECK(absmax.numel() == out * (in / group) && absmax.scalar_type() == at::kFloat && absmax.is_contiguous());
-  check_x(x, in);
-  auto y = at::empty({rows, out}, x.options());
-  const uint8_t* P = packed.data_ptr<uint8_t>();
-  const float *A = absmax.data_ptr<float>(), *X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  const int64_t groups = in / group;
-  for_tiles(tiles, rows, [&](int64_t t, int64_t r0, int m) {
-#define CALL(M) nf4_tile<M>(P + t * in * 16, A + t * groups * 32, X + r0 * in, in, group, Y + r0 * out + t * 32, out)
-    NEOFORMER_DISPATCH_ROWS(m, CALL)
-#undef CALL
-  });
-  return y;
-}
-
-// ---- attention for a few queries (decode steps) --------------------------------------------------
-// PyTorch's CPU flash kernel spends ~50 us on one 12-head query against 256 cached keys (and a bf16
-// cache is upcast whole first); the products themselves are ~0.4 MFLOP. Per (batch row, KV head): the
-// scores of every query row of its query heads, a softmax, and the weighted sum of V, all in fp32.
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) { return bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as at::BFloat16 does
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
-}
-
-// one query row: out = softmax(scale * q K^T over the allowed keys) V
-template <typename T, typename Q>
-void attend_row(const Q* q, const T* K, int64_t k_row, const T* V, int64_t v_row, int64_t keys, const bool* allowed,
-                int64_t limit, float scale, int64_t D, float* scores, Q* out) {
-  constexpr float kMasked = -std::numeric_limits<float>::infinity();
-  __m512 qv[16];  // D <= 256
-  for (int64_t d = 0; d < D; d += 16) qv[d / 16] = _mm512_mul_ps(load16(q + d), _mm512_set1_ps(scale));
-  float best = kMasked;
-  for (int64_t j = 0; j < keys; ++j) {
-    if (j >= limit || (allowed && !allowed[j])) {
-      scores[j] = kMasked;
-      continue;
-    }
-    const T* kj = K + j * k_row;
-    __m512 acc = _mm512_mul_ps(qv[0], load16(kj));
-    for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(qv[d / 16], load16(kj + d), acc);
-    scores[j] = _mm512_reduce_add_ps(acc);
-    best = std::max(best, scores[j]);
-  }
-  __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(best), masked = _mm512_set1_ps(kMasked);
-  // Every key goes through the same vector exp and the same lane of the sum, the last block read under a
-  // mask: a row's result then does not depend on how many keys the cache holds past it (a decode step
-  // and a speculative verification see different counts), which keeps greedy speculative output exact.
-  for (int64_t j = 0; j < keys; j += 16) {
-    const int64_t n = std::min<int64_t>(16, keys - j);
-    const __mmask16 live = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-    __m512 sv = _mm512_mask_loadu_ps(masked, live, scores + j);
-    __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, masked, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(sv, shift)));
-    _mm512_mask_storeu_ps(scores + j, live, e);
-    total = _mm512_add_ps(total, e);
-  }
-  const float sum = _mm512_reduce_add_ps(total);
-  __m512 acc[16];
-  for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < keys; ++i) {
-    if (scores[i] == 0.0f) continue;
-    __m512 p = _mm512_set1_ps(scores[i]);
-    const T* vi = V + i * v_row;
-    for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_fmadd_ps(p, load16(vi + d), acc[d / 16]);
-  }
-  __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
-  for (int64_t d = 0; d < D; d += 16) store16(out + d, _mm512_mul_ps(acc[d / 16], inv));
-}
-
-template <typename T, typename Q>
-void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, bool causal,
-                    double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), keys = k.size(2);
-  const int64_t group = H / Hkv;
-  const Q* Qp = reinterpret_cast<const Q*>(q.data_ptr());
-  const T* Kp = reinterpret_cast<const T*>(k.data_ptr());
-  const T* Vp = reinterpret_cast<const T*>(v.data_ptr());
-  Q* Op = reinterpret_cast<Q*>(out.data_ptr());
-  const bool* Mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t mask_batch = mask.defined() && mask.size(0) > 1 ? L * keys : 0;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, hk = task % Hkv;
-      const T* K = Kp + b * k.stride(0) + hk * k.stride(1);
-      const T* V = Vp + b * v.stride(0) + hk * v.stride(1);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (int64_t i = 0; i < L; ++i) {
-          const bool* allowed = Mp ? Mp + b * mask_batch + i * keys : nullptr;
-          const int64_t limit = causal ? keys - L + i + 1 : keys;
-          attend_row<T, Q>(Qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), K, k.stride(2), V, v.stride(2), keys,
-                           allowed, limit, static_cast<float>(scale), D, scores.data(),
-                           Op + ((b * H + h) * L + i) * D);
-        }
-    }
-  });
-}
-
-// q (B, H, L, D), k / v (B, Hkv, keys, D) with unit stride in D; mask: undefined or bool (B|1, L, keys)
-at::Tensor small_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const c10::optional<at::Tensor>& mask, bool causal, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(3) % 16 == 0 && q.size(3) <= 256);
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the head dimension must be contiguous");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0);
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16));
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16);
-  at::Tensor m;
-  if (mask.has_value() && mask->defined()) {
-    m = mask->contiguous();
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 3 && m.size(1) == q.size(2) && m.size(2) == k.size(2) &&
-                (m.size(0) == 1 || m.size(0) == q.size(0)), "mask must be bool (B|1, L, keys)");
-  }
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
-  const bool q32 = q.scalar_type() == at::kFloat, kv32 = k.scalar_type() == at::kFloat;
-  if (q32 && kv32) attention_impl<float, float>(q, k, v, m, causal, scale, out);
-  else if (q32) attention_impl<at::BFloat16, float>(q, k, v, m, causal, scale, out);
-  else if (kv32) attention_impl<float, at::BFloat16>(q, k, v, m, causal, scale, out);
-  else attention_impl<at::BFloat16, at::BFloat16>(q, k, v, m, causal, scale, out);
-  return out;
+// table: the 16 uint8 levels a code stands for (round(127 NF4) + 128, ops.py)
+at::Tensor gemv_nf4x8_f32(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& table,
+                          const at::Tensor& x, int64_t group) {
+  check_nibbles(packed, group);
+  check_groups(absmax, packed, group, at::kFloat);
+  TORCH_CHECK(table.numel() == 16 && table.scalar_type() == at::kByte && table.is_contiguous(), "table must be 16 uint8");
+  const int64_t stride = (packed.size(1) * 8 / group) * 16;
+  const float* A = absmax.data_ptr<float>();
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table.data_ptr<uint8_t>())));
+  BlockCodes c = quantize_x_blocks(x, packed.size(1) * 8);
+  return nibble_x8_run(packed, [=](int64_t t) { return Nf4Groups{A + t * stride}; }, lut, c.q.data(), c.scale.data(),
+                       c.sum.data(), x.size(0), group);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(neoformer_cpu, m) {
-  m.def("small_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> Tensor");
   m.def("gemv_f32(Tensor packed, Tensor x) -> Tensor");
   m.def("gemv_bf16(Tensor packed, Tensor x) -> Tensor");
   m.def("gemv_int8(Tensor packed, Tensor scales, Tensor x) -> Tensor");
-  m.def("gemv_nf4(Tensor packed, Tensor absmax, Tensor x, int group) -> Tensor");
   m.def("gemv_int8x8(Tensor packed, Tensor w_scale, Tensor xq, Tensor x_scale) -> Tensor");
   m.def("gemv_int4x8(Tensor packed, Tensor scales, Tensor zeros, Tensor xq, Tensor xs, Tensor xsum, int group) -> Tensor");
   m.def("gemv_int8x8_f32(Tensor packed, Tensor w_scale, Tensor x) -> Tensor");
   m.def("gemv_int4x8_f32(Tensor packed, Tensor scales, Tensor zeros, Tensor x, int group) -> Tensor");
+  m.def("gemv_nf4x8_f32(Tensor packed, Tensor absmax, Tensor table, Tensor x, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neoformer_cpu, CPU, m) {
-  m.impl("small_query_attention", &small_query_attention);
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
-  m.impl("gemv_nf4", &gemv_nf4);
   m.impl("gemv_int8x8", &gemv_int8x8);
   m.impl("gemv_int4x8", &gemv_int4x8);
   m.impl("gemv_int8x8_f32", &gemv_int8x8_f32);
   m.impl("gemv_int4x8_f32", &gemv_int4x8_f32);
+  m.impl("gemv_nf4x8_f32", &gemv_nf4x8_f32);
 }

@@ -101,40 +101,26 @@ def gemv_int8_vnni_f32(tiles: torch.Tensor, scales: torch.Tensor, x: torch.Tenso
     return torch.ops.neoformer_cpu.gemv_int8x8_f32(tiles, scales, x)
 
 
-# ---- nf4 (weight-only): w = NF4[q] * absmax per group, fp32 activations --------------------------------------
-NF4_TILE = 32
-
-
-def pack_nf4(codes: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes uint8 (out, in) in [0, 15], absmax fp32 (out, in/group) -> (uint8 (out/32, in, 16): byte j of a
-    column holds row j (low nibble) and row j + 16 (high); absmax tiled (out/32, in/group, 32))."""
-    t = _tile(codes, NF4_TILE)  # (T, in, 32)
-    return (t[..., :16] | (t[..., 16:] << 4)).contiguous(), _tile(absmax.float(), NF4_TILE)
-
-
-def codes_nf4(tiles: torch.Tensor, out: int) -> torch.Tensor:
-    return _untile(torch.cat((tiles & 0x0F, tiles >> 4), dim=-1), out)
-
-
-def gemv_nf4(tiles: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
-    return torch.ops.neoformer_cpu.gemv_nf4(tiles, absmax, x.float().contiguous(), group)
-
-
 # ---- int4 x int8 (VNNI): w = (q - 8) * scale + zero per group, activations int8 per block of 32 -----------
-def pack_int4_vnni(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int):
-    """codes uint8 (out, in) in [0, 15], bf16 scales / zeros (out, in/group) -> (uint8 (out/16, in/8, 64),
-    scales and zeros tiled (out/16, in/group, 16)); the same values, rearranged."""
+def pack_nibbles_vnni(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """codes uint8 (out, in) in [0, 15] -> uint8 (out/16, in/8, 64): the 4-bit kernels' tiles (int4 and nf4)."""
     c = _pad(codes, VNNI_TILE)
     out, n_in = c.shape
     if group % ACT_BLOCK or n_in % group:
-        raise ValueError(f"the int4 kernel needs a group size that is a multiple of {ACT_BLOCK} and divides {n_in}")
+        raise ValueError(f"the 4-bit kernels need a group size that is a multiple of {ACT_BLOCK} and divides {n_in}")
     c = c.view(out // 16, 16, n_in // 8, 8)
-    tiles = (c[..., :4] | (c[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(out // 16, n_in // 8, 64).contiguous()
-    return tiles, _tile(scales.to(torch.bfloat16), VNNI_TILE), _tile(zeros.to(torch.bfloat16), VNNI_TILE)
+    return (c[..., :4] | (c[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(out // 16, n_in // 8, 64).contiguous()
+
+
+def pack_int4_vnni(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int):
+    """codes uint8 (out, in) in [0, 15], bf16 scales / zeros (out, in/group) -> (uint8 (out/16, in/8, 64),
+    scales and zeros tiled (out/16, in/group, 16)); the same values, rearranged."""
+    return (pack_nibbles_vnni(codes, group), _tile(scales.to(torch.bfloat16), VNNI_TILE),
+            _tile(zeros.to(torch.bfloat16), VNNI_TILE))
 
 
 def codes_int4_vnni(tiles: torch.Tensor, out: int) -> torch.Tensor:
-    """The uint8 codes (out, in) of the packed int4 tiles."""
+    """The uint8 codes (out, in) of packed 4-bit tiles (int4 and nf4)."""
     t, octets, _ = tiles.shape
     v = tiles.view(t, octets, 16, 4)
     return torch.cat((v & 0x0F, v >> 4), dim=-1).permute(0, 2, 1, 3).reshape(t * 16, octets * 8)[:out]
@@ -172,11 +158,37 @@ def gemv_int4_vnni_prequantized(tiles, scales, zeros, x: torch.Tensor, group: in
     return torch.ops.neoformer_cpu.gemv_int4x8(tiles, scales, zeros, xq, scale, total, group)
 
 
-def gemv_int4_vnni_reference(tiles, scales, zeros, x: torch.Tensor, out: int, dtype=torch.float64) -> torch.Tensor:
-    """The kernel's arithmetic in ``dtype``: dequantized int8 activations times the dequantized weight."""
+def gemv_blocks_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The 4-bit kernels' arithmetic in ``weight``'s dtype: int8 activations per block of 32, dequantized, times
+    the dequantized (out, in) ``weight``."""
     xq, scale, _ = quantize_blocks(x.float())
-    xd = (xq.to(dtype).view(x.shape[0], -1, ACT_BLOCK) * scale[..., None].to(dtype)).view(x.shape)
-    return F.linear(xd, dense_int4_vnni(tiles, scales, zeros, out, dtype))
+    xd = (xq.to(weight.dtype).view(x.shape[0], -1, ACT_BLOCK) * scale[..., None].to(weight.dtype)).view(x.shape)
+    return F.linear(xd, weight)
+
+
+# ---- nf4 x int8 (VNNI): w = NF4[q] * absmax per group, the int4 kernel with a 16-byte table lookup ----------
+def nf4_table(levels: torch.Tensor) -> torch.Tensor:
+    """The kernel's uint8 table: each of the 16 levels in [-1, 1] as round(127 level) + 128."""
+    return (torch.round(levels.double() * 127) + 128).to(torch.uint8)
+
+
+def pack_nf4_vnni(codes: torch.Tensor, absmax: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 (out, in), absmax fp32 (out, in/group) -> (tiles as int4's, absmax tiled (out/16, in/group, 16))."""
+    return pack_nibbles_vnni(codes, group), _tile(absmax.float(), VNNI_TILE)
+
+
+def gemv_nf4_vnni(tiles, absmax, table, x: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 x (rows, in), quantized per block of 32 inside the kernel exactly as :func:`quantize_blocks`."""
+    return torch.ops.neoformer_cpu.gemv_nf4x8_f32(tiles, absmax, table, x, group)
+
+
+def dense_nf4_vnni(tiles, absmax, levels: torch.Tensor, out: int, dtype=torch.float32) -> torch.Tensor:
+    """The (out, in) weight levels[q] * absmax of packed nf4 tiles (``levels``: fp32 NF4 levels for the exact
+    weight, ``(nf4_table(levels) - 128) / 127`` for the kernel's rounded ones)."""
+    codes = codes_int4_vnni(tiles, out).long()
+    a = untile_groups(absmax, out).to(dtype)
+    w = levels.to(dtype)[codes].view(out, a.shape[1], -1) * a[..., None]
+    return w.reshape(out, -1)
 
 
 # ---- attention for a few queries -------------------------------------------------------------------
@@ -210,8 +222,6 @@ def register_fakes() -> None:
     torch.library.register_fake(lib + "gemv_f32")(rows_by(F32_TILE))
     torch.library.register_fake(lib + "gemv_bf16")(rows_by(BF16_TILE))
     torch.library.register_fake(lib + "gemv_int8")(rows_by(INT8_TILE))
-    torch.library.register_fake(lib + "gemv_nf4")(
-        lambda packed, absmax, x, group: x.new_empty((x.shape[0], packed.shape[0] * NF4_TILE)))
     torch.library.register_fake(lib + "gemv_int8x8")(
         lambda packed, w_scale, xq, x_scale: x_scale.new_empty((xq.shape[0], packed.shape[0] * VNNI_TILE)))
     torch.library.register_fake(lib + "small_query_attention")(  # contiguous, as the kernel returns it
@@ -222,6 +232,8 @@ def register_fakes() -> None:
         lambda packed, w_scale, x: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
     torch.library.register_fake(lib + "gemv_int4x8_f32")(
         lambda packed, scales, zeros, x, group: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
+    torch.library.register_fake(lib + "gemv_nf4x8_f32")(
+        lambda packed, absmax, table, x, group: x.new_empty((x.shape[0], packed.shape[0] * VNNI_TILE)))
 
 
 

@@ -1,4 +1,4 @@
-"""The CPU kernels' copy of a quantized linear weight (int8, int8-dynamic, int4), for small batches.
+"""The CPU kernels' copy of a quantized linear weight (int8, int8-dynamic, int4, nf4), for small batches.
 
 Schemes: int8, int8-dynamic, int4, nf4. A :class:`KernelLayout` is built from a QuantizedLinear's stored tensors on its first small-batch forward;
 it holds the same values rearranged (ops.py), so the module drops the stored tensors it replaces and
@@ -6,15 +6,17 @@ rebuilds them from the layout when they are needed again (prefill, saving, dequa
 held once. Activations: ``int8`` keeps them fp32 (weight-only); ``int8-dynamic`` quantizes each row to
 int8 exactly as its prefill path does (the integer dot products are exact, so both agree);
 ``int4`` quantizes them to int8 per block of 32 inputs for the VNNI dot products (llama.cpp's Q4_0
-decode does the same), which its tests and benchmark measure against fp32; ``nf4`` keeps fp32
-activations and looks its 16 levels up in a register.
+decode does the same), which its tests and benchmark measure against fp32; ``nf4`` runs the same
+kernel with each code's NF4 level looked up as an int8 (round(127 level): at most 1/254 of the group's
+absmax off the exact level, the way llama.cpp's IQ4_NL decodes its non-linear 4-bit levels). Prefill
+(more rows) dequantizes the exact levels from the layout into one bf16 GEMM.
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import build, ops
-from .kernels import pack_nibbles, unpack_nibbles
+from .kernels import nf4_levels, pack_nibbles, unpack_nibbles
 
 KERNEL_SCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
 
@@ -24,9 +26,7 @@ def supported(scheme: str, in_features: int, group_size: int | None) -> bool:
         return True
     if scheme == "int8-dynamic":
         return in_features % 16 == 0
-    if scheme == "nf4":
-        return group_size is not None and in_features % group_size == 0
-    return scheme == "int4" and group_size is not None and group_size % ops.ACT_BLOCK == 0 and in_features % group_size == 0
+    return scheme in ("int4", "nf4") and group_size is not None and group_size % ops.ACT_BLOCK == 0 and in_features % group_size == 0
 
 
 class KernelLayout:
@@ -52,8 +52,9 @@ class KernelLayout:
             tiles, scales = ops.pack_int8_vnni(q, stored["scales"])
             return cls(scheme, out, None, {"tiles": tiles, "scales": scales}, ("qweight",))
         if scheme == "nf4":
-            tiles, absmax = ops.pack_nf4(unpack_nibbles(q), stored["absmax"])
-            return cls(scheme, out, group_size, {"tiles": tiles, "absmax": absmax}, ("qweight", "absmax"))
+            tiles, absmax = ops.pack_nf4_vnni(unpack_nibbles(q), stored["absmax"], group_size)
+            table = ops.nf4_table(nf4_levels())
+            return cls(scheme, out, group_size, {"tiles": tiles, "absmax": absmax, "table": table}, ("qweight", "absmax"))
         tiles, scales, zeros = ops.pack_int4_vnni(unpack_nibbles(q), stored["scales"], stored["zeros"], group_size)
         return cls(scheme, out, group_size, {"tiles": tiles, "scales": scales, "zeros": zeros},
                    ("qweight", "scales", "zeros"))
@@ -66,7 +67,8 @@ class KernelLayout:
         if self.scheme == "int8-dynamic":
             return {"qweight": ops.dense_int8_vnni(t["tiles"], out)}
         if self.scheme == "nf4":
-            return {"qweight": pack_nibbles(ops.codes_nf4(t["tiles"], out)), "absmax": ops.untile_groups(t["absmax"], out)}
+            return {"qweight": pack_nibbles(ops.codes_int4_vnni(t["tiles"], out)),
+                    "absmax": ops.untile_groups(t["absmax"], out)}
         return {"qweight": pack_nibbles(ops.codes_int4_vnni(t["tiles"], out)),
                 "scales": ops.untile_groups(t["scales"], out), "zeros": ops.untile_groups(t["zeros"], out)}
 
@@ -79,12 +81,15 @@ class KernelLayout:
         elif self.scheme == "int8-dynamic":
             y = ops.gemv_int8_vnni_f32(t["tiles"], t["scales"], x2.float().contiguous())
         elif self.scheme == "nf4":
-            y = ops.gemv_nf4(t["tiles"], t["absmax"], x2, self.group_size)
+            y = ops.gemv_nf4_vnni(t["tiles"], t["absmax"], t["table"], x2.float().contiguous(), self.group_size)
         else:
             y = ops.gemv_int4_vnni(t["tiles"], t["scales"], t["zeros"], x2.float().contiguous(), self.group_size)
         return y if y.shape[1] == self.out_features else y[:, :self.out_features]
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """int4: the (out, in) weight in ``dtype`` straight from the layout (prefill: one GEMM)."""
+        """int4 / nf4: the (out, in) weight in ``dtype`` straight from the layout (prefill: one GEMM); nf4 with
+        its exact levels."""
         t = self.tensors
+        if self.scheme == "nf4":
+            return ops.dense_nf4_vnni(t["tiles"], t["absmax"], nf4_levels(), self.out_features, dtype)
         return ops.dense_int4_vnni(t["tiles"], t["scales"], t["zeros"], self.out_features, dtype)

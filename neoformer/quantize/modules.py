@@ -5,10 +5,10 @@ gradients flow to the input, the packed base has no parameters), on non-CPU devi
 tests. On CPU inference:
 
 - up to KERNEL_ROWS rows (decode steps, speculative verification, serving's batch) run neoformer's CPU
-  kernels (neoformer/kernels: int8 weight-only, int8 x int8 and int4 x int8 on VNNI, nf4 by register
-  lookup) on a layout made on the first small batch (kernel_layout.py), which then holds the weight;
-- more rows (prefill) run one GEMM: int8 cast to bf16 (exact), int8-dynamic through torch._int_mm, int4
-  dequantized to bf16 from the kernel layout, nf4 through bitsandbytes;
+  kernels (neoformer/kernels: int8 weight-only, int8 x int8, int4 x int8 and nf4 x int8 on VNNI, nf4's
+  levels by a byte-table lookup) on a layout made on the first small batch (kernel_layout.py), which then holds the weight;
+- more rows (prefill) run one GEMM: int8 cast to bf16 (exact), int8-dynamic through torch._int_mm, int4 and
+  nf4 dequantized to bf16 from the kernel layout;
 - where neoformer's kernels cannot load (no AVX-512 VNNI, no compiler), PyTorch's own packed ops run as
   before: _weight_int8pack_mm and _weight_int4pack_mm_for_cpu on bf16 activations, torch._int_mm,
   bitsandbytes' matmul_4bit.
@@ -184,6 +184,9 @@ class QuantizedLinear(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(xb, qweight, self.scales_bf16)
         if self.scheme == "int8-dynamic":
             return K.int8_dynamic_linear(x2, self.packed())
+        if self.scheme in ("int4", "nf4") and self._kernel_layout() is not None:
+            # prefill from neoformer's kernel layout: dequantized, one bf16 GEMM
+            return F.linear(x2.to(torch.bfloat16), self._kernel.dense(torch.bfloat16))
         if self.scheme == "int4":
             return self._int4_forward(x2)
         bnb = None if torch.compiler.is_compiling() else _bitsandbytes()  # nf4 (bitsandbytes' op does not trace)
@@ -210,8 +213,6 @@ class QuantizedLinear(nn.Module):
         return self._kernel
 
     def _int4_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._kernel_layout() is not None:  # prefill from neoformer's kernel layout: dequantized, one bf16 GEMM
-            return F.linear(x2.to(torch.bfloat16), self._kernel.dense(torch.bfloat16))
         if self.group_size not in INT4_KERNEL_GROUPS:
             return F.linear(x2, self.dequantize(x2.dtype))
         # PyTorch's own int4 op (machines without neoformer's kernels)
