@@ -4,6 +4,8 @@ selection; head pruning without retraining; 4x vocabulary reduction.
 
     python benchmarks/compress.py --part all          # or: heads, depth, width, vocab, scratch
     python benchmarks/compress.py --teacher base      # the 15.7M teacher (trains on first use)
+    python benchmarks/compress.py --teacher mixed --domain ../shared/data/tinyshakespeare.txt --part vocab \
+        --json benchmarks/results/compress_mixed.json    # a Python + English vocabulary reduced to English
 
 Each part prints a table and merges its results into ``--json`` (default
 benchmarks/results/compress.json); the parts can run separately to keep each under a few
@@ -40,8 +42,9 @@ EVAL_BATCHES = 8
 
 class Bench:
     def __init__(self, size: str, steps: int, threads: int, logit_cache: str | None = None, top_k: int = 64,
-                 lr: float = 1e-3):
+                 lr: float = 1e-3, domain: str = "stdlib"):
         torch.set_num_threads(threads)
+        self.domain = domain  # the data every student is pruned, distilled and scored on
         self.logit_cache, self.top_k, self.lr = logit_cache, top_k, lr
         self.time_budget = None  # seconds per KD run (the cosine follows wall time); None = --steps
         self.teacher, self.tokenizer, _ = load_checkpoint(teacher_checkpoint(size), device="cpu")
@@ -57,7 +60,7 @@ class Bench:
                            time_budget=self.time_budget)
 
     def data(self, model_cfg, tokenizer):
-        run = RunConfig(model=model_cfg, train=self.train_config(1, 1e-3), data=DataConfig(source="stdlib"))
+        run = RunConfig(model=model_cfg, train=self.train_config(1, 1e-3), data=DataConfig(source=self.domain))
         return build_task_data(run, tokenizer)
 
     def evaluate(self, model, tokenizer, task=None) -> dict:
@@ -74,7 +77,7 @@ class Bench:
             return None
         from neoformer.data import prepare_data
 
-        return [prepare_data("stdlib", tokenizer=self.tokenizer).train.tokens]
+        return [prepare_data(self.domain, tokenizer=self.tokenizer).train.tokens]
 
     def distill(self, reduced, steps: int | None = None, alpha: float = 0.5) -> tuple[dict, float]:
         """KD through fit(); with --logit-cache the teacher's top-k logits are read back from disk
@@ -297,7 +300,10 @@ PARTS = {"2x": part_two_x, "4x": part_four_x, "heads": part_heads, "depth": part
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
-    parser.add_argument("--teacher", choices=("small", "base"), default="small")
+    parser.add_argument("--teacher", choices=("small", "base", "mixed"), default="small",
+                        help="mixed: the small recipe on Python + English (benchmarks/teacher.py), with --domain")
+    parser.add_argument("--domain", default="stdlib", help="data source the students are pruned, distilled and "
+                        "scored on (e.g. Tiny Shakespeare's file with --teacher mixed: the vocabulary reduced to it)")
     parser.add_argument("--steps", type=int, default=60, help="KD steps per student (16 x 128 tokens each)")
     parser.add_argument("--kd-for", default="influence,every-2nd,width 0.5 pca,depth 3 + width 0.5 pca,"
                         "depth 3 + d 72 + ffn 256 pca",
@@ -314,7 +320,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
-    bench = Bench(args.teacher, args.steps, args.threads, args.logit_cache, args.top_k, args.lr)
+    bench = Bench(args.teacher, args.steps, args.threads, args.logit_cache, args.top_k, args.lr, args.domain)
     bench.kd_for = set(args.kd_for.split(","))
     bench.time_budget = args.time_budget
     bench.alpha = args.alpha
@@ -323,7 +329,8 @@ def main() -> int:
     results = json.loads(path.read_text()) if path.is_file() else {}
     bench.previous, bench.json = results, path
     path.parent.mkdir(parents=True, exist_ok=True)
-    results.update({"teacher": bench.teacher_eval, "kd_steps": args.steps, "teacher_size": args.teacher})
+    results.update({"teacher": bench.teacher_eval, "kd_steps": args.steps, "teacher_size": args.teacher,
+                    "domain": args.domain})
     for name in PARTS if args.part == "all" else [args.part]:
         started = time.perf_counter()
         results.update(PARTS[name](bench))

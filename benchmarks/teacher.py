@@ -10,6 +10,7 @@ every draft useless). This script is the one recipe they all reuse: a Llama-shap
     python benchmarks/teacher.py --size base     # 15.7M (compression benchmark, serving's ~15M row)
     python benchmarks/teacher.py --size large    # 143.7M, a short run (serving, speculative decoding)
     python benchmarks/teacher.py --size large-draft   # a 4-layer draft distilled from it (speculative decoding)
+    python benchmarks/teacher.py --size mixed    # "small" on Python + English (vocabulary reduction to one domain)
 
     sys.path.insert(0, "benchmarks"); from teacher import teacher_checkpoint
     ckpt = teacher_checkpoint("small")           # a checkpoint directory; trains on first use
@@ -66,10 +67,36 @@ RECIPES: dict[str, dict] = {
         "data": dict(source="stdlib"),
     },
 }
+RECIPES["mixed"] = {**RECIPES["small"], "data": dict(source="python-and-english", val_fraction=0.0),
+                    "train": {**RECIPES["small"]["train"], "eval_every": 0}}  # source: MIXED_CORPUS, at run time
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("NEOFORMER_TEACHER_CACHE", REPO / ".cache" / "teachers"))
+
+
+# ---- two domains, one vocabulary: the vocabulary-reduction benchmark's teacher (issue 10) ------------------
+# vocabtrimmer's setting: a vocabulary that covers more than the user's data (there: many languages; here:
+# Python and English), reduced to what one domain uses. The English is Tiny Shakespeare's train split only, so
+# its validation split (the file's last 2%, as `--data FILE` splits it) stays unseen by the teacher.
+SHAKESPEARE = Path(os.environ.get("NEOFORMER_SHAKESPEARE", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+MIXED_CORPUS = cache_root() / "corpora" / "python-and-english"
+
+
+def build_mixed_corpus() -> Path:
+    """MIXED_CORPUS: code/NNNNN.py (the stdlib corpus's train documents) and english.txt (Shakespeare's train split)."""
+    from neoformer.data.sources import load_documents
+
+    if (MIXED_CORPUS / "done").is_file():
+        return MIXED_CORPUS
+    if not SHAKESPEARE.is_file():
+        raise SystemExit(f"the mixed teacher needs Tiny Shakespeare at {SHAKESPEARE}; set NEOFORMER_SHAKESPEARE")
+    (MIXED_CORPUS / "code").mkdir(parents=True, exist_ok=True)
+    for number, text in enumerate(load_documents("stdlib", "train").documents):
+        (MIXED_CORPUS / "code" / f"{number:05d}.py").write_text(text)
+    (MIXED_CORPUS / "english.txt").write_text("".join(load_documents(SHAKESPEARE, "train").documents))
+    (MIXED_CORPUS / "done").write_text("")
+    return MIXED_CORPUS
 
 
 def recipe_dir(size: str) -> Path:
@@ -85,8 +112,11 @@ def teacher_checkpoint(size: str = "small", *, threads: str = "auto", force: boo
     if (out / "recipe.json").is_file() and not force:  # written only once training has finished
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    recipe = RECIPES[size]
+    if size == "mixed":  # the recipe names the corpus; its folder is made here (the hash stays machine-independent)
+        recipe = {**recipe, "data": {**recipe["data"], "source": str(build_mixed_corpus())}}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(RECIPES[size], f)
+        yaml.safe_dump(recipe, f)
         config = f.name
     cmd = [sys.executable, "-m", "neoformer.cli", "train", "--config", config, "--out", str(out),
            "--threads", threads, "--overwrite"]
