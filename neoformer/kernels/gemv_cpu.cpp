@@ -33,17 +33,17 @@
 #include <cstring>
 #include <vector>
 
-#ifndef NEOFORMER_PREFETCH
-#define NEOFORMER_PREFETCH 4096
-#endif
-
 namespace {
 
 constexpr int kMaxRows = 8;  // rows of x per weight pass (register budget: kMaxRows x 2 accumulators)
 // Software prefetch this far ahead in the weight stream. Measured (Xeon, 1 thread, the 162M model's 85 int4
 // linears, 77.5 MB per pass, best of 20): none 9.1 GB/s, 1 KiB 11-14.5, 2 KiB 14-15.4, 4 KiB 15-18 GB/s;
-// the hardware prefetcher alone stalls at every 4 KiB page. -DNEOFORMER_PREFETCH=0 turns it off.
-constexpr int kPrefetchBytes = NEOFORMER_PREFETCH;
+// the hardware prefetcher alone stalls at every 4 KiB page.
+constexpr int kPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* p) {  // a hint: reading past the end of a buffer is harmless
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
 
 using neoformer_simd::bf16_to_f32;
 
@@ -92,10 +92,8 @@ void bf16_tile(const uint16_t* tile, const uint32_t* x_pairs, int64_t pairs, flo
   __m512 lo[M], hi[M];
   for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < pairs; ++k) {
-    if constexpr (kPrefetchBytes > 0) {  // 128 bytes per step: both lines
-      _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * k) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * k) + kPrefetchBytes + 64, _MM_HINT_T0);
-    }
+    prefetch_ahead(tile + 64 * k);  // 128 bytes per step: both lines
+    prefetch_ahead(tile + 64 * k + 32);
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + 64 * k), w1 = (__m512bh)_mm512_loadu_si512(tile + 64 * k + 32);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x_pairs[m * pairs + k]));
@@ -124,8 +122,7 @@ void int8x8_tile(const uint8_t* tile, const int8_t* xq, int64_t in, const int32_
   int64_t k = 0;
   for (; k + 4 * U <= in; k += 4 * U)
     for (int u = 0; u < U; ++u) {
-      if constexpr (kPrefetchBytes > 0)
-        _mm_prefetch(reinterpret_cast<const char*>(tile + 16 * (k + 4 * u)) + kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(tile + 16 * (k + 4 * u));
       __m512i w = _mm512_loadu_si512(tile + 16 * (k + 4 * u));
       for (int m = 0; m < M; ++m) {
         int32_t four;
@@ -198,8 +195,7 @@ void nibble_x8_tile(const uint8_t* tile, const Groups& groups, __m512i table, co
       for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; k += 8 * U) {
         for (int u = 0; u < U; ++u) {
           const int64_t c = k + 8 * u;
-          if constexpr (kPrefetchBytes > 0)
-            _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * c) + kPrefetchBytes, _MM_HINT_T0);
+          prefetch_ahead(tile + 8 * c);
           __m512i v = _mm512_loadu_si512(tile + 8 * c);  // 16 rows x 8 columns
           __m512i lo, hi;
           if constexpr (Groups::kLookup) {
