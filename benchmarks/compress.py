@@ -166,7 +166,7 @@ def part_width(bench: Bench) -> dict:
     return {"width": rows, "teacher_decode_tok_s": round(decode_speed(bench.teacher), 1)}
 
 
-STUDENTS_2X = {  # exactly 2.00x fewer parameters than the small teacher (the embedding and head shrink too)
+STUDENTS_2X = {  # ~2x fewer parameters than the small teacher (the embedding and head shrink too; width 0.5: exactly 2.00x)
     "width 0.5 pca": CompressPlan(width=0.5),
     "width 0.5 channels": CompressPlan(width=0.5, width_method="channels"),
     # d_model a multiple of the 6 heads with an even head size (RoPE): 132 = 6 x 22; 1.92x fewer parameters (2,049,828)
